@@ -1,0 +1,50 @@
+// Row access helpers for the CPU kernels: read a (possibly strided, possibly reduced-precision) row as a
+// contiguous array of the accumulation type, and write one back.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+#include <vector>
+
+namespace fused_losses::cpu {
+
+// Returns a pointer to `count` accumulation-type values of the row starting at `src` with element stride
+// `stride`: the row itself when it already is a contiguous acc_t array, else `buffer` filled by conversion.
+template <typename acc_t, typename scalar_t>
+const acc_t* row_as_acc(const scalar_t* src, int64_t stride, int64_t count, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return src;
+  }
+  buffer.resize(count);
+  if (stride == 1) {
+    at::vec::convert(src, buffer.data(), count);
+  } else {
+    for (int64_t j = 0; j < count; ++j) buffer[j] = static_cast<acc_t>(src[j * stride]);
+  }
+  return buffer.data();
+}
+
+// Returns where to compute a row destined for `dst` (stride `stride`): `dst` itself when it is a contiguous
+// acc_t array, else `buffer`; store_row then moves the buffer to `dst`.
+template <typename acc_t, typename scalar_t>
+acc_t* row_output(scalar_t* dst, int64_t stride, int64_t count, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return dst;
+  }
+  buffer.resize(count);
+  return buffer.data();
+}
+
+template <typename acc_t, typename scalar_t>
+void store_row(const acc_t* values, scalar_t* dst, int64_t stride, int64_t count) {
+  if (static_cast<const void*>(values) == static_cast<const void*>(dst)) return;
+  if (stride == 1) {
+    at::vec::convert(values, dst, count);
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j * stride] = static_cast<scalar_t>(values[j]);
+  }
+}
+
+}  // namespace fused_losses::cpu

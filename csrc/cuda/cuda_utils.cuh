@@ -1,0 +1,94 @@
+// Building blocks shared by the CUDA kernels: vector packs, deterministic warp/block sums, the final
+// reduction of per-block partial sums, and launch helpers.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fused_losses::cuda {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr int64_t kMaxBlocks = 16384;
+
+// Number of `scalar_t` in one 16-byte load or store.
+template <typename scalar_t>
+constexpr int kVecSize = 16 / sizeof(scalar_t);
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T values[N];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T, kVecSize<T>> load_pack(const T* ptr) {
+  return *reinterpret_cast<const Pack<T, kVecSize<T>>*>(ptr);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kVecSize<T>>& pack) {
+  *reinterpret_cast<Pack<T, kVecSize<T>>*>(ptr) = pack;
+}
+
+inline bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Shuffle within aligned groups of `Group` lanes; every lane of the warp must call it.
+template <int Group, typename T>
+__device__ __forceinline__ T group_xor(T value, int offset) {
+  return __shfl_xor_sync(0xffffffffu, value, offset, Group);
+}
+
+// Sum of `Width` values over the block, in a fixed order (bitwise reproducible); valid in thread 0.
+// Every thread of the block must call it.
+template <typename acc_t, int Width>
+__device__ void block_sum(acc_t (&values)[Width]) {
+  __shared__ acc_t warp_sums[kBlockThreads / kWarpSize][Width];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int k = 0; k < Width; ++k)
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) values[k] += group_xor<kWarpSize>(values[k], offset);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < Width; ++k) warp_sums[warp][k] = values[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < Width; ++k) {
+      values[k] = lane < kBlockThreads / kWarpSize ? warp_sums[lane][k] : acc_t(0);
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) values[k] += group_xor<kWarpSize>(values[k], offset);
+    }
+  }
+}
+
+// One block sums the (num_partials, Width) per-block partials column by column in a fixed order and hands
+// the totals to `epilogue(totals)` in thread 0.
+template <typename acc_t, int Width, typename Epilogue>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_partials_kernel(const acc_t* __restrict__ partials, int64_t num_partials, Epilogue epilogue) {
+  acc_t totals[Width] = {};
+  for (int64_t i = threadIdx.x; i < num_partials; i += kBlockThreads) {
+#pragma unroll
+    for (int k = 0; k < Width; ++k) totals[k] += partials[i * Width + k];
+  }
+  block_sum<acc_t, Width>(totals);
+  if (threadIdx.x == 0) epilogue(totals);
+}
+
+template <typename acc_t, int Width, typename Epilogue>
+void launch_reduce_partials(const acc_t* partials, int64_t num_partials, Epilogue epilogue, cudaStream_t stream) {
+  reduce_partials_kernel<acc_t, Width, Epilogue><<<1, kBlockThreads, 0, stream>>>(partials, num_partials, epilogue);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time. It depends on the
+// problem size only, so per-block partial sums (and the final sum) do not depend on the device.
+inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
+  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks));
+}
+
+}  // namespace fused_losses::cuda

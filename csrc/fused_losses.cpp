@@ -1,0 +1,26 @@
+// Every operator schema of the library, in one place. The kernels are registered per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd are registered from Python
+// (fused_losses/_registrations.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fused_losses._C loads this library, whose static initialisers register the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_losses, m) {
+  // Returns (loss, row_stats, total_weight): loss has the target's shape for reduction='none', else it is a
+  // scalar; row_stats (rows, k) and total_weight (the sum of the class weights of non-ignored rows) are
+  // what the backward needs.
+  m.def(
+      "cost_sensitive_cross_entropy(Tensor input, Tensor target, Tensor? cost_matrix, Tensor? weight, "
+      "int ignore_index, str reduction, float label_smoothing, str cost_mode) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cost_sensitive_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? cost_matrix, "
+      "Tensor? weight, Tensor row_stats, Tensor total_weight, int ignore_index, str reduction, "
+      "float label_smoothing, str cost_mode) -> Tensor");
+}

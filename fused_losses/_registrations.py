@@ -1,0 +1,62 @@
+"""Fake (meta) kernels and autograd formulas of the fused_losses operators.
+
+The schemas live in csrc/fused_losses.cpp and the device kernels in csrc/cpu and csrc/cuda; this module
+teaches torch.compile the output shapes (fake kernels) and autograd the backward of each operator.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library, registering the operators)
+
+_ops = torch.ops.fused_losses
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for double inputs, float32 otherwise: the dtype the kernels accumulate and save statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- cost-sensitive cross-entropy
+
+
+def _num_row_stats(cost_matrix, cost_mode: str) -> int:
+    has_cost = cost_matrix is not None
+    return 1 + int(has_cost) + int(has_cost and cost_mode == "expected")
+
+
+@torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy")
+def _cost_sensitive_cross_entropy_fake(input, target, cost_matrix, weight, ignore_index, reduction,
+                                       label_smoothing, cost_mode):
+    acc = accumulation_dtype(input.dtype)
+    loss = input.new_empty(target.shape) if reduction == "none" else input.new_empty(())
+    row_stats = input.new_empty((target.numel(), _num_row_stats(cost_matrix, cost_mode)), dtype=acc)
+    return loss, row_stats, input.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy_backward")
+def _cost_sensitive_cross_entropy_backward_fake(grad_loss, input, target, cost_matrix, weight, row_stats,
+                                                total_weight, ignore_index, reduction, label_smoothing, cost_mode):
+    return input.new_empty(input.shape)
+
+
+def _cost_sensitive_cross_entropy_setup(ctx, inputs, output):
+    input, target, cost_matrix, weight, ignore_index, reduction, label_smoothing, cost_mode = inputs
+    _, row_stats, total_weight = output
+    ctx.save_for_backward(input, target, cost_matrix, weight, row_stats, total_weight)
+    ctx.options = (ignore_index, reduction, label_smoothing, cost_mode)
+
+
+def _cost_sensitive_cross_entropy_backward(ctx, grad_loss, _grad_row_stats, _grad_total_weight):
+    input, target, cost_matrix, weight, row_stats, total_weight = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.cost_sensitive_cross_entropy_backward(
+            grad_loss, input, target, cost_matrix, weight, row_stats, total_weight, *ctx.options)
+    return grad_input, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_losses::cost_sensitive_cross_entropy",
+    _cost_sensitive_cross_entropy_backward,
+    setup_context=_cost_sensitive_cross_entropy_setup,
+)

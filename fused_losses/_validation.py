@@ -1,0 +1,40 @@
+"""Argument checks done in Python: the ones that need Python objects (strings, requires_grad) or, on CUDA, a
+host synchronisation that is only paid when FUSED_LOSSES_CHECK=1 asks for it."""
+
+import os
+
+import torch
+
+# FUSED_LOSSES_CHECK=1 makes the CUDA ops validate data-dependent arguments (class indices, cost values)
+# before launching, at the price of a host synchronisation. The CPU kernels always validate.
+CHECK_DATA_ON_CUDA = os.environ.get("FUSED_LOSSES_CHECK", "0") == "1"
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_no_grad(name: str, tensor) -> None:
+    if tensor is not None and tensor.requires_grad:
+        raise ValueError(f"{name} must not require grad: fused_losses differentiates with respect to input only "
+                         f"(pass {name}.detach())")
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_cost_matrix_values(cost_matrix: torch.Tensor) -> None:
+    """Cost entries must be finite and non-negative (a negative cost would reward a mistake)."""
+    if not bool(torch.isfinite(cost_matrix).all()):
+        raise ValueError("cost_matrix must contain only finite values")
+    if bool((cost_matrix < 0).any()):
+        raise ValueError("cost_matrix must be non-negative: a negative cost would reward a misclassification")
+
+
+def needs_data_checks(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "cpu" and CHECK_DATA_ON_CUDA and not torch.compiler.is_compiling()

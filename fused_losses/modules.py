@@ -1,0 +1,69 @@
+"""``torch.nn.Module`` wrappers of the fused losses (parameters such as cost matrices are buffers, so they
+move with ``.to(device)`` and are saved in the ``state_dict``)."""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values
+
+__all__ = ["CostSensitiveCrossEntropyLoss"]
+
+TensorLike = Union[Tensor, Sequence]
+
+
+def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: int) -> Optional[Tensor]:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value)
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.to(torch.get_default_dtype())
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
+    return tensor.detach().clone()
+
+
+class CostSensitiveCrossEntropyLoss(nn.Module):
+    r"""Module form of :func:`fused_losses.cost_sensitive_cross_entropy`.
+
+    Args:
+        cost_matrix: ``(C, C)`` costs, rows = true class, columns = predicted class (tensor or nested list).
+            Checked once here: square, finite, non-negative.
+        weight, ignore_index, reduction, label_smoothing, cost_mode: as in the functional form.
+
+    Shape:
+        input ``(N, C)`` or ``(N, C, d1, ..., dk)``; target ``(N,)`` or ``(N, d1, ..., dk)``; output scalar,
+        or the target's shape for ``reduction="none"``.
+
+    Example:
+        >>> criterion = CostSensitiveCrossEntropyLoss([[0, 1, 1], [1, 0, 1.2], [1, 1, 0]])
+        >>> loss = criterion(logits, labels); loss.backward()
+    """
+
+    def __init__(self, cost_matrix: Optional[TensorLike] = None, weight: Optional[TensorLike] = None,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 cost_mode: str = "argmax") -> None:
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("cost_mode", cost_mode, F.COST_MODES)
+        cost = _as_float_buffer("cost_matrix", cost_matrix, 2)
+        if cost is not None:
+            if cost.shape[0] != cost.shape[1]:
+                raise ValueError(f"cost_matrix must be square (C, C), got shape {tuple(cost.shape)}")
+            check_cost_matrix_values(cost)
+        self.register_buffer("cost_matrix", cost)
+        self.register_buffer("weight", _as_float_buffer("weight", weight, 1))
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.cost_mode = cost_mode
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cost_sensitive_cross_entropy(input, target, self.cost_matrix, self.weight, self.ignore_index,
+                                              self.reduction, self.label_smoothing, self.cost_mode)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, cost_mode={self.cost_mode!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}")

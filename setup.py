@@ -1,0 +1,76 @@
+"""Build script for the fused_losses C++/CUDA extension.
+
+A CUDA extension is built when torch was built with CUDA and nvcc is found (CUDA_HOME, else
+/usr/local/cuda); `FUSED_LOSSES_CPU_ONLY=1` forces a C++-only build. TORCH_CUDA_ARCH_LIST and MAX_JOBS
+are honoured by torch.utils.cpp_extension. Install with `pip install --no-build-isolation -e .`.
+"""
+
+import glob
+import os
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported: point it at the toolkit first.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_supports_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("FUSED_LOSSES_CPU_ONLY", "0") == "1":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _extension():
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
+    if _cpu_supports_avx2():
+        # at::vec::Vectorized picks its 256-bit implementation from CPU_CAPABILITY_AVX2.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if _want_cuda():
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA"]
+        return CUDAExtension(
+            "fused_losses._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_LOSSES_WITH_CUDA"], "nvcc": nvcc_flags},
+            py_limited_api=True,
+        )
+    return CppExtension(
+        "fused_losses._C",
+        cpu_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=True,
+    )
+
+
+setup(
+    name="fused_losses",
+    version="0.1.0",
+    description="Fused cost-sensitive cross-entropy, correlation and weighted BCE losses for PyTorch",
+    packages=find_packages(include=["fused_losses", "fused_losses.*"]),
+    package_data={"fused_losses": ["py.typed"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
