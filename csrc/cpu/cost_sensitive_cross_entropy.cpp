@@ -79,7 +79,7 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
           acc_t row_loss = 0;
           switch (classify_target(y, C, cfg.ignore_index)) {
             case TargetKind::Ignored:
-              stats[row * p.num_stats] = 0;
+              store_row_stats(stats + row * p.num_stats, p.num_stats, RowLoss<acc_t>{});
               break;
             case TargetKind::Invalid:
               throw_invalid_target(y, C, cfg.ignore_index);

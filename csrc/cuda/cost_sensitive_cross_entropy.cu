@@ -101,14 +101,15 @@ __global__ void __launch_bounds__(kBlockThreads)
     merge_group<Group>(scan);
     if (lane != 0 || !in_range) continue;
     acc_t row_loss = 0;
+    RowLoss<acc_t> result{};  // ignored and invalid rows save zeros (the backward does not read them)
     if (kind == TargetKind::Valid) {
-      const RowLoss<acc_t> result = finish_row(cfg, scan, y, static_cast<acc_t>(row_ptr[y * layout.class_stride]));
-      store_row_stats(stats + row * num_stats, num_stats, result);
+      result = finish_row(cfg, scan, y, static_cast<acc_t>(row_ptr[y * layout.class_stride]));
       row_loss = result.loss();
       sums[1] += class_weight_of(cfg, y);
     } else if (kind == TargetKind::Invalid) {
       row_loss = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number for a bad label
     }
+    store_row_stats(stats + row * num_stats, num_stats, result);
     sums[0] += row_loss;
     if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(row_loss);
   }
