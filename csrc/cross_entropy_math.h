@@ -156,7 +156,7 @@ C10_HOST_DEVICE inline void store_row_stats(acc_t* stats, int num_stats, const R
 // with `scale` = grad_output (divided by the total weight for 'mean').
 template <typename acc_t>
 struct GradientCoefficients {
-  acc_t lse, a, b, d, e;
+  acc_t lse = 0, a = 0, b = 0, d = 0, e = 0;
 };
 
 template <typename acc_t>
