@@ -48,15 +48,12 @@ class CrossEntropyKernel {
       target_logits[0] = z[y];
       return;
     }
-    const bool finite = load_tile(first, count);
+    load_tile(first, count);
     for (int k = 0; k < count; ++k) {
       const int64_t y = target_[first + k];
       if (kind(y) == TargetKind::Valid) target_logits[k] = tile_[y * kTileRows + k];
     }
-    if (finite) {
-      scan_tile(first, count, scans);
-      return;
-    }
+    if (scan_tile(first, count, scans)) return;
     // NaN or infinities: the element-wise scan, whose edge cases follow F.cross_entropy.
     for (int k = 0; k < count; ++k) {
       const int64_t y = target_[first + k];
@@ -160,19 +157,17 @@ class CrossEntropyKernel {
     g[y] -= k.e;
   }
 
-  // tile_[j * kTileRows + k] = z[first + k][j] (rows past `count` are zero); returns whether all are finite.
-  bool load_tile(int64_t first, int count) {
-    tile_.assign(C_ * kTileRows, acc_t(0));
-    bool finite = true;
-    for (int k = 0; k < count; ++k) {
-      const scalar_t* row = row_ptr(first + k);
-      for (int64_t j = 0; j < C_; ++j) {
-        const acc_t z = static_cast<acc_t>(row[j * p_.layout.class_stride]);
-        tile_[j * kTileRows + k] = z;
-        finite &= std::isfinite(z);
+  // tile_[j * kTileRows + k] = z[first + k][j]; rows past `count` are zero.
+  void load_tile(int64_t first, int count) {
+    tile_.resize(C_ * kTileRows);
+    for (int k = 0; k < kTileRows; ++k) {
+      if (k < count) {
+        const scalar_t* row = row_ptr(first + k);
+        for (int64_t j = 0; j < C_; ++j) tile_[j * kTileRows + k] = static_cast<acc_t>(row[j * p_.layout.class_stride]);
+      } else {
+        for (int64_t j = 0; j < C_; ++j) tile_[j * kTileRows + k] = acc_t(0);
       }
     }
-    return finite;
   }
 
   // cost_tile_[j * kTileRows + k] = cost[y_k, j] (zero for rows that are not valid).
@@ -185,13 +180,19 @@ class CrossEntropyKernel {
     }
   }
 
-  // Finite tile of few classes: one vector lane per row.
-  void scan_tile(int64_t first, int count, RowScan<acc_t>* scans) {
+  // Tile of few classes, one vector lane per row. Returns false, filling nothing, when a row's maximum is
+  // not finite (NaN, +inf, or all -inf): those tiles take the element-wise scan.
+  bool scan_tile(int64_t first, int count, RowScan<acc_t>* scans) {
     Vec max = Vec::loadu(tile_.data()), best = Vec(acc_t(0));
     for (int64_t j = 1; j < C_; ++j) {
       const Vec z = Vec::loadu(tile_.data() + j * kTileRows);
       best = Vec::blendv(best, Vec(static_cast<acc_t>(j)), z > max);  // strict: ties keep the first index
-      max = at::vec::maximum(max, z);
+      max = at::vec::maximum(max, z);  // propagates NaN
+    }
+    acc_t lanes[5][kTileRows];
+    max.store(lanes[0]);
+    for (int k = 0; k < count; ++k) {
+      if (!std::isfinite(lanes[0][k])) return false;
     }
     if (expected_cost()) load_cost_tile(first, count);
     Vec sum_exp(acc_t(0)), cost_exp(acc_t(0)), weighted_sum(acc_t(0));
@@ -202,8 +203,6 @@ class CrossEntropyKernel {
       if (expected_cost()) cost_exp = cost_exp + e * Vec::loadu(cost_tile_.data() + j * kTileRows);
       weighted_sum = weighted_sum + z * Vec(class_weight_of(cfg_, j));
     }
-    acc_t lanes[6][kTileRows];
-    max.store(lanes[0]);
     sum_exp.store(lanes[1]);
     cost_exp.store(lanes[2]);
     weighted_sum.store(lanes[3]);
@@ -216,6 +215,7 @@ class CrossEntropyKernel {
       scans[k].best_value = lanes[0][k];
       scans[k].best_index = static_cast<int64_t>(lanes[4][k]);
     }
+    return true;
   }
 
   // out_tile_ = gradient of the tile's rows, one vector lane per row.
