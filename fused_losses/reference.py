@@ -15,7 +15,10 @@ def _reduce(loss: Tensor, reduction: str, denominator: Tensor) -> Tensor:
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / denominator
+    # As F.cross_entropy: NaN when nothing counts, with a zero (not NaN) gradient.
+    counted = denominator != 0
+    mean = loss.sum() / denominator.where(counted, torch.ones_like(denominator))
+    return mean.where(counted, torch.full_like(mean, float("nan")))
 
 
 def cost_sensitive_cross_entropy(input: Tensor, target: Tensor, cost_matrix: Optional[Tensor] = None,
