@@ -84,7 +84,7 @@ inline CorrelationProblem make_correlation_problem(const at::Tensor& input, cons
 }
 
 // Outputs of the forward: the loss ((B, D) per sequence, the input's layout per step, or a scalar), the
-// per-sequence Moments (B, D, 6) and the total weight of the reduction, both in the accumulation dtype.
+// per-sequence Moments (B, D, 8) and the total weight of the reduction, both in the accumulation dtype.
 inline at::Tensor allocate_correlation_loss(const CorrelationProblem& p) {
   if (p.reduction != Reduction::None) return at::empty({}, p.input.options());
   return p.per_timestep ? at::empty_like(p.input) : at::empty({p.batch, p.channels}, p.input.options());

@@ -26,31 +26,58 @@ namespace fused_losses {
 
 enum class CorrelationKind : int { Pearson = 0, Concordance = 1 };
 
+// Where a series is centred: its mean is shift + mean, with the shift a value near the data (a data value or
+// a provisional mean) and mean the small remainder. Deviations are taken as (v - shift) - mean, so a mean far
+// from zero (1e4 in float32) keeps the precision of the spread of the data, not of its magnitude.
+template <typename acc_t>
+struct Centre {
+  acc_t shift, mean;
+  template <typename V>
+  C10_HOST_DEVICE V deviation(V v) const {
+    return (v - V(shift)) - V(mean);
+  }
+  C10_HOST_DEVICE acc_t value() const { return shift + mean; }
+};
+
 // Count, means and centred (co-)moment sums of the valid steps of (part of) a sequence. Partial moments of
-// disjoint parts merge exactly (Chan et al.), which keeps float32 accurate for data far from zero where the
-// naive sum of squares cancels catastrophically.
+// disjoint parts merge exactly (Chan et al.); with the means held relative to a shift (see Centre), neither
+// the sums nor the running means cancel catastrophically in float32 for data far from zero.
 template <typename acc_t>
 struct Moments {
-  static constexpr int kWidth = 6;  // values in the saved statistics, in the order of store()
-  acc_t n = 0, mean_x = 0, mean_y = 0, cxx = 0, cyy = 0, cxy = 0;
+  using value_type = acc_t;
+  static constexpr int kWidth = 8;  // values in the saved statistics, in the order of store()
+  acc_t n = 0, shift_x = 0, shift_y = 0, mean_x = 0, mean_y = 0, cxx = 0, cyy = 0, cxy = 0;
 
-  // From sums of deviations from provisional means `shift_x`, `shift_y` over n > 0 steps. The first-order
-  // terms cancel the error of the shift (a rounded mean), so the result is as accurate as two exact passes.
+  C10_HOST_DEVICE Centre<acc_t> centre_x() const { return {shift_x, mean_x}; }
+  C10_HOST_DEVICE Centre<acc_t> centre_y() const { return {shift_y, mean_y}; }
+  // mean(x) - mean(y), the shifts (close values, subtracted exactly) first.
+  C10_HOST_DEVICE acc_t mean_gap() const { return (shift_x - shift_y) + (mean_x - mean_y); }
+
+  // From sums of deviations d = v - shift over count > 0 steps. The first-order terms cancel the error of a
+  // shift that is not the exact mean, so the result is as accurate as two exact passes.
   C10_HOST_DEVICE static Moments from_shifted_sums(acc_t count, acc_t shift_x, acc_t shift_y, acc_t sum_dx,
                                                    acc_t sum_dy, acc_t sum_dxx, acc_t sum_dyy, acc_t sum_dxy) {
     Moments m;
     const acc_t inv = acc_t(1) / count;
     m.n = count;
-    m.mean_x = shift_x + sum_dx * inv;
-    m.mean_y = shift_y + sum_dy * inv;
+    m.shift_x = shift_x;
+    m.shift_y = shift_y;
+    m.mean_x = sum_dx * inv;
+    m.mean_y = sum_dy * inv;
     m.cxx = non_negative(sum_dxx - sum_dx * sum_dx * inv);
     m.cyy = non_negative(sum_dyy - sum_dy * sum_dy * inv);
     m.cxy = sum_dxy - sum_dx * sum_dy * inv;
     return m;
   }
 
-  // Welford update with one valid step.
+  // Welford update with one valid step; the first step becomes the shift.
   C10_HOST_DEVICE void add(acc_t x, acc_t y) {
+    if (n == acc_t(0)) {
+      shift_x = x;
+      shift_y = y;
+    }
+    x -= shift_x;
+    y -= shift_y;
     n += acc_t(1);
     const acc_t dx = x - mean_x, dy = y - mean_y;
     mean_x += dx / n;
@@ -90,7 +117,7 @@ struct Moments {
     }
   }
 
-  // Chan's merge of the moments of a disjoint part.
+  // Chan's merge of the moments of a disjoint part (keeps this part's shifts).
   C10_HOST_DEVICE void merge(const Moments& other) {
     if (other.n == acc_t(0)) return;
     if (n == acc_t(0)) {
@@ -99,7 +126,8 @@ struct Moments {
     }
     const acc_t total = n + other.n;
     const acc_t weight = other.n / total;
-    const acc_t dx = other.mean_x - mean_x, dy = other.mean_y - mean_y;
+    const acc_t dx = (other.shift_x - shift_x) + (other.mean_x - mean_x);
+    const acc_t dy = (other.shift_y - shift_y) + (other.mean_y - mean_y);
     const acc_t cross = n * weight;  // n_a n_b / (n_a + n_b)
     mean_x += dx * weight;
     mean_y += dy * weight;
@@ -110,22 +138,20 @@ struct Moments {
   }
 
   C10_HOST_DEVICE void store(acc_t* out) const {
-    out[0] = n;
-    out[1] = mean_x;
-    out[2] = mean_y;
-    out[3] = cxx;
-    out[4] = cyy;
-    out[5] = cxy;
+    const acc_t values[kWidth] = {n, shift_x, shift_y, mean_x, mean_y, cxx, cyy, cxy};
+    for (int k = 0; k < kWidth; ++k) out[k] = values[k];
   }
 
   C10_HOST_DEVICE static Moments load(const acc_t* in) {
     Moments m;
     m.n = in[0];
-    m.mean_x = in[1];
-    m.mean_y = in[2];
-    m.cxx = in[3];
-    m.cyy = in[4];
-    m.cxy = in[5];
+    m.shift_x = in[1];
+    m.shift_y = in[2];
+    m.mean_x = in[3];
+    m.mean_y = in[4];
+    m.cxx = in[5];
+    m.cyy = in[6];
+    m.cxy = in[7];
     return m;
   }
 
@@ -138,6 +164,7 @@ struct Moments {
 // Gx = sum g x~, Gy = sum g y~. Partial sums of disjoint parts add.
 template <typename acc_t>
 struct UpstreamSums {
+  using value_type = acc_t;
   static constexpr int kWidth = 3;
   acc_t p = 0, gx = 0, gy = 0;
 
@@ -176,7 +203,7 @@ C10_HOST_DEVICE inline acc_t correlation_scale(const CorrelationConfig<acc_t>& c
     numerator = acc_t(1);
     denominator = std::sqrt(m.cxx) * std::sqrt(m.cyy) + m.n * cfg.eps;
   } else {
-    const acc_t mean_gap = m.mean_x - m.mean_y;
+    const acc_t mean_gap = m.mean_gap();
     numerator = acc_t(2);
     denominator = m.cxx + m.cyy + m.n * (mean_gap * mean_gap + cfg.eps);
   }
@@ -195,6 +222,18 @@ C10_HOST_DEVICE inline acc_t sequence_weight(const CorrelationConfig<acc_t>& cfg
   return cfg.per_timestep ? m.n : acc_t(1);
 }
 
+// Stores the finished moments of a sequence, adds (weight * loss, weight) to the reduction sums and returns
+// the sequence's loss.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t finish_sequence(const CorrelationConfig<acc_t>& cfg, const Moments<acc_t>& m,
+                                             acc_t* stats, acc_t (&sums)[2]) {
+  m.store(stats);
+  const acc_t loss = sequence_loss(cfg, m), weight = sequence_weight(cfg, m);
+  sums[0] += weight * loss;
+  sums[1] += weight;
+  return loss;
+}
+
 // Per-step loss c_t = 1 - k x~_t y~_t of a valid step (V: acc_t, or a CPU vector of them).
 template <typename V, typename acc_t>
 C10_HOST_DEVICE inline V per_timestep_loss(acc_t k, V dx, V dy) {
@@ -204,7 +243,8 @@ C10_HOST_DEVICE inline V per_timestep_loss(acc_t k, V dx, V dy) {
 // dJ/dx_i = ax x~_i + (b + c g_i) y~_i + ex and dJ/dy_i = ay y~_i + (b + c g_i) x~_i + ey (top of the file).
 template <typename acc_t>
 struct GradientCoefficients {
-  acc_t mean_x, mean_y, ax, ay, b, c, ex, ey;
+  Centre<acc_t> centre_x, centre_y;
+  acc_t ax, ay, b, c, ex, ey;
 
   template <typename V>
   C10_HOST_DEVICE V input_gradient(V dx, V dy, V g) const {
@@ -232,8 +272,8 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   const acc_t inv_n = m.n > acc_t(0) ? acc_t(1) / m.n : acc_t(0);
   const acc_t k = correlation_scale(cfg, m) * m.n;
   GradientCoefficients<acc_t> c;
-  c.mean_x = m.mean_x;
-  c.mean_y = m.mean_y;
+  c.centre_x = m.centre_x();
+  c.centre_y = m.centre_y();
   acc_t p, gx, gy;
   if (upstream == nullptr) {  // g_t = G / n: P = G Cxy / n, Gx = Gy = 0
     p = scale * m.cxy * inv_n;
@@ -254,7 +294,7 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
     c.ax = t * safe_sqrt_ratio(m.cyy, m.cxx);
     c.ay = t * safe_sqrt_ratio(m.cxx, m.cyy);
   } else {
-    const acc_t mean_gap = m.mean_x - m.mean_y;
+    const acc_t mean_gap = m.mean_gap();
     c.ax = c.ay = t;
     c.ex += t * mean_gap;
     c.ey -= t * mean_gap;
@@ -262,12 +302,14 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   return c;
 }
 
-// The gradient G of one sequence's loss in the per-sequence backward: grad_output of the sequence for
-// reduction 'none', else the scalar grad_output times the sequence's weight (divided by the total for 'mean').
+// The gradient G of one sequence's loss in the per-sequence backward: `upstream` is the sequence's own
+// grad_output for reduction 'none' (per_sequence_upstream), else the scalar grad_output, which is multiplied by
+// the sequence's weight (and divided by the total weight for 'mean').
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t sequence_gradient_scale(acc_t grad_output, bool mean, acc_t total_weight,
-                                                     acc_t weight) {
-  const acc_t scaled = grad_output * weight;
+C10_HOST_DEVICE inline acc_t sequence_gradient_scale(bool per_sequence_upstream, bool mean, acc_t upstream,
+                                                     acc_t total_weight, acc_t weight) {
+  if (per_sequence_upstream) return upstream;
+  const acc_t scaled = upstream * weight;
   return mean ? scaled / total_weight : scaled;
 }
 

@@ -26,8 +26,8 @@ TORCH_LIBRARY(fused_losses, m) {
 
   // Correlation losses of (batch, time, channels) sequences over the time axis, kind 'pearson' or 'concordance'.
   // Returns (loss, stats, total_weight): loss is (batch, channels) for reduction='none', the input's shape with
-  // per_timestep, else a scalar; stats (batch, channels, 6) holds each sequence's count, means and centred
-  // sums (what the backward needs); total_weight is the divisor of reduction='mean'.
+  // per_timestep, else a scalar; stats (batch, channels, 8) holds each sequence's count, means (as shift +
+  // remainder) and centred sums (what the backward needs); total_weight is the divisor of reduction='mean'.
   m.def(
       "correlation_loss(Tensor input, Tensor target, Tensor? mask, str kind, str reduction, bool per_timestep, "
       "float eps) -> (Tensor, Tensor, Tensor)");

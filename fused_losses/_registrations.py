@@ -64,7 +64,7 @@ torch.library.register_autograd(
 
 # ----------------------------------------------------------------------------- correlation losses
 
-_MOMENTS_WIDTH = 6  # count, mean_x, mean_y, Cxx, Cyy, Cxy per sequence (csrc/correlation_math.h)
+_MOMENTS_WIDTH = 8  # count, shifts and means of x and y, Cxx, Cyy, Cxy per sequence (csrc/correlation_math.h)
 
 
 @torch.library.register_fake("fused_losses::correlation_loss")
@@ -93,6 +93,7 @@ def _correlation_loss_backward_fake(grad_loss, input, target, mask, stats, total
 def _correlation_loss_setup(ctx, inputs, output):
     input, target, mask, kind, reduction, per_timestep, eps = inputs
     _, stats, total_weight = output
+    ctx.mark_non_differentiable(stats, total_weight)
     ctx.save_for_backward(input, target, mask, stats, total_weight)
     ctx.options = (kind, reduction, per_timestep, eps)
 

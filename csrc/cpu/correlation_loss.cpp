@@ -74,23 +74,24 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
 }
 
-// Deviations of x and y from (mean_x, mean_y) at the steps [j, j + len), zero on the lanes that do not count
+// Deviations of x and y from their centres at the steps [j, j + len), zero on the lanes that do not count
 // (so NaN in padding never leaks).
 template <typename acc_t>
 struct StepDeviations {
   Vectorized<acc_t> keep, dx, dy;
 
   template <typename scalar_t>
-  StepDeviations(const SequenceRows<scalar_t>& rows, int64_t j, int64_t len, acc_t mean_x, acc_t mean_y) {
+  StepDeviations(const SequenceRows<scalar_t>& rows, int64_t j, int64_t len, const Centre<acc_t>& centre_x,
+                 const Centre<acc_t>& centre_y) {
     using Vec = Vectorized<acc_t>;
     keep = keep_lanes(rows.valid, j, len);
-    dx = Vec::blendv(Vec(0), Vec::loadu(rows.x + j, len) - Vec(mean_x), keep);
-    dy = Vec::blendv(Vec(0), Vec::loadu(rows.y + j, len) - Vec(mean_y), keep);
+    dx = Vec::blendv(Vec(0), centre_x.deviation(Vec::loadu(rows.x + j, len)), keep);
+    dy = Vec::blendv(Vec(0), centre_y.deviation(Vec::loadu(rows.y + j, len)), keep);
   }
 };
 
-// Exact moments of steps [begin, end): the first pass gives the count and provisional means, the second the
-// sums of deviations from them (the block is in L1 by then).
+// Exact moments of steps [begin, end): the first pass gives the count and provisional means (the shifts), the
+// second the sums of deviations from them (the block is in L1 by then).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 Moments<acc_t> block_moments(const SequenceRows<scalar_t>& rows, int64_t begin, int64_t end) {
   using Vec = Vectorized<acc_t>;
@@ -108,7 +109,8 @@ Moments<acc_t> block_moments(const SequenceRows<scalar_t>& rows, int64_t begin, 
   const acc_t shift_x = horizontal_sum(sum_x) / n, shift_y = horizontal_sum(sum_y) / n;
   Vec sum_dx(0), sum_dy(0), sum_dxx(0), sum_dyy(0), sum_dxy(0);
   for (int64_t j = begin; j < end; j += Vec::size()) {
-    const StepDeviations<acc_t> d(rows, j, std::min<int64_t>(Vec::size(), end - j), shift_x, shift_y);
+    const StepDeviations<acc_t> d(rows, j, std::min<int64_t>(Vec::size(), end - j), Centre<acc_t>{shift_x, 0},
+                                  Centre<acc_t>{shift_y, 0});
     sum_dx += d.dx;
     sum_dy += d.dy;
     sum_dxx += d.dx * d.dx;
@@ -136,7 +138,7 @@ void per_timestep_losses(const SequenceRows<scalar_t>& rows, int64_t steps, cons
   using Vec = Vectorized<acc_t>;
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, m.mean_x, m.mean_y);
+    const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
     Vec::blendv(Vec(0), per_timestep_loss(k, d.dx, d.dy), d.keep).store(out + j, len);
   }
 }
@@ -149,7 +151,7 @@ UpstreamSums<acc_t> upstream_sums(const SequenceRows<scalar_t>& rows, int64_t st
   Vec p(0), gx(0), gy(0);
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, m.mean_x, m.mean_y);
+    const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
     const Vec gv = Vec::blendv(Vec(0), Vec::loadu(g + j, len), d.keep);
     p += gv * d.dx * d.dy;
     gx += gv * d.dx;
@@ -170,7 +172,7 @@ void gradient_rows(const SequenceRows<scalar_t>& rows, int64_t steps, const Grad
   const Vec zero(0);
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, coef.mean_x, coef.mean_y);
+    const StepDeviations<acc_t> d(rows, j, len, coef.centre_x, coef.centre_y);
     const Vec gv = g != nullptr ? Vec::loadu(g + j, len) : zero;
     if (grad_x != nullptr) Vec::blendv(zero, coef.input_gradient(d.dx, d.dy, gv), d.keep).store(grad_x + j, len);
     if (grad_y != nullptr) Vec::blendv(zero, coef.target_gradient(d.dx, d.dy, gv), d.keep).store(grad_y + j, len);
@@ -217,23 +219,20 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
       p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
-        std::array<acc_t, 2> weighted_loss_and_weight{};
+        acc_t weighted_loss_and_weight[2] = {0, 0};
         SequenceRows<scalar_t> rows(p);
         OutputRow<scalar_t> out(step_losses, step_layout, p.time);
         for (int64_t seq = begin; seq < end; ++seq) {
           rows.read(seq);
           const Moments<acc_t> m = sequence_moments(rows, p.time);
-          m.store(stats + seq * Moments<acc_t>::kWidth);
-          const acc_t value = sequence_loss(cfg, m), weight = sequence_weight(cfg, m);
-          weighted_loss_and_weight[0] += weight * value;
-          weighted_loss_and_weight[1] += weight;
+          const acc_t value = finish_sequence(cfg, m, stats + seq * Moments<acc_t>::kWidth, weighted_loss_and_weight);
           if (sequence_losses != nullptr) sequence_losses[seq] = static_cast<scalar_t>(value);
           if (acc_t* row = out.begin(seq)) {
             per_timestep_losses(rows, p.time, m, correlation_scale(cfg, m) * m.n, row);
             out.finish();
           }
         }
-        return weighted_loss_and_weight;
+        return std::array<acc_t, 2>{weighted_loss_and_weight[0], weighted_loss_and_weight[1]};
       });
   total_weight.fill_(sums[1]);
   if (p.reduction == Reduction::Mean) loss.fill_(sums[0] / sums[1]);
@@ -276,10 +275,9 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
         const UpstreamSums<acc_t> sums = upstream_sums(rows, p.time, m, g);
         coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
       } else {
-        const acc_t scale = per_sequence_upstream
-                                ? static_cast<acc_t>(grad[seq])
-                                : sequence_gradient_scale(uniform_grad, p.reduction == Reduction::Mean, weight_total,
-                                                          sequence_weight(cfg, m));
+        const acc_t upstream = per_sequence_upstream ? static_cast<acc_t>(grad[seq]) : uniform_grad;
+        const acc_t scale = sequence_gradient_scale(per_sequence_upstream, p.reduction == Reduction::Mean, upstream,
+                                                    weight_total, sequence_weight(cfg, m));
         coef = make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
       }
       gradient_rows(rows, p.time, coef, g, out_x.begin(seq), out_y.begin(seq));
