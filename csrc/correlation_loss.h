@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "correlation_math.h"
+#include "row_layout.h"
 
 #include <optional>
 #include <string_view>
@@ -17,13 +18,14 @@ inline CorrelationKind parse_correlation_kind(std::string_view kind) {
   TORCH_CHECK_VALUE(false, "kind must be 'pearson' or 'concordance', got '", kind, "'");
 }
 
-// Layout of a (B, T, D) tensor, or of a (B, T) mask shared by the D channels.
-inline SequenceLayout sequence_layout(const at::Tensor& t, int64_t channels) {
-  SequenceLayout layout{};
-  layout.channels = channels;
-  layout.batch_stride = t.stride(0);
-  layout.time_stride = t.stride(1);
-  layout.channel_stride = t.dim() > 2 ? t.stride(2) : 0;
+// A (B, T, D) tensor as rows (sequences) s = b * D + d of T steps `class_stride` apart; a (B, T) mask is shared
+// by the D channels (inner stride 0).
+inline RowLayout sequence_layout(const at::Tensor& t, int64_t channels) {
+  RowLayout layout{};
+  layout.inner = channels;
+  layout.outer_stride = t.stride(0);
+  layout.class_stride = t.stride(1);
+  layout.inner_stride = t.dim() > 2 ? t.stride(2) : 0;
   return layout;
 }
 
@@ -32,7 +34,7 @@ struct CorrelationProblem {
   at::Tensor input, target;     // (B, T, D), any strides
   std::optional<at::Tensor> mask;  // (B, T) bool, any strides
   int64_t batch = 0, time = 0, channels = 0;
-  SequenceLayout input_layout{}, target_layout{}, mask_layout{};
+  RowLayout input_layout{}, target_layout{}, mask_layout{};
   Reduction reduction = Reduction::Mean;
   CorrelationKind kind = CorrelationKind::Pearson;
   bool per_timestep = false;
@@ -123,6 +125,13 @@ inline void check_correlation_backward_arguments(const CorrelationProblem& p, co
                     " tensor saved by the forward, got ", moments.sizes(), " ", moments.scalar_type());
   TORCH_CHECK_VALUE(total_weight.scalar_type() == acc && total_weight.numel() == 1,
                     "total_weight must be the scalar saved by the forward");
+}
+
+// grad_loss in the input's dtype: per sequence it is small and made contiguous; per step it keeps its strides
+// (an expanded gradient is read in place).
+inline at::Tensor upstream_gradient(const CorrelationProblem& p, const at::Tensor& grad_loss) {
+  const at::Tensor grad = grad_loss.to(p.input.scalar_type());
+  return p.per_step_output() ? grad : grad.contiguous();
 }
 
 }  // namespace fused_losses

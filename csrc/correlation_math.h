@@ -313,17 +313,4 @@ C10_HOST_DEVICE inline acc_t sequence_gradient_scale(bool per_sequence_upstream,
   return mean ? scaled / total_weight : scaled;
 }
 
-// How a (B, T, D) tensor (or a (B, T) mask, with channel_stride 0) maps sequence s = b * D + d and step t to
-// memory.
-struct SequenceLayout {
-  int64_t channels;
-  int64_t batch_stride;
-  int64_t time_stride;
-  int64_t channel_stride;
-  C10_HOST_DEVICE int64_t sequence_offset(int64_t seq) const {
-    if (channels == 1) return seq * batch_stride;
-    return (seq / channels) * batch_stride + (seq % channels) * channel_stride;
-  }
-};
-
 }  // namespace fused_losses

@@ -30,9 +30,9 @@ class SequenceRows {
         mask_(p.mask.has_value() ? p.mask->const_data_ptr<bool>() : nullptr) {}
 
   void read(int64_t seq) {
-    x = row_as_acc<acc_t>(input_ + p_.input_layout.sequence_offset(seq), p_.input_layout.time_stride, p_.time,
+    x = row_as_acc<acc_t>(input_ + p_.input_layout.row_offset(seq), p_.input_layout.class_stride, p_.time,
                           x_buffer_);
-    y = row_as_acc<acc_t>(target_ + p_.target_layout.sequence_offset(seq), p_.target_layout.time_stride, p_.time,
+    y = row_as_acc<acc_t>(target_ + p_.target_layout.row_offset(seq), p_.target_layout.class_stride, p_.time,
                           y_buffer_);
     valid = mask_ != nullptr ? read_mask(seq / p_.channels) : nullptr;
   }
@@ -46,8 +46,8 @@ class SequenceRows {
   const acc_t* read_mask(int64_t b) {
     if (b != mask_row_) {
       valid_buffer_.resize(p_.time);
-      const bool* row = mask_ + b * p_.mask_layout.batch_stride;
-      for (int64_t t = 0; t < p_.time; ++t) valid_buffer_[t] = row[t * p_.mask_layout.time_stride] ? 1 : 0;
+      const bool* row = mask_ + b * p_.mask_layout.outer_stride;
+      for (int64_t t = 0; t < p_.time; ++t) valid_buffer_[t] = row[t * p_.mask_layout.class_stride] ? 1 : 0;
       mask_row_ = b;
     }
     return valid_buffer_.data();
@@ -184,19 +184,19 @@ template <typename scalar_t>
 class OutputRow {
  public:
   using acc_t = acc_type<scalar_t>;
-  OutputRow(scalar_t* base, SequenceLayout layout, int64_t steps) : base_(base), layout_(layout), steps_(steps) {}
+  OutputRow(scalar_t* base, RowLayout layout, int64_t steps) : base_(base), layout_(layout), steps_(steps) {}
   acc_t* begin(int64_t seq) {
     if (base_ == nullptr) return nullptr;
-    row_ = base_ + layout_.sequence_offset(seq);
-    return values_ = row_output<acc_t>(row_, layout_.time_stride, steps_, buffer_);
+    row_ = base_ + layout_.row_offset(seq);
+    return values_ = row_output<acc_t>(row_, layout_.class_stride, steps_, buffer_);
   }
   void finish() {
-    if (base_ != nullptr) store_row(values_, row_, layout_.time_stride, steps_);
+    if (base_ != nullptr) store_row(values_, row_, layout_.class_stride, steps_);
   }
 
  private:
   scalar_t* base_;
-  SequenceLayout layout_;
+  RowLayout layout_;
   int64_t steps_;
   scalar_t* row_ = nullptr;
   acc_t* values_ = nullptr;
@@ -215,7 +215,7 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
   acc_t* stats = moments.data_ptr<acc_t>();
   scalar_t* sequence_losses = data_or_null<scalar_t>(loss, p.reduction == Reduction::None && !p.per_timestep);
   scalar_t* step_losses = data_or_null<scalar_t>(loss, p.per_step_output());
-  const SequenceLayout step_layout = p.per_step_output() ? sequence_layout(loss, p.channels) : SequenceLayout{};
+  const RowLayout step_layout = p.per_step_output() ? sequence_layout(loss, p.channels) : RowLayout{};
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
       p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
@@ -248,16 +248,16 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
   const scalar_t* grad = grad_loss.const_data_ptr<scalar_t>();
   const bool per_step_upstream = p.per_step_output();
   const bool per_sequence_upstream = p.reduction == Reduction::None && !p.per_timestep;
-  const SequenceLayout upstream_layout =
-      per_step_upstream ? sequence_layout(grad_loss, p.channels) : SequenceLayout{};
+  const RowLayout upstream_layout =
+      per_step_upstream ? sequence_layout(grad_loss, p.channels) : RowLayout{};
   acc_t uniform_grad = 0, weight_total = 1;
   if (p.reduction != Reduction::None) {
     uniform_grad = static_cast<acc_t>(grad_loss.item<double>());
     weight_total = total_weight.item<acc_t>();
   }
   const bool want_x = grad_input.numel() > 0, want_y = grad_target.numel() > 0;
-  const SequenceLayout grad_x_layout = want_x ? sequence_layout(grad_input, p.channels) : SequenceLayout{};
-  const SequenceLayout grad_y_layout = want_y ? sequence_layout(grad_target, p.channels) : SequenceLayout{};
+  const RowLayout grad_x_layout = want_x ? sequence_layout(grad_input, p.channels) : RowLayout{};
+  const RowLayout grad_y_layout = want_y ? sequence_layout(grad_target, p.channels) : RowLayout{};
 
   at::parallel_for(0, p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
     SequenceRows<scalar_t> rows(p);
@@ -270,7 +270,7 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
       const acc_t* g = nullptr;
       GradientCoefficients<acc_t> coef;
       if (per_step_upstream) {
-        g = row_as_acc<acc_t>(grad + upstream_layout.sequence_offset(seq), upstream_layout.time_stride, p.time,
+        g = row_as_acc<acc_t>(grad + upstream_layout.row_offset(seq), upstream_layout.class_stride, p.time,
                               upstream_buffer);
         const UpstreamSums<acc_t> sums = upstream_sums(rows, p.time, m, g);
         coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
@@ -310,9 +310,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, con
   at::Tensor grad_input = allocate_gradient(p.input, input_requires_grad);
   at::Tensor grad_target = allocate_gradient(p.target, target_requires_grad);
   if (grad_input.numel() == 0 && grad_target.numel() == 0) return {grad_input, grad_target};
-  // The upstream gradient is small (per sequence) or read with its strides (per step); only its dtype changes.
-  const at::Tensor grad = p.per_step_output() ? grad_loss.to(p.input.scalar_type())
-                                              : grad_loss.to(p.input.scalar_type()).contiguous();
+  const at::Tensor grad = upstream_gradient(p, grad_loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
     backward_sequences<scalar_t>(p, grad, stats.contiguous(), total_weight, grad_input, grad_target);
   });

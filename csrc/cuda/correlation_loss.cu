@@ -77,17 +77,17 @@ struct MaskRow {
 template <typename T>
 struct Operand {
   T* data = nullptr;
-  SequenceLayout layout{};
+  RowLayout layout{};
   __device__ Row<T> row(int64_t seq) const {
     if (data == nullptr) return {nullptr, 0};
-    return {data + layout.sequence_offset(seq), layout.time_stride};
+    return {data + layout.row_offset(seq), layout.class_stride};
   }
 };
 
 // An operand as the host sees it when choosing the sweep.
 struct OperandView {
   const void* data;
-  SequenceLayout layout;
+  RowLayout layout;
 };
 
 template <typename T>
@@ -135,6 +135,18 @@ struct StepReader {
     valid.template load<N>(t, ok);
   }
 
+  // Deviations of the N steps from t from the centres (0 on steps that are not valid).
+  template <int N>
+  __device__ void load_deviations(int64_t t, const Centre<acc_t>& centre_x, const Centre<acc_t>& centre_y,
+                                  acc_t (&dx)[N], acc_t (&dy)[N], bool (&ok)[N]) const {
+    load<N>(t, dx, dy, ok);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      dx[i] = ok[i] ? centre_x.deviation(dx[i]) : acc_t(0);
+      dy[i] = ok[i] ? centre_y.deviation(dy[i]) : acc_t(0);
+    }
+  }
+
   // Steps from the start of x's row to the next 16-byte boundary, modulo a pack (the same for every operand
   // when the sweep is vectorised).
   __device__ int misalignment() const {
@@ -150,9 +162,9 @@ bool packs_line_up(c10::ArrayRef<OperandView> operands) {
   const auto same_modulo_16 = [](int64_t a, int64_t b) { return (a - b) * int64_t(sizeof(scalar_t)) % 16 == 0; };
   for (const OperandView& operand : operands) {
     const auto byte_gap = reinterpret_cast<intptr_t>(operand.data) - reinterpret_cast<intptr_t>(first.data);
-    if (operand.layout.time_stride != 1 || byte_gap % 16 != 0 ||
-        !same_modulo_16(operand.layout.batch_stride, first.layout.batch_stride) ||
-        (operand.layout.channels > 1 && !same_modulo_16(operand.layout.channel_stride, first.layout.channel_stride))) {
+    if (operand.layout.class_stride != 1 || byte_gap % 16 != 0 ||
+        !same_modulo_16(operand.layout.outer_stride, first.layout.outer_stride) ||
+        (operand.layout.inner > 1 && !same_modulo_16(operand.layout.inner_stride, first.layout.inner_stride))) {
       return false;
     }
   }
@@ -207,7 +219,7 @@ ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous
 // The split of one launch: packs of 16 bytes when the operands allow them (packs_line_up), single steps else.
 template <typename scalar_t>
 ChunkPlan plan_sweep(const CorrelationProblem& p, bool vectorized) {
-  const bool time_contiguous = p.input_layout.time_stride == 1 && p.target_layout.time_stride == 1;
+  const bool time_contiguous = p.input_layout.class_stride == 1 && p.target_layout.class_stride == 1;
   return make_chunk_plan(p.sequences(), p.time, time_contiguous, vectorized ? kVecSize<scalar_t> : 1);
 }
 
@@ -411,17 +423,16 @@ struct UpstreamSumsTask {
     State state;
     template <int N>
     __device__ void at(int64_t t) {
-      acc_t x[N], y[N], gs[N];
+      acc_t dx[N], dy[N], gs[N];
       bool valid[N];
-      steps.template load<N>(t, x, y, valid);
+      steps.template load_deviations<N>(t, centre_x, centre_y, dx, dy, valid);
       g.template load<N>(t, gs);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        if (!valid[i]) continue;
-        const acc_t dx = centre_x.deviation(x[i]), dy = centre_y.deviation(y[i]);
-        state.p += gs[i] * dx * dy;
-        state.gx += gs[i] * dx;
-        state.gy += gs[i] * dy;
+        const acc_t g_valid = valid[i] ? gs[i] : acc_t(0);  // padding may hold anything, NaN included
+        state.p += g_valid * dx[i] * dy[i];
+        state.gx += g_valid * dx[i];
+        state.gy += g_valid * dy[i];
       }
     }
     __device__ int misalignment() const { return steps.misalignment(); }
@@ -452,13 +463,11 @@ struct PerStepLossTask {
     acc_t k;
     template <int N>
     __device__ void at(int64_t t) {
-      acc_t x[N], y[N], c[N];
+      acc_t dx[N], dy[N], c[N];
       bool valid[N];
-      steps.template load<N>(t, x, y, valid);
+      steps.template load_deviations<N>(t, centre_x, centre_y, dx, dy, valid);
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        c[i] = valid[i] ? per_timestep_loss(k, centre_x.deviation(x[i]), centre_y.deviation(y[i])) : acc_t(0);
-      }
+      for (int i = 0; i < N; ++i) c[i] = valid[i] ? per_timestep_loss(k, dx[i], dy[i]) : acc_t(0);
       out.template store<N>(t, c);
     }
     __device__ int misalignment() const { return steps.misalignment(); }
@@ -492,20 +501,14 @@ struct GradientTask {
     GradientCoefficients<acc_t> coef;
     template <int N>
     __device__ void at(int64_t t) {
-      acc_t x[N], y[N], gs[N], out[N];
+      acc_t dx[N], dy[N], gs[N], out[N];
       bool valid[N];
-      steps.template load<N>(t, x, y, valid);
+      steps.template load_deviations<N>(t, coef.centre_x, coef.centre_y, dx, dy, valid);
       if (g.ptr != nullptr) {
         g.template load<N>(t, gs);
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) gs[i] = acc_t(0);
-      }
-      acc_t dx[N], dy[N];
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        dx[i] = coef.centre_x.deviation(x[i]);
-        dy[i] = coef.centre_y.deviation(y[i]);
       }
       if (gx.ptr != nullptr) {
 #pragma unroll
@@ -595,9 +598,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, co
   if ((grad_input.numel() == 0 && grad_target.numel() == 0) || p.sequences() == 0 || p.time == 0) {
     return {grad_input, grad_target};
   }
-  // The upstream gradient is small (per sequence) or read with its strides (per step); only its dtype changes.
-  const at::Tensor grad = p.per_step_output() ? grad_loss.to(p.input.scalar_type())
-                                              : grad_loss.to(p.input.scalar_type()).contiguous();
+  const at::Tensor grad = upstream_gradient(p, grad_loss);
   const at::Tensor moments = stats.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
