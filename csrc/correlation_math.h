@@ -240,19 +240,24 @@ C10_HOST_DEVICE inline V per_timestep_loss(acc_t k, V dx, V dy) {
   return V(acc_t(1)) - V(k) * dx * dy;
 }
 
-// dJ/dx_i = ax x~_i + (b + c g_i) y~_i + ex and dJ/dy_i = ay y~_i + (b + c g_i) x~_i + ey (top of the file).
+// dJ/dx_i = ax x~_i + (b + c g_i) y~_i + ex and dJ/dy_i = ay y~_i + (b + c g_i) x~_i + ey (top of the file);
+// `cross` is b + c g_i, or just b without a per-step upstream (c = 0). V: acc_t, or a CPU vector of them.
 template <typename acc_t>
 struct GradientCoefficients {
   Centre<acc_t> centre_x, centre_y;
   acc_t ax, ay, b, c, ex, ey;
 
   template <typename V>
-  C10_HOST_DEVICE V input_gradient(V dx, V dy, V g) const {
-    return V(ax) * dx + (V(b) + V(c) * g) * dy + V(ex);
+  C10_HOST_DEVICE V cross(V g) const {
+    return V(b) + V(c) * g;
   }
   template <typename V>
-  C10_HOST_DEVICE V target_gradient(V dx, V dy, V g) const {
-    return V(ay) * dy + (V(b) + V(c) * g) * dx + V(ey);
+  C10_HOST_DEVICE V input_gradient(V dx, V dy, V cross) const {
+    return V(ax) * dx + cross * dy + V(ex);
+  }
+  template <typename V>
+  C10_HOST_DEVICE V target_gradient(V dx, V dy, V cross) const {
+    return V(ay) * dy + cross * dx + V(ey);
   }
 };
 
@@ -263,8 +268,8 @@ C10_HOST_DEVICE inline acc_t safe_sqrt_ratio(acc_t a, acc_t b) {
 }
 
 // Coefficients for one sequence. Per-sequence upstream: `scale` = G (the gradient of the sequence's loss) and
-// `upstream` = nullptr. Per-timestep upstream: `upstream` = its sums (P, Gx, Gy) and the per-step g_i is
-// supplied to input_gradient / target_gradient (pass g = 0 in the per-sequence case).
+// `upstream` = nullptr. Per-timestep upstream: `upstream` = its sums (P, Gx, Gy), and the per-step g_i enters
+// through cross(g_i).
 template <typename acc_t>
 C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(const CorrelationConfig<acc_t>& cfg,
                                                                              const Moments<acc_t>& m, acc_t scale,

@@ -61,62 +61,69 @@ class SequenceRows {
   std::vector<acc_t> x_buffer_, y_buffer_, valid_buffer_;
 };
 
-// Lanes of steps [j, j + len) that count: valid ones, and never the lanes past len of a partial vector.
+// Which lanes of the vector of steps [j, j + len) count: the valid ones, never those past len. Full vectors of
+// an unmasked sequence (the common case) skip the selection.
 template <typename acc_t>
-Vectorized<acc_t> keep_lanes(const acc_t* valid, int64_t j, int64_t len) {
+class Lanes {
+ public:
   using Vec = Vectorized<acc_t>;
-  if (valid != nullptr) return Vec::loadu(valid + j, len) != Vec(0);  // loadu zero-fills past len
-  return Vec::arange(0, 1) < Vec(static_cast<acc_t>(len));
-}
+  Lanes(const acc_t* valid, int64_t j, int64_t len) : all_(valid == nullptr && len == Vec::size()) {
+    if (!all_) keep_ = valid != nullptr ? Vec::loadu(valid + j, len) != Vec(0)  // loadu zero-fills past len
+                                        : Vec::arange(0, 1) < Vec(static_cast<acc_t>(len));
+  }
+  // v on the lanes that count, 0 elsewhere (so NaN in padding never leaks).
+  Vec operator()(const Vec& v) const { return all_ ? v : Vec::blendv(Vec(0), v, keep_); }
+
+ private:
+  bool all_;
+  Vec keep_;
+};
 
 template <typename acc_t>
 acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
 }
 
-// Deviations of x and y from their centres at the steps [j, j + len), zero on the lanes that do not count
-// (so NaN in padding never leaks).
+// Deviations of x and y from their centres at the steps [j, j + len), 0 on the lanes that do not count.
 template <typename acc_t>
 struct StepDeviations {
-  Vectorized<acc_t> keep, dx, dy;
+  Lanes<acc_t> lanes;
+  Vectorized<acc_t> dx, dy;
 
   template <typename scalar_t>
   StepDeviations(const SequenceRows<scalar_t>& rows, int64_t j, int64_t len, const Centre<acc_t>& centre_x,
-                 const Centre<acc_t>& centre_y) {
-    using Vec = Vectorized<acc_t>;
-    keep = keep_lanes(rows.valid, j, len);
-    dx = Vec::blendv(Vec(0), centre_x.deviation(Vec::loadu(rows.x + j, len)), keep);
-    dy = Vec::blendv(Vec(0), centre_y.deviation(Vec::loadu(rows.y + j, len)), keep);
-  }
+                 const Centre<acc_t>& centre_y)
+      : lanes(rows.valid, j, len),
+        dx(lanes(centre_x.deviation(Vectorized<acc_t>::loadu(rows.x + j, len)))),
+        dy(lanes(centre_y.deviation(Vectorized<acc_t>::loadu(rows.y + j, len)))) {}
 };
 
-// Exact moments of steps [begin, end): the first pass gives the count and provisional means (the shifts), the
-// second the sums of deviations from them (the block is in L1 by then).
+// Exact moments of steps [begin, end) in one vectorised pass of sums of deviations from a shift, the block's
+// first valid step. Shifting by a data value bounds the cancellation in sum d^2 - (sum d)^2 / n to about
+// n ulps of the result, so blocks stay short (kBlockSteps) and Chan merges combine them.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 Moments<acc_t> block_moments(const SequenceRows<scalar_t>& rows, int64_t begin, int64_t end) {
   using Vec = Vectorized<acc_t>;
-  const Vec zero(0), one(1);
-  Vec count(0), sum_x(0), sum_y(0);
-  for (int64_t j = begin; j < end; j += Vec::size()) {
+  int64_t first = begin;
+  if (rows.valid != nullptr) {
+    while (first < end && rows.valid[first] == acc_t(0)) ++first;
+  }
+  if (first == end) return {};
+  const acc_t shift_x = rows.x[first], shift_y = rows.y[first];
+  Vec count(0), sum_dx(0), sum_dy(0), sum_dxx(0), sum_dyy(0), sum_dxy(0);
+  for (int64_t j = first; j < end; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), end - j);
-    const Vec keep = keep_lanes(rows.valid, j, len);
-    count += Vec::blendv(zero, one, keep);
-    sum_x += Vec::blendv(zero, Vec::loadu(rows.x + j, len), keep);
-    sum_y += Vec::blendv(zero, Vec::loadu(rows.y + j, len), keep);
+    const Lanes<acc_t> lanes(rows.valid, j, len);
+    const Vec dx = lanes(Vec::loadu(rows.x + j, len) - Vec(shift_x));
+    const Vec dy = lanes(Vec::loadu(rows.y + j, len) - Vec(shift_y));
+    if (rows.valid != nullptr) count += lanes(Vec(1));
+    sum_dx += dx;
+    sum_dy += dy;
+    sum_dxx = at::vec::fmadd(dx, dx, sum_dxx);
+    sum_dyy = at::vec::fmadd(dy, dy, sum_dyy);
+    sum_dxy = at::vec::fmadd(dx, dy, sum_dxy);
   }
-  const acc_t n = horizontal_sum(count);
-  if (n == acc_t(0)) return {};
-  const acc_t shift_x = horizontal_sum(sum_x) / n, shift_y = horizontal_sum(sum_y) / n;
-  Vec sum_dx(0), sum_dy(0), sum_dxx(0), sum_dyy(0), sum_dxy(0);
-  for (int64_t j = begin; j < end; j += Vec::size()) {
-    const StepDeviations<acc_t> d(rows, j, std::min<int64_t>(Vec::size(), end - j), Centre<acc_t>{shift_x, 0},
-                                  Centre<acc_t>{shift_y, 0});
-    sum_dx += d.dx;
-    sum_dy += d.dy;
-    sum_dxx += d.dx * d.dx;
-    sum_dyy += d.dy * d.dy;
-    sum_dxy += d.dx * d.dy;
-  }
+  const acc_t n = rows.valid != nullptr ? horizontal_sum(count) : static_cast<acc_t>(end - first);
   return Moments<acc_t>::from_shifted_sums(n, shift_x, shift_y, horizontal_sum(sum_dx), horizontal_sum(sum_dy),
                                            horizontal_sum(sum_dxx), horizontal_sum(sum_dyy),
                                            horizontal_sum(sum_dxy));
@@ -139,7 +146,7 @@ void per_timestep_losses(const SequenceRows<scalar_t>& rows, int64_t steps, cons
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
     const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
-    Vec::blendv(Vec(0), per_timestep_loss(k, d.dx, d.dy), d.keep).store(out + j, len);
+    d.lanes(per_timestep_loss(k, d.dx, d.dy)).store(out + j, len);
   }
 }
 
@@ -152,10 +159,10 @@ UpstreamSums<acc_t> upstream_sums(const SequenceRows<scalar_t>& rows, int64_t st
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
     const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
-    const Vec gv = Vec::blendv(Vec(0), Vec::loadu(g + j, len), d.keep);
-    p += gv * d.dx * d.dy;
-    gx += gv * d.dx;
-    gy += gv * d.dy;
+    const Vec gv = d.lanes(Vec::loadu(g + j, len));
+    p = at::vec::fmadd(gv * d.dx, d.dy, p);
+    gx = at::vec::fmadd(gv, d.dx, gx);
+    gy = at::vec::fmadd(gv, d.dy, gy);
   }
   UpstreamSums<acc_t> sums;
   sums.p = horizontal_sum(p);
@@ -169,13 +176,12 @@ template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void gradient_rows(const SequenceRows<scalar_t>& rows, int64_t steps, const GradientCoefficients<acc_t>& coef,
                    const acc_t* g, acc_t* grad_x, acc_t* grad_y) {
   using Vec = Vectorized<acc_t>;
-  const Vec zero(0);
   for (int64_t j = 0; j < steps; j += Vec::size()) {
     const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
     const StepDeviations<acc_t> d(rows, j, len, coef.centre_x, coef.centre_y);
-    const Vec gv = g != nullptr ? Vec::loadu(g + j, len) : zero;
-    if (grad_x != nullptr) Vec::blendv(zero, coef.input_gradient(d.dx, d.dy, gv), d.keep).store(grad_x + j, len);
-    if (grad_y != nullptr) Vec::blendv(zero, coef.target_gradient(d.dx, d.dy, gv), d.keep).store(grad_y + j, len);
+    const Vec cross = g != nullptr ? coef.cross(Vec::loadu(g + j, len)) : Vec(coef.b);
+    if (grad_x != nullptr) d.lanes(coef.input_gradient(d.dx, d.dy, cross)).store(grad_x + j, len);
+    if (grad_y != nullptr) d.lanes(coef.target_gradient(d.dx, d.dy, cross)).store(grad_y + j, len);
   }
 }
 

@@ -135,11 +135,28 @@ struct StepReader {
     valid.template load<N>(t, ok);
   }
 
-  // Deviations of the N steps from t from the centres (0 on steps that are not valid).
+  // Steps from the start of x's row to the next 16-byte boundary, modulo a pack (the same for every operand
+  // when the sweep is vectorised).
+  __device__ int misalignment() const {
+    return static_cast<int>((reinterpret_cast<uintptr_t>(x.ptr) / sizeof(scalar_t)) % kVecSize<scalar_t>);
+  }
+};
+
+// The steps of one sequence as deviations from its saved centres: what every pass after the statistics reads.
+// Visitors derive from it (and so share misalignment()).
+template <typename scalar_t>
+struct CentredSteps {
+  using acc_t = acc_type<scalar_t>;
+  StepReader<scalar_t> steps;
+  Centre<acc_t> centre_x, centre_y;
+
+  __device__ CentredSteps(const Inputs<scalar_t>& in, int64_t seq, const Moments<acc_t>& m)
+      : steps(in, seq), centre_x(m.centre_x()), centre_y(m.centre_y()) {}
+
+  // Deviations of the N steps from t (0 on steps that are not valid).
   template <int N>
-  __device__ void load_deviations(int64_t t, const Centre<acc_t>& centre_x, const Centre<acc_t>& centre_y,
-                                  acc_t (&dx)[N], acc_t (&dy)[N], bool (&ok)[N]) const {
-    load<N>(t, dx, dy, ok);
+  __device__ void load_deviations(int64_t t, acc_t (&dx)[N], acc_t (&dy)[N], bool (&ok)[N]) const {
+    steps.template load<N>(t, dx, dy, ok);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       dx[i] = ok[i] ? centre_x.deviation(dx[i]) : acc_t(0);
@@ -147,12 +164,13 @@ struct StepReader {
     }
   }
 
-  // Steps from the start of x's row to the next 16-byte boundary, modulo a pack (the same for every operand
-  // when the sweep is vectorised).
-  __device__ int misalignment() const {
-    return static_cast<int>((reinterpret_cast<uintptr_t>(x.ptr) / sizeof(scalar_t)) % kVecSize<scalar_t>);
-  }
+  __device__ int misalignment() const { return steps.misalignment(); }
 };
+
+template <typename acc_t>
+__device__ Moments<acc_t> saved_moments(const acc_t* stats, int64_t seq) {
+  return Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
+}
 
 // True when every operand has unit time stride and the same address modulo 16 bytes at every sequence start,
 // so one head peel aligns them all.
@@ -416,16 +434,14 @@ struct UpstreamSumsTask {
   const acc_t* stats;
   acc_t* sums_out;  // (B D, 3)
 
-  struct Visitor {
-    StepReader<scalar_t> steps;
+  struct Visitor : CentredSteps<scalar_t> {
     Row<const scalar_t> g;
-    Centre<acc_t> centre_x, centre_y;
     State state;
     template <int N>
     __device__ void at(int64_t t) {
       acc_t dx[N], dy[N], gs[N];
       bool valid[N];
-      steps.template load_deviations<N>(t, centre_x, centre_y, dx, dy, valid);
+      this->template load_deviations<N>(t, dx, dy, valid);
       g.template load<N>(t, gs);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -435,12 +451,10 @@ struct UpstreamSumsTask {
         state.gy += g_valid * dy[i];
       }
     }
-    __device__ int misalignment() const { return steps.misalignment(); }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
-    const Moments<acc_t> m = Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
-    return {StepReader<scalar_t>(in, seq), upstream.row(seq), m.centre_x(), m.centre_y(), State{}};
+    return {CentredSteps<scalar_t>(in, seq, saved_moments(stats, seq)), upstream.row(seq), State{}};
   }
 
   __device__ void finish(int64_t seq, const State& s, acc_t (&)[2]) const { s.store(sums_out + seq * State::kWidth); }
@@ -456,26 +470,23 @@ struct PerStepLossTask {
   const acc_t* stats;
   Operand<scalar_t> out;
 
-  struct Visitor {
-    StepReader<scalar_t> steps;
+  struct Visitor : CentredSteps<scalar_t> {
     Row<scalar_t> out;
-    Centre<acc_t> centre_x, centre_y;
     acc_t k;
     template <int N>
     __device__ void at(int64_t t) {
       acc_t dx[N], dy[N], c[N];
       bool valid[N];
-      steps.template load_deviations<N>(t, centre_x, centre_y, dx, dy, valid);
+      this->template load_deviations<N>(t, dx, dy, valid);
 #pragma unroll
       for (int i = 0; i < N; ++i) c[i] = valid[i] ? per_timestep_loss(k, dx[i], dy[i]) : acc_t(0);
       out.template store<N>(t, c);
     }
-    __device__ int misalignment() const { return steps.misalignment(); }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
-    const Moments<acc_t> m = Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
-    return {StepReader<scalar_t>(in, seq), out.row(seq), m.centre_x(), m.centre_y(), correlation_scale(cfg, m) * m.n};
+    const Moments<acc_t> m = saved_moments(stats, seq);
+    return {CentredSteps<scalar_t>(in, seq, m), out.row(seq), correlation_scale(cfg, m) * m.n};
   }
 };
 
@@ -494,38 +505,38 @@ struct GradientTask {
   const acc_t* upstream_sums;        // (B D, 3) with a per-step upstream, else nullptr
   Operand<scalar_t> grad_x, grad_y;  // data nullptr when not requested
 
-  struct Visitor {
-    StepReader<scalar_t> steps;
+  struct Visitor : CentredSteps<scalar_t> {
     Row<const scalar_t> g;  // ptr nullptr without a per-step upstream
     Row<scalar_t> gx, gy;   // ptr nullptr when not requested
     GradientCoefficients<acc_t> coef;
     template <int N>
     __device__ void at(int64_t t) {
-      acc_t dx[N], dy[N], gs[N], out[N];
+      acc_t dx[N], dy[N], cross[N], out[N];
       bool valid[N];
-      steps.template load_deviations<N>(t, coef.centre_x, coef.centre_y, dx, dy, valid);
+      this->template load_deviations<N>(t, dx, dy, valid);
       if (g.ptr != nullptr) {
-        g.template load<N>(t, gs);
+        g.template load<N>(t, cross);
+#pragma unroll
+        for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
       } else {
 #pragma unroll
-        for (int i = 0; i < N; ++i) gs[i] = acc_t(0);
+        for (int i = 0; i < N; ++i) cross[i] = coef.b;
       }
       if (gx.ptr != nullptr) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], gs[i]) : acc_t(0);
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
         gx.template store<N>(t, out);
       }
       if (gy.ptr != nullptr) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], gs[i]) : acc_t(0);
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
         gy.template store<N>(t, out);
       }
     }
-    __device__ int misalignment() const { return steps.misalignment(); }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
-    const Moments<acc_t> m = Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
+    const Moments<acc_t> m = saved_moments(stats, seq);
     GradientCoefficients<acc_t> coef;
     if (upstream_sums != nullptr) {
       const UpstreamSums<acc_t> sums = UpstreamSums<acc_t>::load(upstream_sums + seq * UpstreamSums<acc_t>::kWidth);
@@ -536,7 +547,7 @@ struct GradientTask {
           sequence_gradient_scale(per_sequence_upstream, mean, value, *total_weight, sequence_weight(cfg, m));
       coef = make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
     }
-    return {StepReader<scalar_t>(in, seq), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
+    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
   }
 };
 
