@@ -563,8 +563,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
   at::Tensor moments = allocate_moments(p);
   at::Tensor total_weight = at::empty({}, moments.options());
   if (p.sequences() == 0) {
-    total_weight.zero_();
-    if (p.reduction != Reduction::None) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    fill_empty_reduction(loss, total_weight, p.reduction);
     return {loss, moments, total_weight};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -183,8 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
   if (p.num_rows == 0) {
-    total_weight.zero_();
-    if (p.reduction != Reduction::None) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    fill_empty_reduction(loss, total_weight, p.reduction);
     return {loss, row_stats, total_weight};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
