@@ -12,6 +12,8 @@
 // whose coefficients A, B, D, E are computed once per row by make_gradient_coefficients.
 #pragma once
 
+#include "row_layout.h"
+
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -193,18 +195,6 @@ C10_HOST_DEVICE inline acc_t gradient_element(const GradientCoefficients<acc_t>&
   if (j == target) g -= k.e;
   return g;
 }
-
-// How rows map to memory: input viewed as (outer, C, inner) with row r = (r / inner, r % inner).
-struct RowLayout {
-  int64_t inner;
-  int64_t outer_stride;
-  int64_t inner_stride;
-  int64_t class_stride;
-  C10_HOST_DEVICE int64_t row_offset(int64_t row) const {
-    if (inner == 1) return row * outer_stride;
-    return (row / inner) * outer_stride + (row % inner) * inner_stride;
-  }
-};
 
 // Classification of a target value.
 enum class TargetKind { Valid, Ignored, Invalid };

@@ -120,18 +120,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Writes the reduced loss and the total class weight of the counted rows.
-template <typename scalar_t>
-struct ForwardEpilogue {
-  scalar_t* loss;  // nullptr for reduction='none'
-  acc_type<scalar_t>* total_weight;
-  bool mean;
-  __device__ void operator()(const acc_type<scalar_t> (&totals)[2]) const {
-    *total_weight = totals[1];
-    if (loss != nullptr) *loss = static_cast<scalar_t>(mean ? totals[0] / totals[1] : totals[0]);
-  }
-};
-
 template <typename scalar_t, int Group>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, RowLayout layout,
@@ -196,8 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
   if (p.num_rows == 0) {
-    total_weight.zero_();
-    if (p.reduction != Reduction::None) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    fill_empty_reduction(loss, total_weight, p.reduction);
     return {loss, row_stats, total_weight};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -216,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
           row_stats.data_ptr<acc_t>(), p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr,
           partials.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const ForwardEpilogue<scalar_t> epilogue{p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(),
+      const ReducedLossEpilogue<scalar_t> epilogue{p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(),
                                                total_weight.data_ptr<acc_t>(), p.reduction == Reduction::Mean};
       launch_reduce_partials<acc_t, 2>(partials.const_data_ptr<acc_t>(), blocks, epilogue, stream);
     });
