@@ -23,4 +23,14 @@ TORCH_LIBRARY(fused_losses, m) {
       "cost_sensitive_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? cost_matrix, "
       "Tensor? weight, Tensor row_stats, Tensor total_weight, int ignore_index, str reduction, "
       "float label_smoothing, str cost_mode) -> Tensor");
+
+  // Exactly one of target (dense, the input's shape: float, bool or uint8) and positive_indices (sparse,
+  // (N, K) int64 padded with -1, input (N, L)). Returns the loss: the input's shape for reduction='none',
+  // else a scalar. The forward saves nothing beyond its inputs: the backward re-reads them.
+  m.def(
+      "weighted_bce_with_logits(Tensor input, Tensor? target, Tensor? positive_indices, Tensor? weight, "
+      "Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
+  m.def(
+      "weighted_bce_with_logits_backward(Tensor grad_loss, Tensor input, Tensor? target, Tensor? positive_indices, "
+      "Tensor? weight, Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
 }

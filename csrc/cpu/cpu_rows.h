@@ -2,9 +2,12 @@
 // contiguous array of the accumulation type, and write one back.
 #pragma once
 
+#include "common.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +47,25 @@ void store_row(const acc_t* values, scalar_t* dst, int64_t stride, int64_t count
     at::vec::convert(values, dst, count);
   } else {
     for (int64_t j = 0; j < count; ++j) dst[j * stride] = static_cast<scalar_t>(values[j]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Runs of a StridedLayout: elementwise kernels walk an element range in row-major order as runs along the
+// innermost (merged) dimension, where every operand has one stride, and hand each run to row_as_acc.
+
+// Calls fn(first_flat_index, count, offsets_of_first) for consecutive runs covering [begin, end), none longer
+// than `max_run` nor crossing the end of the innermost dimension.
+template <int NumOperands, typename Fn>
+void for_each_run(const StridedLayout<NumOperands>& layout, int64_t begin, int64_t end, int64_t max_run,
+                  const Fn& fn) {
+  const int64_t inner = layout.inner_size();
+  int64_t offsets[NumOperands];
+  for (int64_t flat = begin; flat < end;) {
+    const int64_t count = std::min({end - flat, inner - flat % inner, max_run});
+    layout.offsets(flat, offsets);
+    fn(flat, count, offsets);
+    flat += count;
   }
 }
 
