@@ -51,6 +51,8 @@ struct ScalarMath {
   C10_HOST_DEVICE static acc_t exp(acc_t x) { return std::exp(x); }
   C10_HOST_DEVICE static acc_t log(acc_t x) { return std::log(x); }
   C10_HOST_DEVICE static acc_t log1p(acc_t x) { return std::log1p(x); }
+  // log1p(x) for x in [0, 1] only (the softplus tail log1p(exp(-|z|))): a policy may use a cheaper form.
+  C10_HOST_DEVICE static acc_t log1p_unit_interval(acc_t x) { return std::log1p(x); }
   C10_HOST_DEVICE static acc_t abs(acc_t x) { return std::abs(x); }
   C10_HOST_DEVICE static acc_t min(acc_t a, acc_t b) { return a < b ? a : b; }
   C10_HOST_DEVICE static acc_t max(acc_t a, acc_t b) { return a > b ? a : b; }
@@ -78,7 +80,7 @@ C10_HOST_DEVICE inline SigmoidParts<V> sigmoid_parts(V z, bool need_probabilitie
     s.one_minus_p = Math::select(nonnegative, e * r, r);
   }
   if (need_logs) {
-    const V log1p_e = Math::log1p(e);
+    const V log1p_e = Math::log1p_unit_interval(e);
     s.log_p = Math::min(z, V(0)) - log1p_e;
     s.log_one_minus_p = Math::min(-z, V(0)) - log1p_e;
   }

@@ -69,7 +69,8 @@ inline void check_positive_indices(const at::Tensor& input, const at::Tensor& in
 }
 
 // A weight given to the op: floating point, on the input's device, broadcastable to the input's shape.
-// Converted to the accumulation dtype while still small, then expanded without copying.
+// Converted to the accumulation dtype before it is expanded (a no-op for float32, a small copy for a (L,)
+// weight of another dtype), then expanded as a stride-0 view: a broadcast is never materialised.
 inline std::optional<at::Tensor> prepare_broadcast_weight(const std::optional<at::Tensor>& tensor, const char* name,
                                                           const at::Tensor& input) {
   if (!tensor.has_value()) return std::nullopt;
