@@ -247,11 +247,12 @@ def test_non_contiguous_operands(device):
             assert_matches(grad, expected_grad, torch.float64)
 
     # loss.sum() on reduction='none' hands the backward an expanded (stride-0) grad_output.
-    x = base.clone().requires_grad_()
-    weighted_bce_with_logits(x, target_base.t(), reduction="none").sum().backward()
-    x_ref = base.clone().requires_grad_()
-    F.binary_cross_entropy_with_logits(x_ref, target_base.t(), reduction="none").sum().backward()
-    assert_matches(x.grad, x_ref.grad, torch.float64)
+    for target in (target_base.t(), target_base.t().contiguous()):
+        x = base.clone().requires_grad_()
+        weighted_bce_with_logits(x, target, pos_weight=pos_weight, reduction="none").sum().backward()
+        x_ref = base.clone().requires_grad_()
+        F.binary_cross_entropy_with_logits(x_ref, target, pos_weight=pos_weight, reduction="none").sum().backward()
+        assert_matches(x.grad, x_ref.grad, torch.float64)
 
     # Sparse targets on a row-strided, column-strided input.
     wide = torch.randn(10, 50, dtype=torch.float64, device=device)
@@ -479,6 +480,28 @@ def test_cuda_invalid_indices(monkeypatch):
     monkeypatch.setattr(validation, "CHECK_DATA_ON_CUDA", True)
     with pytest.raises(ValueError, match=r"positive_indices contains 7 \(row 1\)"):
         weighted_bce_with_logits(x, positive_indices=indices)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["float", "bool", "sparse"])
+def test_cuda_grid_stride_loops(form):
+    """More work than one pass of the fixed grid (16384 blocks): every thread / warp loops several times."""
+    rows, num_labels = (140_000, 40) if form == "sparse" else (70_001, 1000)  # odd numel: a flat tail too
+    x = torch.randn(rows, num_labels, device="cuda") * 3
+    indices = random_indices(rows, num_labels, 4, "cuda")
+    target = dense_from(indices, num_labels, torch.float32)
+    pos_weight = torch.rand(num_labels, device="cuda") + 0.5
+    kwargs = dict(positive_indices=indices) if form == "sparse" else dict(
+        target=target if form == "float" else target.bool())
+    for reduction in ("mean", "none"):
+        loss, grad = loss_and_grad(lambda x: weighted_bce_with_logits(x, pos_weight=pos_weight, reduction=reduction,
+                                                                      **kwargs), x)
+        expected, expected_grad = loss_and_grad(lambda x: torch_bce64(x, target, pos_weight=pos_weight,
+                                                                      reduction=reduction), x.double())
+        scale = x.numel() if reduction == "mean" else 1  # mean gradients (~1e-8) would sit below atol
+        assert_matches(loss, expected, torch.float32)
+        assert_matches(grad * scale, expected_grad * scale, torch.float32)
 
 
 def test_exports():
