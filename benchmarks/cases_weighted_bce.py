@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses
-from benchmarks.case import BenchCase
 from fused_losses.reference import dense_target_from_indices
+
+from .case import BenchCase
 
 OP = "weighted_bce_with_logits"
 TARGET_FORMS = ("float", "bool", "sparse")
