@@ -2,12 +2,14 @@
 // and a deterministic parallel sum for the CPU kernels.
 #pragma once
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
 #include <array>
 #include <cmath>
+#include <optional>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -85,6 +87,84 @@ std::array<acc_t, Width> deterministic_parallel_sum(int64_t count, int64_t block
 // elements of `item_size` each.
 inline int64_t items_per_block(int64_t item_size, int64_t work_per_block = 32768) {
   return std::max<int64_t>(1, work_per_block / std::max<int64_t>(1, item_size));
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Elementwise operands: broadcasting checks and strided layouts.
+//
+// An elementwise op reads several operands of one logical shape (the input's), some of them broadcast views
+// with stride 0. StridedLayout describes them after merging adjacent dimensions that every operand can
+// address as one, so a contiguous problem becomes one dimension and a per-last-dim vector two; kernels then
+// map a flat (row-major) element index to each operand's offset without any operand being copied.
+
+// `tensor` viewed with `shape` (stride 0 along broadcast dimensions), or a clear error naming `name`.
+inline at::Tensor expand_operand(const at::Tensor& tensor, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(at::is_expandable_to(tensor.sizes(), shape), name, " of shape ", tensor.sizes(),
+                    " is not broadcastable to the input's shape ", shape);
+  return tensor.expand(shape);
+}
+
+constexpr int kMaxLayoutDims = 8;
+
+template <int NumOperands>
+struct StridedLayout {
+  int dims = 0;
+  int64_t sizes[kMaxLayoutDims] = {};
+  int64_t strides[NumOperands][kMaxLayoutDims] = {};  // in elements; all 0 for an absent operand
+
+  C10_HOST_DEVICE int64_t inner_size() const { return dims > 0 ? sizes[dims - 1] : 1; }
+  C10_HOST_DEVICE int64_t inner_stride(int operand) const { return dims > 0 ? strides[operand][dims - 1] : 1; }
+
+  // Offsets of the element with row-major index `flat` in every operand.
+  C10_HOST_DEVICE void offsets(int64_t flat, int64_t (&out)[NumOperands]) const {
+    for (int k = 0; k < NumOperands; ++k) out[k] = 0;
+    for (int d = dims - 1; d >= 0; --d) {
+      const int64_t index = flat % sizes[d];
+      flat /= sizes[d];
+      for (int k = 0; k < NumOperands; ++k) out[k] += index * strides[k][d];
+    }
+  }
+};
+
+// The layout of `operands` (nullptr: absent), each of exactly `shape`. With `coalesce`, dimensions of size 1
+// are dropped and neighbours merged where every operand allows it; without, the dimensions stay as they are
+// (kernels that walk rows need them). nullopt when more than kMaxLayoutDims dimensions remain: the caller
+// then makes its operands contiguous.
+template <int NumOperands>
+std::optional<StridedLayout<NumOperands>> make_strided_layout(at::IntArrayRef shape,
+                                                              const std::array<const at::Tensor*, NumOperands>& operands,
+                                                              bool coalesce) {
+  struct Dim {
+    int64_t size;
+    std::array<int64_t, NumOperands> strides;
+  };
+  std::vector<Dim> dims;
+  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
+    if (coalesce && shape[d] == 1) continue;
+    Dim dim{shape[d], {}};
+    for (int k = 0; k < NumOperands; ++k) dim.strides[k] = operands[k] != nullptr ? operands[k]->stride(d) : 0;
+    const bool merges_into_previous =
+        coalesce && !dims.empty() && [&] {
+          for (int k = 0; k < NumOperands; ++k) {
+            if (dims.back().strides[k] != dim.strides[k] * dim.size) return false;
+          }
+          return true;
+        }();
+    if (merges_into_previous) {
+      dims.back().size *= dim.size;
+      dims.back().strides = dim.strides;
+    } else {
+      dims.push_back(dim);
+    }
+  }
+  if (dims.size() > static_cast<size_t>(kMaxLayoutDims)) return std::nullopt;
+  StridedLayout<NumOperands> layout;
+  layout.dims = static_cast<int>(dims.size());
+  for (int d = 0; d < layout.dims; ++d) {
+    layout.sizes[d] = dims[d].size;
+    for (int k = 0; k < NumOperands; ++k) layout.strides[k][d] = dims[d].strides[k];
+  }
+  return layout;
 }
 
 }  // namespace fused_losses

@@ -36,4 +36,13 @@ TORCH_LIBRARY(fused_losses, m) {
       "correlation_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
       "Tensor total_weight, str kind, str reduction, bool per_timestep, float eps, bool input_requires_grad, "
       "bool target_requires_grad) -> (Tensor, Tensor)");
+  // Exactly one of target (dense, the input's shape: float, bool or uint8) and positive_indices (sparse,
+  // (N, K) int64 padded with -1, input (N, L)). Returns the loss: the input's shape for reduction='none',
+  // else a scalar. The forward saves nothing beyond its inputs: the backward re-reads them.
+  m.def(
+      "weighted_bce_with_logits(Tensor input, Tensor? target, Tensor? positive_indices, Tensor? weight, "
+      "Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
+  m.def(
+      "weighted_bce_with_logits_backward(Tensor grad_loss, Tensor input, Tensor? target, Tensor? positive_indices, "
+      "Tensor? weight, Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
 }

@@ -114,3 +114,40 @@ torch.library.register_autograd(
     _correlation_loss_backward,
     setup_context=_correlation_loss_setup,
 )
+
+
+# ----------------------------------------------------------------------------- weighted / focal / ASL BCE
+
+
+@torch.library.register_fake("fused_losses::weighted_bce_with_logits")
+def _weighted_bce_with_logits_fake(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
+                                   gamma_neg, clip):
+    return input.new_empty(input.shape if reduction == "none" else ())
+
+
+@torch.library.register_fake("fused_losses::weighted_bce_with_logits_backward")
+def _weighted_bce_with_logits_backward_fake(grad_loss, input, target, positive_indices, weight, pos_weight,
+                                            reduction, gamma_pos, gamma_neg, clip):
+    return input.new_empty(input.shape)
+
+
+def _weighted_bce_with_logits_setup(ctx, inputs, output):
+    input, target, positive_indices, weight, pos_weight, *options = inputs
+    # The 3-pass schedule saves only the inputs: the backward re-reads them, so any grad_output, retain_graph
+    # and repeated backwards stay correct.
+    ctx.save_for_backward(input, target, positive_indices, weight, pos_weight)
+    ctx.options = tuple(options)  # reduction, gamma_pos, gamma_neg, clip
+
+
+def _weighted_bce_with_logits_backward(ctx, grad_loss):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.weighted_bce_with_logits_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+    return grad_input, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_losses::weighted_bce_with_logits",
+    _weighted_bce_with_logits_backward,
+    setup_context=_weighted_bce_with_logits_setup,
+)

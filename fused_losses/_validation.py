@@ -37,6 +37,15 @@ def check_cost_matrix_values(cost_matrix: torch.Tensor) -> None:
         raise ValueError("cost_matrix must be non-negative: a negative cost would reward a misclassification")
 
 
+def check_focusing(gamma_pos: float, gamma_neg: float, clip: float) -> None:
+    """Focusing exponents of the focal / asymmetric losses and the ASL probability margin."""
+    for name, value in (("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= clip < 1:
+        raise ValueError(f"clip must be in [0, 1), got {clip}")
+
+
 def needs_data_checks(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu" and CHECK_DATA_ON_CUDA and not torch.compiler.is_compiling()
 

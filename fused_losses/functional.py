@@ -8,10 +8,11 @@ from torch import Tensor
 
 from . import _registrations  # noqa: F401  (operators, fake kernels, autograd)
 from ._sequences import as_sequence_batch
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_no_grad, \
-    check_tensor, needs_data_checks
+from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing, \
+    check_no_grad, check_tensor, needs_data_checks
 
-__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss"]
+__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
+           "weighted_bce_with_logits"]
 
 _ops = torch.ops.fused_losses
 
@@ -159,3 +160,92 @@ concordance_correlation_loss.__doc__ = r"""Concordance correlation (Lin's CCC) l
         >>> pred = torch.randn(4, 50, 2, requires_grad=True)      # (batch, time, channels)
         >>> loss = concordance_correlation_loss(pred, torch.randn(4, 50, 2), reduction="none")  # (4, 2)
 """
+# ----------------------------------------------------------------------------- weighted / focal / ASL BCE
+
+
+def _check_positive_index_values(positive_indices: Tensor, num_labels: int) -> None:
+    bad = (positive_indices < -1) | (positive_indices >= num_labels)
+    if bool(bad.any()):
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"positive_indices contains {int(positive_indices[row, column])} (row {row}), outside "
+                         f"[0, {num_labels}) and not the padding value -1")
+
+
+def weighted_bce_with_logits(
+    input: Tensor,
+    target: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    pos_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    *,
+    positive_indices: Optional[Tensor] = None,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    clip: float = 0.0,
+) -> Tensor:
+    r"""Binary cross-entropy with logits for multi-label targets, with ``pos_weight``, focal and asymmetric
+    (ASL) focusing, on dense or sparse targets, in one fused pass.
+
+    With ``p = sigmoid(input)``, target ``y``, ``q = pos_weight`` and ``w = weight`` (ones when absent)::
+
+        loss = w * (q * y * l_pos + (1 - y) * l_neg)
+        l_pos = -(1 - p) ** gamma_pos * log(p)
+        l_neg = -p_m ** gamma_neg * log(1 - p_m),   p_m = max(p - clip, 0)
+
+    With ``gamma_pos = gamma_neg = clip = 0`` this equals ``F.binary_cross_entropy_with_logits(input, target,
+    weight, pos_weight=pos_weight, reduction=reduction)``; ``gamma_pos = gamma_neg`` with ``clip = 0`` is the
+    focal loss; different gammas with a ``clip`` margin is ASL (Ridnik et al., 2021). Soft targets in
+    ``[0, 1]`` mix the positive and negative terms linearly, as above. Everything is computed in float32
+    (float64 for double input) from log-sigmoid, so logits up to ``|1e4|`` give finite losses and gradients
+    in every dtype; ``0 ** 0`` is 1. Gradients with respect to ``input`` include the derivative of the
+    focusing factors (nothing is detached); no gradient flows to the target or the weights.
+
+    Args:
+        input: logits of any shape (``(N, L)`` with ``positive_indices``); float32, float16, bfloat16 or
+            float64.
+        target: dense targets, the input's shape: floating point (soft labels; read directly in the input's
+            dtype or float32, other floating dtypes are converted to float32), ``bool`` or ``uint8``
+            (read as 0 / 1 in their own narrow dtype, never converted).
+        weight: rescaling weight broadcastable to the input's shape, as in PyTorch.
+        pos_weight: weight of the positive term, broadcastable to the input's shape: usually ``(L,)``, one
+            per label (the last dimension).
+        reduction: ``"none"`` (the input's shape), ``"mean"`` (over all elements, as PyTorch) or ``"sum"``.
+        positive_indices: sparse targets instead of ``target``: ``(N, K)`` int64 (or int32) label indices in
+            ``[0, L)`` that are positive for each row, padded with ``-1``. A label listed twice in a row counts
+            once (each row is a set). Invalid indices raise ``ValueError`` on the CPU; on CUDA they make their
+            row's loss and gradient NaN unless ``FUSED_LOSSES_CHECK=1`` (which validates first, with a host
+            synchronisation). No dense target is ever built.
+        gamma_pos, gamma_neg: focusing exponents ``>= 0`` of the positive and negative terms.
+        clip: probability margin in ``[0, 1)`` of the negative term (ASL); 0 disables it.
+
+    Returns:
+        The loss in the input's dtype.
+
+    Example:
+        >>> logits = torch.randn(4, 1000, requires_grad=True)
+        >>> labels = torch.tensor([[3, 17, -1], [5, -1, -1], [0, 1, 2], [-1, -1, -1]])
+        >>> loss = weighted_bce_with_logits(logits, positive_indices=labels, gamma_neg=4.0, gamma_pos=1.0,
+        ...                                 clip=0.05)
+        >>> loss.backward()
+    """
+    check_tensor("input", input)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_focusing(gamma_pos, gamma_neg, clip)
+    if (target is None) == (positive_indices is None):
+        raise ValueError("pass exactly one of target (dense) and positive_indices (sparse), got "
+                         f"{'neither' if target is None else 'both'}")
+    check_no_grad("weight", weight)
+    check_no_grad("pos_weight", pos_weight)
+    if target is not None:
+        check_tensor("target", target)
+        check_no_grad("target", target)
+        if target.dtype.is_floating_point and target.dtype not in (input.dtype, torch.float32):
+            target = target.float()
+    else:
+        check_tensor("positive_indices", positive_indices)
+        if positive_indices.dtype == torch.int32:
+            positive_indices = positive_indices.long()
+        if input.dim() == 2 and positive_indices.dtype == torch.int64 and needs_data_checks(input):
+            _check_positive_index_values(positive_indices, input.shape[1])
+    return _ops.weighted_bce_with_logits(input, target, positive_indices, weight, pos_weight, reduction,
+                                         float(gamma_pos), float(gamma_neg), float(clip))

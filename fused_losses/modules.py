@@ -7,20 +7,22 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps
+from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing
 
-__all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss"]
+__all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
+           "WeightedBCEWithLogitsLoss"]
 
 TensorLike = Union[Tensor, Sequence]
 
 
-def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: int) -> Optional[Tensor]:
+def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: Optional[int] = None) -> Optional[Tensor]:
+    """`value` as a floating-point tensor of `ndim` dimensions (any number when None), for a buffer."""
     if value is None:
         return None
     tensor = torch.as_tensor(value)
     if not tensor.dtype.is_floating_point:
         tensor = tensor.to(torch.get_default_dtype())
-    if tensor.dim() != ndim:
+    if ndim is not None and tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
     return tensor.detach().clone()
 
@@ -126,3 +128,42 @@ class ConcordanceCorrelationLoss(_CorrelationLoss):
     """
 
     kind = "concordance"
+class WeightedBCEWithLogitsLoss(nn.Module):
+    r"""Module form of :func:`fused_losses.weighted_bce_with_logits` (weighted, focal or asymmetric BCE).
+
+    Args:
+        weight: rescaling weight broadcastable to the input's shape (tensor or nested list), a buffer.
+        pos_weight: weight of the positive term, usually ``(L,)`` (one per label), a buffer.
+        reduction, gamma_pos, gamma_neg, clip: as in the functional form (checked here).
+
+    Shape:
+        input any shape with ``target`` of the same shape (float, bool or uint8), or ``(N, L)`` with
+        ``positive_indices`` ``(N, K)`` int64 padded with -1; output scalar, or the input's shape for
+        ``reduction="none"``.
+
+    Example:
+        >>> criterion = WeightedBCEWithLogitsLoss(pos_weight=torch.full((1000,), 3.0), gamma_neg=4.0, clip=0.05)
+        >>> loss = criterion(logits, positive_indices=labels); loss.backward()
+    """
+
+    def __init__(self, weight: Optional[TensorLike] = None, pos_weight: Optional[TensorLike] = None,
+                 reduction: str = "mean", gamma_pos: float = 0.0, gamma_neg: float = 0.0, clip: float = 0.0) -> None:
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_focusing(gamma_pos, gamma_neg, clip)
+        self.register_buffer("weight", _as_float_buffer("weight", weight))
+        self.register_buffer("pos_weight", _as_float_buffer("pos_weight", pos_weight))
+        self.reduction = reduction
+        self.gamma_pos = gamma_pos
+        self.gamma_neg = gamma_neg
+        self.clip = clip
+
+    def forward(self, input: Tensor, target: Optional[Tensor] = None,
+                positive_indices: Optional[Tensor] = None) -> Tensor:
+        return F.weighted_bce_with_logits(input, target, self.weight, self.pos_weight, self.reduction,
+                                          positive_indices=positive_indices, gamma_pos=self.gamma_pos,
+                                          gamma_neg=self.gamma_neg, clip=self.clip)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, "
+                f"clip={self.clip}")

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ._sequences import as_sequence_batch
 
-__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss"]
+__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
+           "dense_target_from_indices", "weighted_bce_with_logits"]
 
 
 def _reduce(loss: Tensor, reduction: str, denominator: Tensor) -> Tensor:
@@ -88,3 +89,47 @@ def concordance_correlation_loss(input: Tensor, target: Tensor, mask: Optional[T
                                  lengths: Optional[Tensor] = None) -> Tensor:
     """``1 - 2 cov / (var_x + var_y + (mean_x - mean_y)^2 + eps)`` per sequence."""
     return _correlation_loss("concordance", input, target, mask, dim, reduction, per_timestep, eps, lengths)
+
+
+# ----------------------------------------------------------------------------- weighted / focal / ASL BCE
+
+
+def dense_target_from_indices(positive_indices: Tensor, num_labels: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (N, L) 0/1 matrix of (N, K) label indices padded with -1 (a label listed twice is set once)."""
+    rows = positive_indices.shape[0]
+    dense = torch.zeros(rows, num_labels + 1, dtype=dtype, device=positive_indices.device)
+    dense.scatter_(1, positive_indices.where(positive_indices >= 0, num_labels), 1)  # padding -> extra column
+    return dense[:, :num_labels]
+
+
+def _power_from_log(log_base: Tensor, gamma: float) -> Tensor:
+    """base ** gamma from log(base), with 0 ** 0 = 1."""
+    return torch.exp(gamma * log_base) if gamma != 0 else torch.ones_like(log_base)
+
+
+def weighted_bce_with_logits(input: Tensor, target: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                             pos_weight: Optional[Tensor] = None, reduction: str = "mean", *,
+                             positive_indices: Optional[Tensor] = None, gamma_pos: float = 0.0, gamma_neg: float = 0.0,
+                             clip: float = 0.0) -> Tensor:
+    """``F.binary_cross_entropy_with_logits`` without focusing; otherwise the focal / ASL terms written out
+    from log-sigmoid (stable for large logits), in the input's dtype. Sparse targets are densified."""
+    if positive_indices is not None:
+        target = dense_target_from_indices(positive_indices, input.shape[-1], input.dtype)
+    target = target.to(input.dtype)
+    if gamma_pos == 0 and gamma_neg == 0 and clip == 0:
+        return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
+    log_p, log_one_minus_p = F.logsigmoid(input), F.logsigmoid(-input)
+    positive = -log_p * _power_from_log(log_one_minus_p, gamma_pos)
+    if clip == 0:
+        negative = -log_one_minus_p * _power_from_log(log_p, gamma_neg)
+    else:
+        shifted = (torch.sigmoid(input) - clip).clamp(min=0)
+        active = shifted > 0
+        safe_shifted = shifted.where(active, 1)  # keeps log() and its gradient finite where it is masked out
+        negative = torch.where(active, -torch.log1p(-shifted) * _power_from_log(safe_shifted.log(), gamma_neg), 0)
+    if pos_weight is not None:
+        positive = positive * pos_weight
+    loss = target * positive + (1 - target) * negative
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction, torch.tensor(loss.numel(), dtype=loss.dtype, device=loss.device))

@@ -2,9 +2,12 @@
 // contiguous array of the accumulation type, and write one back.
 #pragma once
 
+#include "common.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -18,6 +21,17 @@ const acc_t* row_as_acc(const scalar_t* src, int64_t stride, int64_t count, std:
     if (stride == 1) return src;
   }
   buffer.resize(count);
+  if constexpr (sizeof(scalar_t) == 1) {
+    // bool / uint8: a plain loop the compiler vectorises (at::vec::convert loads bools one by one). A bool
+    // is read as its byte, any non-zero byte being true.
+    if (stride == 1) {
+      const auto* bytes = reinterpret_cast<const uint8_t*>(src);
+      for (int64_t j = 0; j < count; ++j) {
+        buffer[j] = std::is_same_v<scalar_t, bool> ? acc_t(bytes[j] != 0) : static_cast<acc_t>(bytes[j]);
+      }
+      return buffer.data();
+    }
+  }
   if (stride == 1) {
     at::vec::convert(src, buffer.data(), count);
   } else {
@@ -44,6 +58,25 @@ void store_row(const acc_t* values, scalar_t* dst, int64_t stride, int64_t count
     at::vec::convert(values, dst, count);
   } else {
     for (int64_t j = 0; j < count; ++j) dst[j * stride] = static_cast<scalar_t>(values[j]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Runs of a StridedLayout: elementwise kernels walk an element range in row-major order as runs along the
+// innermost (merged) dimension, where every operand has one stride, and hand each run to row_as_acc.
+
+// Calls fn(first_flat_index, count, offsets_of_first) for consecutive runs covering [begin, end), none longer
+// than `max_run` nor crossing the end of the innermost dimension.
+template <int NumOperands, typename Fn>
+void for_each_run(const StridedLayout<NumOperands>& layout, int64_t begin, int64_t end, int64_t max_run,
+                  const Fn& fn) {
+  const int64_t inner = layout.inner_size();
+  int64_t offsets[NumOperands];
+  for (int64_t flat = begin; flat < end;) {
+    const int64_t count = std::min({end - flat, inner - flat % inner, max_run});
+    layout.offsets(flat, offsets);
+    fn(flat, count, offsets);
+    flat += count;
   }
 }
 

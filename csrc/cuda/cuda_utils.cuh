@@ -66,6 +66,17 @@ __device__ void block_sum(acc_t (&values)[Width]) {
   }
 }
 
+// Block sums of `values` stored as row blockIdx.x of the (gridDim.x, Width) partials that
+// launch_reduce_partials adds up. Every thread of the block must call it.
+template <typename acc_t, int Width>
+__device__ void store_block_partials(acc_t (&values)[Width], acc_t* __restrict__ partials) {
+  block_sum<acc_t, Width>(values);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < Width; ++k) partials[int64_t(blockIdx.x) * Width + k] = values[k];
+  }
+}
+
 // One block sums the (num_partials, Width) per-block partials column by column in a fixed order and hands
 // the totals to `epilogue(totals)` in thread 0.
 template <typename acc_t, int Width, typename Epilogue>
@@ -144,6 +155,37 @@ __device__ void merge_group(State& state) {
 inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
   const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
   return std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks));
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Multi-pack loads and stores: `Count` consecutive elements of one type through 16-byte accesses, converted
+// to or from the accumulation type. Elementwise kernels that read operands of different widths (bf16 logits
+// with uint8 targets) handle the same `Count` elements of each, each in its own number of packs. The address
+// must be 16-byte aligned and `Count` a multiple of the type's pack size.
+
+template <int Count, typename T, typename acc_t>
+__device__ __forceinline__ void load_packs(const T* ptr, acc_t (&out)[Count]) {
+  constexpr int vec = kVecSize<T>;
+  static_assert(Count % vec == 0, "load_packs reads whole 16-byte packs");
+#pragma unroll
+  for (int v = 0; v < Count / vec; ++v) {
+    const auto pack = load_pack(ptr + v * vec);
+#pragma unroll
+    for (int k = 0; k < vec; ++k) out[v * vec + k] = static_cast<acc_t>(pack.values[k]);
+  }
+}
+
+template <int Count, typename T, typename acc_t>
+__device__ __forceinline__ void store_packs(T* ptr, const acc_t (&values)[Count]) {
+  constexpr int vec = kVecSize<T>;
+  static_assert(Count % vec == 0, "store_packs writes whole 16-byte packs");
+#pragma unroll
+  for (int v = 0; v < Count / vec; ++v) {
+    Pack<T, vec> pack;
+#pragma unroll
+    for (int k = 0; k < vec; ++k) pack.values[k] = static_cast<T>(values[v * vec + k]);
+    store_pack(ptr + v * vec, pack);
+  }
 }
 
 }  // namespace fused_losses::cuda

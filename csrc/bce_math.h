@@ -1,0 +1,148 @@
+// Per-element math of the weighted / focal / asymmetric binary cross-entropy with logits, shared by the
+// CPU kernels (instantiated with at::vec::Vectorized through their own Math policy) and the CUDA kernels
+// (ScalarMath below).
+//
+// With p = sigmoid(z), target y in [0, 1], pos_weight q and weight w:
+//   loss = w * (q * y * l_pos(z) + (1 - y) * l_neg(z))      (soft targets mix the two terms linearly)
+//   l_pos = -(1 - p)^gamma_pos * log p
+//   l_neg = -p_m^gamma_neg * log(1 - p_m),  p_m = max(p - clip, 0)
+// With gamma_pos = gamma_neg = clip = 0 this is F.binary_cross_entropy_with_logits. Everything is formed
+// from log-sigmoid: log p = min(z, 0) - log1p(exp(-|z|)), log(1 - p) = min(-z, 0) - log1p(exp(-|z|)), and
+// the focusing factors as exp(gamma * log(base)), never the log of a rounded probability, so |z| up to 1e4
+// stays finite. pow(0, 0) is 1. The gradients are the full derivatives (docs: shared/LOSS_MATH.md §3):
+//   d l_pos / dz = (1 - p)^gamma_pos * (gamma_pos * p * log p - (1 - p))
+//   d l_neg / dz = p^gamma_neg * (p - gamma_neg * (1 - p) * log(1 - p))                     (clip = 0)
+//                = p_m^gamma_neg * (1 / (1 - p_m) - gamma_neg * log(1 - p_m) / p_m) * p (1 - p)   (p > clip)
+//                = 0                                                                             (p <= clip)
+// all finite for any gamma >= 0 (including gamma < 1, where the factors' own derivatives are unbounded).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace fused_losses {
+
+// Row-independent constants of one call.
+template <typename acc_t>
+struct BceConfig {
+  acc_t gamma_pos = 0;
+  acc_t gamma_neg = 0;
+  acc_t clip = 0;
+  bool focusing = false;  // any of the three is non-zero; false is plain BCE with its cheaper formulas
+};
+
+template <typename acc_t>
+BceConfig<acc_t> make_bce_config(double gamma_pos, double gamma_neg, double clip) {
+  BceConfig<acc_t> cfg;
+  cfg.gamma_pos = static_cast<acc_t>(gamma_pos);
+  cfg.gamma_neg = static_cast<acc_t>(gamma_neg);
+  cfg.clip = static_cast<acc_t>(clip);
+  cfg.focusing = gamma_pos != 0.0 || gamma_neg != 0.0 || clip != 0.0;
+  return cfg;
+}
+
+// The elementary functions on scalars, host and device. The formulas below are written once against this
+// interface; the CPU kernels pass a policy with the same members over at::vec::Vectorized.
+template <typename acc_t>
+struct ScalarMath {
+  using Value = acc_t;
+  using Mask = bool;
+  C10_HOST_DEVICE static acc_t exp(acc_t x) { return std::exp(x); }
+  C10_HOST_DEVICE static acc_t log(acc_t x) { return std::log(x); }
+  C10_HOST_DEVICE static acc_t log1p(acc_t x) { return std::log1p(x); }
+  // log1p(x) for x in [0, 1] only (the softplus tail log1p(exp(-|z|))): a policy may use a cheaper form.
+  C10_HOST_DEVICE static acc_t log1p_unit_interval(acc_t x) { return std::log1p(x); }
+  C10_HOST_DEVICE static acc_t abs(acc_t x) { return std::abs(x); }
+  C10_HOST_DEVICE static acc_t min(acc_t a, acc_t b) { return a < b ? a : b; }
+  C10_HOST_DEVICE static acc_t max(acc_t a, acc_t b) { return a > b ? a : b; }
+  C10_HOST_DEVICE static bool greater(acc_t a, acc_t b) { return a > b; }
+  C10_HOST_DEVICE static bool greater_equal(acc_t a, acc_t b) { return a >= b; }
+  C10_HOST_DEVICE static acc_t select(bool condition, acc_t if_true, acc_t if_false) {
+    return condition ? if_true : if_false;
+  }
+};
+
+// sigmoid(z) and its complement, with their logs, from one exp(-|z|).
+template <typename V>
+struct SigmoidParts {
+  V p, one_minus_p, log_p, log_one_minus_p;
+};
+
+template <typename Math, typename V = typename Math::Value>
+C10_HOST_DEVICE inline SigmoidParts<V> sigmoid_parts(V z, bool need_probabilities, bool need_logs) {
+  SigmoidParts<V> s;
+  const V e = Math::exp(-Math::abs(z));  // in (0, 1]: no overflow for any z
+  if (need_probabilities) {
+    const V r = V(1) / (V(1) + e);
+    const auto nonnegative = Math::greater_equal(z, V(0));
+    s.p = Math::select(nonnegative, r, e * r);
+    s.one_minus_p = Math::select(nonnegative, e * r, r);
+  }
+  if (need_logs) {
+    const V log1p_e = Math::log1p_unit_interval(e);
+    s.log_p = Math::min(z, V(0)) - log1p_e;
+    s.log_one_minus_p = Math::min(-z, V(0)) - log1p_e;
+  }
+  return s;
+}
+
+// base^gamma from log(base), with 0^0 = 1 (exp(0 * -inf) would be NaN).
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V power_from_log(V log_base, acc_t gamma) {
+  return gamma == acc_t(0) ? V(1) : Math::exp(V(gamma) * log_base);
+}
+
+// The element's loss w * (q y l_pos + (1 - y) l_neg).
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+  const bool clipped = cfg.focusing && cfg.clip != acc_t(0);
+  const SigmoidParts<V> s = sigmoid_parts<Math>(z, clipped, true);
+  V positive = -s.log_p;
+  V negative = -s.log_one_minus_p;
+  if (cfg.focusing) {
+    positive = positive * power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos);
+    if (!clipped) {
+      negative = negative * power_from_log<Math>(s.log_p, cfg.gamma_neg);
+    } else {
+      // p_m = 0 gives log1p(0) = 0 and a factor of 0 or 1: no special case needed.
+      const V shifted = Math::max(s.p - V(cfg.clip), V(0));
+      negative = -Math::log1p(-shifted) * power_from_log<Math>(Math::log(shifted), cfg.gamma_neg);
+    }
+  }
+  return w * (q * y * positive + (V(1) - y) * negative);
+}
+
+// d loss / dz of the element (before the scale from grad_output and the reduction).
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+  const SigmoidParts<V> s = sigmoid_parts<Math>(z, true, cfg.focusing);
+  V positive = -s.one_minus_p;  // d(-log p)/dz
+  V negative = s.p;             // d(-log(1 - p))/dz
+  if (cfg.focusing) {
+    if (cfg.gamma_pos != acc_t(0)) {
+      positive = power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos) *
+                 (V(cfg.gamma_pos) * s.p * s.log_p - s.one_minus_p);
+    }
+    if (cfg.clip == acc_t(0)) {
+      if (cfg.gamma_neg != acc_t(0)) {
+        negative = power_from_log<Math>(s.log_p, cfg.gamma_neg) *
+                   (s.p - V(cfg.gamma_neg) * s.one_minus_p * s.log_one_minus_p);
+      }
+    } else {
+      // Below the margin p_m is the constant 0. Above it, log(1 - p_m) / p_m is bounded (-> -1 as p_m -> 0),
+      // so p_m^gamma * gamma * log(1 - p_m) / p_m stays finite for gamma < 1 too; the masked lanes divide by 1.
+      const V shifted = Math::max(s.p - V(cfg.clip), V(0));
+      const auto active = Math::greater(shifted, V(0));
+      const V safe_shifted = Math::select(active, shifted, V(1));
+      const V log_complement = Math::log1p(-shifted);
+      const V dloss_dshifted = V(1) / (V(1) - shifted) - V(cfg.gamma_neg) * log_complement / safe_shifted;
+      const V value = power_from_log<Math>(Math::log(safe_shifted), cfg.gamma_neg) * dloss_dshifted * s.p *
+                      s.one_minus_p;
+      negative = Math::select(active, value, V(0));
+    }
+  }
+  return w * (q * y * positive + (V(1) - y) * negative);
+}
+
+}  // namespace fused_losses

@@ -1,0 +1,410 @@
+// CUDA kernels of fused_losses::weighted_bce_with_logits.
+//
+// Schedule (3 passes over the logits' bytes, nothing saved but the inputs): the forward reads the logits and
+// the target once and writes the per-element losses for reduction='none', otherwise one partial sum per block
+// that a one-block kernel adds in a fixed order (no float atomics: bitwise reproducible). The backward
+// re-reads logits and target and writes the gradient once; it reads grad_output's scale on the device (no
+// host synchronisation), so any grad_output, retain_graph, torch.compile and CUDA graphs are correct.
+//
+// Three kernels, chosen on the host:
+// - flat: dense targets whose element-shaped operands are contiguous and 16-byte aligned. Each step of a
+//   thread handles kFlatElements consecutive elements through 16-byte loads of the logits and of the target
+//   in its own dtype (16 bool / uint8 targets per load). Weights are either contiguous or vary along the last
+//   merged dimension only (a (L,) pos_weight): those are read through the element's label. Grid-stride loop
+//   over a fixed grid (grid_size); the numel % kFlatElements tail takes one element per thread.
+// - strided: every other dense layout (stride-0 broadcast views, transposed inputs), one element per step.
+// - sparse rows: a warp per row sets the row's positive labels as bits of a shared-memory bitmap from its K
+//   indices (a duplicate sets the same bit: rows are sets; an index outside [-1, L) makes the row NaN), then
+//   walks the row, with 16-byte loads when rows are aligned. Labels go in chunks of kChunkLabels, so any L
+//   and K fit.
+#include "cuda/cuda_utils.cuh"
+#include "weighted_bce_with_logits.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace fused_losses::cuda {
+namespace {
+
+enum class Pass { Forward, Backward };
+
+// The loss of one element (forward) or d loss / dz (backward), before the scale.
+template <Pass pass, typename acc_t>
+__device__ __forceinline__ acc_t element_value(const BceConfig<acc_t>& cfg, acc_t z, acc_t y, acc_t w, acc_t q) {
+  if constexpr (pass == Pass::Forward) {
+    return bce_element_loss<ScalarMath<acc_t>>(cfg, z, y, w, q);
+  } else {
+    return bce_element_grad<ScalarMath<acc_t>>(cfg, z, y, w, q);
+  }
+}
+
+// An optional element-shaped operand at `offset`, or `absent` when there is none.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t read_or(const T* __restrict__ data, int64_t offset, acc_t absent) {
+  return data != nullptr ? static_cast<acc_t>(data[offset]) : absent;
+}
+
+// What every kernel gets besides its layout.
+template <typename scalar_t>
+struct PassArgs {
+  using acc_t = acc_type<scalar_t>;
+  BceConfig<acc_t> cfg;
+  int64_t numel;
+  const scalar_t* logits;
+  const acc_t* weight;               // nullptr when absent
+  const acc_t* pos_weight;           // nullptr when absent
+  const scalar_t* grad_loss;         // backward of 'none': one scale per element; else nullptr
+  const scalar_t* grad_loss_scalar;  // backward of 'mean' / 'sum': the scale, read on the device; else nullptr
+  acc_t divisor;                     // numel for 'mean', else 1
+  scalar_t* out;                     // contiguous per-element losses ('none') or gradient; else nullptr
+  acc_t* partials;                   // forward with a reduction: one partial sum per block; else nullptr
+
+  // The scale of elements without a grad_loss of their own (1 in the forward).
+  __device__ acc_t uniform_scale() const {
+    return grad_loss_scalar != nullptr ? static_cast<acc_t>(*grad_loss_scalar) / divisor : acc_t(1);
+  }
+};
+
+// The thread's sum into the block's partial. Uniform over the grid, so all threads of a block call it or none.
+template <typename scalar_t>
+__device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scalar_t> sum) {
+  if (args.partials == nullptr) return;
+  acc_type<scalar_t> values[1] = {sum};
+  store_block_partials<acc_type<scalar_t>, 1>(values, args.partials);
+}
+
+// ---------------------------------------------------------------------------------------------------- flat
+
+// Elements per step: one 16-byte load of the narrower of logits and target.
+template <typename scalar_t, typename target_t>
+constexpr int kFlatElements = 16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof(scalar_t) : sizeof(target_t));
+
+// A weight (or grad_loss) as the flat kernel reads it: absent, contiguous (element `flat` at data[flat]), or
+// periodic along the flat range (element at data[label * stride], label = flat % period).
+template <typename T>
+struct FlatOperand {
+  const T* data = nullptr;
+  bool periodic = false;
+  int64_t stride = 0;
+
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t read(int64_t flat, int64_t label, acc_t absent) const {
+    return read_or(data, periodic ? label * stride : flat, absent);
+  }
+};
+
+// `Count` elements of an operand from element `first`, whose label is `label`.
+template <int Count, typename T, typename acc_t>
+__device__ __forceinline__ void load_flat(const FlatOperand<T>& operand, int64_t first, int64_t label, int64_t period,
+                                          acc_t absent, acc_t (&out)[Count]) {
+  if (operand.data != nullptr && !operand.periodic) {
+    load_packs<Count>(operand.data + first, out);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < Count; ++k) {
+    out[k] = operand.read(first + k, label, absent);
+    label = label + 1 == period ? 0 : label + 1;
+  }
+}
+
+template <Pass pass, typename scalar_t, typename target_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target,
+                FlatOperand<acc_type<scalar_t>> weight, FlatOperand<acc_type<scalar_t>> pos_weight,
+                FlatOperand<scalar_t> grad_loss, int64_t period) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int E = kFlatElements<scalar_t, target_t>;
+  const int64_t thread = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
+  const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
+  const acc_t uniform_scale = args.uniform_scale();
+  const int64_t steps = args.numel / E;
+  acc_t sum = 0;
+  for (int64_t step = thread; step < steps; step += num_threads) {
+    const int64_t first = step * E;
+    const int64_t label = first % period;
+    acc_t z[E], y[E], w[E], q[E], scale[E], value[E];
+    load_packs<E>(args.logits + first, z);
+    load_packs<E>(target + first, y);
+    load_flat<E>(weight, first, label, period, acc_t(1), w);
+    load_flat<E>(pos_weight, first, label, period, acc_t(1), q);
+    load_flat<E>(grad_loss, first, label, period, uniform_scale, scale);
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      value[k] = element_value<pass>(args.cfg, z[k], y[k], w[k], q[k]) * scale[k];
+      sum += value[k];
+    }
+    if (args.out != nullptr) store_packs<E>(args.out + first, value);
+  }
+  for (int64_t flat = steps * E + thread; flat < args.numel; flat += num_threads) {
+    const int64_t label = flat % period;
+    const acc_t value = element_value<pass>(args.cfg, static_cast<acc_t>(args.logits[flat]),
+                                            static_cast<acc_t>(target[flat]), weight.read(flat, label, acc_t(1)),
+                                            pos_weight.read(flat, label, acc_t(1))) *
+                        grad_loss.read(flat, label, uniform_scale);
+    sum += value;
+    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(value);
+  }
+  store_partial_sum(args, sum);
+}
+
+// ------------------------------------------------------------------------------------------------- strided
+
+template <Pass pass, typename scalar_t, typename target_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, BceLayout layout) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
+  const acc_t uniform_scale = args.uniform_scale();
+  acc_t sum = 0;
+  for (int64_t flat = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x; flat < args.numel; flat += num_threads) {
+    int64_t offsets[kNumBceOperands];
+    layout.offsets(flat, offsets);
+    const acc_t value = element_value<pass>(args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]),
+                                            static_cast<acc_t>(target[offsets[kTarget]]),
+                                            read_or(args.weight, offsets[kWeight], acc_t(1)),
+                                            read_or(args.pos_weight, offsets[kPosWeight], acc_t(1))) *
+                        read_or(args.grad_loss, offsets[kGradLoss], uniform_scale);
+    sum += value;
+    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(value);
+  }
+  store_partial_sum(args, sum);
+}
+
+// --------------------------------------------------------------------------------------------- sparse rows
+
+constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+constexpr int64_t kChunkLabels = 4096;  // labels per bitmap: 512 bytes of shared memory per warp
+constexpr int kChunkWords = kChunkLabels / 32;
+
+// `layout` is exactly (N, L): row r, label c of operand k is at r * strides[k][0] + c * strides[k][1].
+template <Pass pass, typename scalar_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
+                       BceLayout layout, bool vectorized) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int vec = kVecSize<scalar_t>;
+  __shared__ uint32_t bitmaps[kWarpsPerBlock][kChunkWords];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  uint32_t* bitmap = bitmaps[warp];
+  const int64_t num_rows = layout.sizes[0], num_labels = layout.sizes[1];
+  const auto offset = [&](BceOperand operand, int64_t row, int64_t label) {
+    return row * layout.strides[operand][0] + label * layout.strides[operand][1];
+  };
+  const acc_t uniform_scale = args.uniform_scale();
+  acc_t sum = 0;
+  // The row and chunk loops are uniform over the warp, so every lane reaches every vote and __syncwarp.
+  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
+       row += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t* row_indices = indices + row * max_positives;
+    const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
+    for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
+      const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
+      for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
+      __syncwarp();
+      bool invalid = false;
+      for (int64_t k = lane; k < max_positives; k += kWarpSize) {
+        const int64_t label = row_indices[k];
+        invalid |= label < -1 || label >= num_labels;
+        if (label >= chunk && label < chunk_end) {
+          const int64_t bit = label - chunk;
+          atomicOr(&bitmap[bit / 32], 1u << (bit % 32));  // integer OR: order-independent
+        }
+      }
+      const bool row_invalid = __any_sync(0xffffffffu, invalid);  // every chunk scans all K indices
+      __syncwarp();  // the bitmap is complete and visible to every lane
+      const auto element = [&](int64_t label, acc_t z) -> acc_t {
+        if (row_invalid) return std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
+        const int64_t bit = label - chunk;
+        const acc_t y = (bitmap[bit / 32] >> (bit % 32)) & 1u ? acc_t(1) : acc_t(0);
+        return element_value<pass>(args.cfg, z, y, read_or(args.weight, offset(kWeight, row, label), acc_t(1)),
+                                   read_or(args.pos_weight, offset(kPosWeight, row, label), acc_t(1))) *
+               read_or(args.grad_loss, offset(kGradLoss, row, label), uniform_scale);
+      };
+      scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
+      if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
+        for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
+          acc_t z[vec], value[vec];
+          load_packs<vec>(row_logits + first, z);
+#pragma unroll
+          for (int k = 0; k < vec; ++k) {
+            value[k] = element(first + k, z[k]);
+            sum += value[k];
+          }
+          if (row_out != nullptr) store_packs<vec>(row_out + first, value);
+        }
+      } else {
+        for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
+          const acc_t value = element(label, static_cast<acc_t>(row_logits[label * layout.strides[kLogits][1]]));
+          sum += value;
+          if (row_out != nullptr) row_out[label] = static_cast<scalar_t>(value);
+        }
+      }
+      __syncwarp();  // every lane is done with the bitmap before the next chunk clears it
+    }
+  }
+  store_partial_sum(args, sum);
+}
+
+// ------------------------------------------------------------------------------------------------ launches
+
+bool operand_is_contiguous(const BceLayout& layout, int operand) {
+  int64_t expected = 1;
+  for (int d = layout.dims - 1; d >= 0; --d) {
+    if (layout.strides[operand][d] != expected) return false;
+    expected *= layout.sizes[d];
+  }
+  return true;
+}
+
+// How the flat kernel reads a weight or grad_loss operand; nullopt when it cannot.
+template <typename T>
+std::optional<FlatOperand<T>> as_flat_operand(const BceLayout& layout, int operand, const T* data) {
+  FlatOperand<T> flat;
+  flat.data = data;
+  if (data == nullptr) return flat;
+  if (operand_is_contiguous(layout, operand)) {
+    if (!is_aligned_16(data)) return std::nullopt;
+    return flat;
+  }
+  for (int d = 0; d + 1 < layout.dims; ++d) {
+    if (layout.strides[operand][d] != 0) return std::nullopt;
+  }
+  flat.periodic = true;
+  flat.stride = layout.inner_stride(operand);
+  return flat;
+}
+
+// Launches one pass over every element. For a reduced forward, `partials` receives the (blocks,) per-block
+// sums; returns the number of blocks.
+template <Pass pass, typename scalar_t, typename target_t>
+int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* partials, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const auto allocate_partials = [&](int64_t blocks) {
+    if (partials == nullptr) return;
+    *partials = at::empty({blocks}, p.input.options().dtype(acc_scalar_type(p.input.scalar_type())));
+    args.partials = partials->data_ptr<acc_t>();
+  };
+  if constexpr (std::is_same_v<target_t, SparseTargets>) {
+    constexpr int vec = kVecSize<scalar_t>;
+    const bool vectorized = p.layout.strides[kLogits][1] == 1 && p.layout.strides[kLogits][0] % vec == 0 &&
+                            p.num_labels % vec == 0 && is_aligned_16(args.logits) &&
+                            (args.out == nullptr || is_aligned_16(args.out));
+    const int64_t blocks = grid_size(p.num_rows(), kWarpsPerBlock);
+    allocate_partials(blocks);
+    sparse_rows_kernel<pass, scalar_t><<<blocks, kBlockThreads, 0, stream>>>(
+        args, p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return blocks;
+  } else {
+    const target_t* target = p.data<target_t>(kTarget);
+    const auto weight = as_flat_operand(p.layout, kWeight, args.weight);
+    const auto pos_weight = as_flat_operand(p.layout, kPosWeight, args.pos_weight);
+    const auto grad_loss = as_flat_operand(p.layout, kGradLoss, args.grad_loss);
+    const bool flat = operand_is_contiguous(p.layout, kLogits) && operand_is_contiguous(p.layout, kTarget) &&
+                      is_aligned_16(args.logits) && is_aligned_16(target) &&
+                      (args.out == nullptr || is_aligned_16(args.out)) && weight && pos_weight && grad_loss;
+    if (flat) {
+      const int64_t blocks = grid_size(p.numel / kFlatElements<scalar_t, target_t>, kBlockThreads);
+      allocate_partials(blocks);
+      flat_kernel<pass, scalar_t, target_t><<<blocks, kBlockThreads, 0, stream>>>(
+          args, target, *weight, *pos_weight, *grad_loss, p.layout.inner_size());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return blocks;
+    }
+    const int64_t blocks = grid_size(p.numel, kBlockThreads);
+    allocate_partials(blocks);
+    strided_kernel<pass, scalar_t, target_t><<<blocks, kBlockThreads, 0, stream>>>(args, target, p.layout);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return blocks;
+  }
+}
+
+template <typename scalar_t>
+PassArgs<scalar_t> make_pass_args(const BceProblem& p) {
+  using acc_t = acc_type<scalar_t>;
+  PassArgs<scalar_t> args{};
+  args.cfg = p.config<acc_t>();
+  args.numel = p.numel;
+  args.logits = p.data<scalar_t>(kLogits);
+  args.weight = p.data<acc_t>(kWeight);
+  args.pos_weight = p.data<acc_t>(kPosWeight);
+  args.grad_loss = p.data<scalar_t>(kGradLoss);
+  args.grad_loss_scalar = p.grad_loss_scalar.has_value() ? p.grad_loss_scalar->const_data_ptr<scalar_t>() : nullptr;
+  args.divisor = static_cast<acc_t>(bce_reduction_divisor(p));
+  return args;
+}
+
+// Writes the reduced loss: the sum of the per-block partials, divided by numel for 'mean'.
+template <typename scalar_t>
+struct ReducedLossEpilogue {
+  scalar_t* loss;
+  acc_type<scalar_t> divisor;
+  __device__ void operator()(const acc_type<scalar_t> (&totals)[1]) const {
+    *loss = static_cast<scalar_t>(totals[0] / divisor);
+  }
+};
+
+at::Tensor forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& positive_indices, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& pos_weight, c10::string_view reduction, double gamma_pos,
+                        double gamma_neg, double clip) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BceProblem p =
+      make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
+  at::Tensor loss = allocate_bce_loss(p);
+  const bool reduced = p.reduction != Reduction::None;
+  if (p.numel == 0) {
+    if (reduced) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    return loss;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits", [&] {
+    using acc_t = acc_type<scalar_t>;
+    PassArgs<scalar_t> args = make_pass_args<scalar_t>(p);
+    args.out = reduced ? nullptr : loss.data_ptr<scalar_t>();
+    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+      at::Tensor partials;
+      const int64_t blocks =
+          launch_pass<Pass::Forward, scalar_t, decltype(target_tag)>(p, args, reduced ? &partials : nullptr, stream);
+      if (!reduced) return;
+      launch_reduce_partials<acc_t, 1>(partials.const_data_ptr<acc_t>(), blocks,
+                                       ReducedLossEpilogue<scalar_t>{loss.data_ptr<scalar_t>(), args.divisor}, stream);
+    });
+  });
+  return loss;
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                         const std::optional<at::Tensor>& positive_indices, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& pos_weight, c10::string_view reduction, double gamma_pos,
+                         double gamma_neg, double clip) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
+                                        gamma_neg, clip, grad_loss);
+  at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
+  if (p.numel == 0) return grad_input;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits_backward",
+                                  [&] {
+                                    PassArgs<scalar_t> args = make_pass_args<scalar_t>(p);
+                                    args.out = grad_input.data_ptr<scalar_t>();
+                                    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+                                      launch_pass<Pass::Backward, scalar_t, decltype(target_tag)>(p, args, nullptr,
+                                                                                                  stream);
+                                    });
+                                  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
+  m.impl("weighted_bce_with_logits", &forward_cuda);
+  m.impl("weighted_bce_with_logits_backward", &backward_cuda);
+}
+
+}  // namespace fused_losses::cuda
