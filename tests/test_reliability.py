@@ -25,7 +25,11 @@ def _opinfo_samples(name, device, dtype):
     return list(op.sample_inputs(device, dtype, requires_grad=True))
 
 
-def _assert_same_loss_and_grad(fused_fn, torch_fn, input, dtype=torch.float32, **tolerance):
+def _assert_same_loss_and_grad(fused_fn, torch_fn, input, dtype=torch.float32, reference_nan_grads=False,
+                               **tolerance):
+    """Loss and gradient of fused_fn equal torch_fn's. With reference_nan_grads, the reference is known to give
+    NaN gradients where the true gradient is finite (e.g. sqrt differentiated at 0): there the fused gradient
+    must be finite instead."""
     tolerance = tolerance or TOLERANCES[dtype]
     a = input.detach().clone().requires_grad_(True)
     b = input.detach().clone().requires_grad_(True)
@@ -39,6 +43,10 @@ def _assert_same_loss_and_grad(fused_fn, torch_fn, input, dtype=torch.float32, *
         (ga,) = torch.autograd.grad(fused, a, upstream.to(fused.dtype))
         (gb,) = torch.autograd.grad(expected, b, upstream)
         assert ga.dtype == input.dtype
+        if reference_nan_grads:
+            undefined = torch.isnan(gb) & torch.isfinite(input)
+            assert torch.isfinite(ga[undefined]).all()
+            gb = torch.where(undefined, ga.to(gb.dtype), gb)
         torch.testing.assert_close(ga, gb.to(ga.dtype), equal_nan=True, **tolerance)
 
 
@@ -57,6 +65,19 @@ def test_cross_entropy_opinfo_samples(device, dtype):
                                    lambda x: F.cross_entropy(x, target, **kwargs), sample.input, dtype)
         ran += 1
     assert ran >= 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_with_logits_opinfo_samples(device, dtype):
+    ran = 0
+    for sample in _opinfo_samples("nn.functional.binary_cross_entropy_with_logits", device, dtype):
+        target = sample.args[0].detach()
+        kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in sample.kwargs.items()}
+        _assert_same_loss_and_grad(lambda x: fused_losses.weighted_bce_with_logits(x, target, **kwargs),
+                                   lambda x: F.binary_cross_entropy_with_logits(x, target, **kwargs),
+                                   sample.input, dtype)
+        ran += 1
+    assert ran >= 20
 
 
 # ------------------------------------------------------------------------------------------ fuzzing
@@ -121,6 +142,87 @@ def test_fuzz_cost_sensitive_cross_entropy(device, problem):
     _assert_same_loss_and_grad(fused, expected, x, **tolerance)
 
 
+@st.composite
+def correlation_problems(draw):
+    return dict(b=draw(st.sampled_from([0, 1, 3, 17])), t=draw(st.sampled_from([1, 2, 5, 64, 131])),
+                d=draw(st.sampled_from([None, 1, 3])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+                kind=draw(st.sampled_from(["pearson", "concordance"])), masked=draw(st.booleans()),
+                transposed=draw(st.booleans()), offset=draw(st.sampled_from([0.0, 100.0])),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                per_timestep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@FUZZ_SETTINGS
+@given(problem=correlation_problems())
+def test_fuzz_correlation_losses(device, problem):
+    gen = torch.Generator().manual_seed(problem["seed"])
+    b, t, d = problem["b"], problem["t"], problem["d"]
+    shape = (b, t) if d is None else (b, t, d)
+    x = torch.randn(shape, generator=gen) + problem["offset"]
+    y = 0.5 * x + torch.randn(shape, generator=gen)
+    if problem["transposed"]:  # time-major storage, viewed batch-first
+        x, y = x.transpose(0, 1).contiguous().transpose(0, 1), y.transpose(0, 1).contiguous().transpose(0, 1)
+    x, y = (v.to(problem["dtype"]).to(device) for v in (x, y))
+    mask = (torch.rand(b, t, generator=gen) < 0.8).to(device) if problem["masked"] else None
+    kwargs = dict(mask=mask, reduction=problem["reduction"], per_timestep=problem["per_timestep"])
+    fused_fn = getattr(fused_losses, f"{problem['kind']}_correlation_loss")
+    reference_fn = getattr(reference, f"{problem['kind']}_correlation_loss")
+    tolerance = dict(TOLERANCES[problem["dtype"]])
+    if problem["dtype"] in (torch.float16, torch.bfloat16):
+        tolerance["atol"] *= 4  # short sequences amplify the rounding of the stored inputs
+    y_fixed = y.detach()
+    _assert_same_loss_and_grad(lambda z: fused_fn(z, y_fixed, **kwargs),
+                               lambda z: reference_fn(z.double(), y_fixed.double(), **kwargs), x,
+                               reference_nan_grads=True, **tolerance)
+
+
+@st.composite
+def bce_problems(draw):
+    return dict(shape=draw(st.sampled_from([(0, 5), (1, 1), (7, 13), (33, 100), (3, 4, 5)])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+                target=draw(st.sampled_from(["float", "bool", "uint8"])),
+                weight=draw(st.sampled_from([None, "row", "full"])), pos_weight=draw(st.booleans()),
+                scale=draw(st.sampled_from([1.0, 10.0, 1e4])), transposed=draw(st.booleans()),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                focusing=draw(st.sampled_from([None, (2.0, 2.0, 0.0), (0.0, 4.0, 0.05), (1.0, 3.0, 0.2)])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@FUZZ_SETTINGS
+@given(problem=bce_problems())
+def test_fuzz_weighted_bce(device, problem):
+    gen = torch.Generator().manual_seed(problem["seed"])
+    shape = problem["shape"]
+    x = torch.randn(shape, generator=gen) * problem["scale"]
+    if problem["transposed"] and len(shape) == 2:
+        x = x.t().contiguous().t()
+    x = x.to(problem["dtype"]).to(device)
+    positives = torch.rand(shape, generator=gen) < 0.1
+    target = {"float": positives.float(), "bool": positives, "uint8": positives.to(torch.uint8)}[problem["target"]]
+    target = target.to(device)
+    weight = {None: None, "row": torch.rand(shape[-1:], generator=gen),
+              "full": torch.rand(shape, generator=gen)}[problem["weight"]]
+    weight = None if weight is None else weight.to(device)
+    pos_weight = (torch.rand(shape[-1:], generator=gen) * 5).to(device) if problem["pos_weight"] else None
+    focusing = dict(zip(("gamma_pos", "gamma_neg", "clip"), problem["focusing"] or (0.0, 0.0, 0.0)))
+    kwargs = dict(weight=weight, pos_weight=pos_weight, reduction=problem["reduction"], **focusing)
+
+    def expected(z):
+        double = lambda v: None if v is None else v.double()  # noqa: E731
+        if problem["focusing"] is None:
+            return F.binary_cross_entropy_with_logits(z.double(), target.double(), double(weight),
+                                                      reduction=problem["reduction"], pos_weight=double(pos_weight))
+        return reference.weighted_bce_with_logits(z.double(), target.double(), double(weight), double(pos_weight),
+                                                  problem["reduction"], **focusing)
+
+    tolerance = dict(TOLERANCES[problem["dtype"]])
+    if problem["scale"] >= 1e4 and problem["reduction"] != "none":
+        tolerance["rtol"] = max(tolerance["rtol"], 1e-4)  # sums of terms of 1e4
+    _assert_same_loss_and_grad(lambda z: fused_losses.weighted_bce_with_logits(z, target, **kwargs), expected, x,
+                               **tolerance)
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 
 
@@ -168,10 +270,21 @@ def _ddp_problem(loss_name):
         cost = torch.rand(6, 6) + 0.5
         return model, (x, y), lambda out, t: fused_losses.cost_sensitive_cross_entropy(out, t, cost,
                                                                                        cost_mode="expected")
+    if loss_name == "pearson_correlation_loss":
+        # 4 sequences of 8 steps with 6 channels: the model maps each step's features to the channels.
+        x = torch.randn(4, 8, 8)
+        y = torch.randn(4, 8, 6)
+        mask = torch.rand(4, 8) < 0.9
+        return model, (x, y, mask), lambda out, t, m: fused_losses.pearson_correlation_loss(out, t, mask=m)
+    if loss_name == "weighted_bce_with_logits":
+        y = torch.rand(32, 6) < 0.2
+        pos_weight = torch.rand(6) * 3
+        return model, (x, y), lambda out, t: fused_losses.weighted_bce_with_logits(
+            out, t, pos_weight=pos_weight, gamma_neg=2.0, clip=0.05)
     raise KeyError(loss_name)
 
 
-DDP_LOSSES = ["cost_sensitive_cross_entropy"]
+DDP_LOSSES = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "weighted_bce_with_logits"]
 
 
 @pytest.mark.parametrize("loss_name", DDP_LOSSES)
