@@ -24,7 +24,7 @@ def _bytes(n: int, c: int, dtype: torch.dtype, has_cost: bool):
     the backward re-reads logits + targets + statistics and writes the gradient."""
     logits = n * c * dtype.itemsize
     targets = n * 8
-    stats = n * (2 if has_cost else 1) * (8 if dtype == torch.float64 else 4)
+    stats = n * (3 if has_cost else 2) * (8 if dtype == torch.float64 else 4)  # max, log-sum(, cost factor)
     forward = logits + targets + stats
     return forward, forward + logits + targets + stats + logits
 

@@ -24,10 +24,11 @@ namespace fused_losses {
 
 enum class CostMode : int { Argmax = 0, Expected = 1 };
 
-// The per-row values the forward saves for the backward: lse always; f when a cost matrix is given;
-// ce as well in "expected" mode (the product rule needs it).
+// The per-row values the forward saves for the backward: the row max and log sum_j exp(z_j - max) always
+// (kept apart, so that softmax = exp((z - max) - log_sum) keeps float32 accuracy where max + log_sum would
+// round); f when a cost matrix is given; ce as well in "expected" mode (the product rule needs it).
 C10_HOST_DEVICE inline int num_row_stats(bool has_cost, CostMode mode) {
-  return 1 + (has_cost ? 1 : 0) + (has_cost && mode == CostMode::Expected ? 1 : 0);
+  return 2 + (has_cost ? 1 : 0) + (has_cost && mode == CostMode::Expected ? 1 : 0);
 }
 
 // Running state of one pass over (part of) a row: an online softmax (max, sum of exp(z - max)) with the
@@ -84,7 +85,6 @@ struct RowScan {
     }
   }
 
-  C10_HOST_DEVICE acc_t log_sum_exp() const { return max + std::log(sum_exp); }
 };
 
 // Row-independent constants of one call.
@@ -127,7 +127,7 @@ C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc
 // The forward result of one valid row.
 template <typename acc_t>
 struct RowLoss {
-  acc_t lse = 0, cost_factor = 0, cross_entropy = 0;
+  acc_t max = 0, log_sum = 0, cost_factor = 0, cross_entropy = 0;
   C10_HOST_DEVICE acc_t loss() const { return cost_factor * cross_entropy; }
 };
 
@@ -135,7 +135,8 @@ template <typename acc_t>
 C10_HOST_DEVICE inline RowLoss<acc_t> finish_row(const CrossEntropyConfig<acc_t>& cfg, const RowScan<acc_t>& scan,
                                                  int64_t target, acc_t target_logit) {
   RowLoss<acc_t> row;
-  row.lse = scan.log_sum_exp();
+  row.max = scan.max;
+  row.log_sum = std::log(scan.sum_exp);
   row.cross_entropy = smoothed_cross_entropy(cfg, scan, target_logit, class_weight_of(cfg, target));
   if (cfg.cost == nullptr) {
     row.cost_factor = acc_t(1);
@@ -149,16 +150,17 @@ C10_HOST_DEVICE inline RowLoss<acc_t> finish_row(const CrossEntropyConfig<acc_t>
 
 template <typename acc_t>
 C10_HOST_DEVICE inline void store_row_stats(acc_t* stats, int num_stats, const RowLoss<acc_t>& row) {
-  stats[0] = row.lse;
-  if (num_stats > 1) stats[1] = row.cost_factor;
-  if (num_stats > 2) stats[2] = row.cross_entropy;
+  stats[0] = row.max;
+  stats[1] = row.log_sum;
+  if (num_stats > 2) stats[2] = row.cost_factor;
+  if (num_stats > 3) stats[3] = row.cross_entropy;
 }
 
 // Coefficients of d loss / d z_j = p_j (A + B W[y, j]) - D w_j - [j == y] E for one row,
 // with `scale` = grad_output (divided by the total weight for 'mean').
 template <typename acc_t>
 struct GradientCoefficients {
-  acc_t lse = 0, a = 0, b = 0, d = 0, e = 0;
+  acc_t max = 0, log_sum = 0, a = 0, b = 0, d = 0, e = 0;  // p_j = exp((z_j - max) - log_sum)
 };
 
 template <typename acc_t>
@@ -166,17 +168,17 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
                                                                              const acc_t* stats, int num_stats,
                                                                              int64_t target, acc_t scale) {
   const acc_t eps = cfg.label_smoothing;
-  const acc_t lse = stats[0];
-  const acc_t f = num_stats > 1 ? stats[1] : acc_t(1);
+  const acc_t f = num_stats > 2 ? stats[2] : acc_t(1);
   const acc_t w_y = class_weight_of(cfg, target);
   // d ce / d z_j = p_j ((1 - eps) w_y + eps W / C) - eps w_j / C - [j == y] (1 - eps) w_y
   const acc_t prob_coefficient = (acc_t(1) - eps) * w_y + eps * class_weight_total(cfg) / acc_t(cfg.num_classes);
   GradientCoefficients<acc_t> c;
-  c.lse = lse;
+  c.max = stats[0];
+  c.log_sum = stats[1];
   c.a = scale * f * prob_coefficient;
   c.b = acc_t(0);
-  if (num_stats > 2) {  // expected mode: + ce * d f / d z_j = ce * p_j (W[y, j] - f)
-    const acc_t ce = stats[2];
+  if (num_stats > 3) {  // expected mode: + ce * d f / d z_j = ce * p_j (W[y, j] - f)
+    const acc_t ce = stats[3];
     c.a -= scale * ce * f;
     c.b = scale * ce;
   }
@@ -189,7 +191,7 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t gradient_element(const GradientCoefficients<acc_t>& k, const CrossEntropyConfig<acc_t>& cfg,
                                               const acc_t* cost_row, acc_t z, int64_t j, int64_t target) {
-  const acc_t prob = std::exp(z - k.lse);
+  const acc_t prob = std::exp((z - k.max) - k.log_sum);
   acc_t g = prob * (cost_row != nullptr ? k.a + k.b * cost_row[j] : k.a);
   if (k.d != acc_t(0)) g -= k.d * class_weight_of(cfg, j);
   if (j == target) g -= k.e;

@@ -21,7 +21,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _num_row_stats(cost_matrix, cost_mode: str) -> int:
     has_cost = cost_matrix is not None
-    return 1 + int(has_cost) + int(has_cost and cost_mode == "expected")
+    return 2 + int(has_cost) + int(has_cost and cost_mode == "expected")
 
 
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy")

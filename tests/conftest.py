@@ -1,7 +1,13 @@
 """Shared test fixtures: every device test runs on the CPU and, when one is present, on CUDA."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# A fresh torch.compile cache per test session: a cached graph would keep a fake kernel's old output shapes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fused_losses_inductor_"))
 
 CUDA_SKIP_REASON = "no CUDA device on this machine: the CUDA kernels are compiled here but run only on a GPU"
 

@@ -39,7 +39,8 @@ def _assert_same_loss_and_grad(fused_fn, torch_fn, input, dtype=torch.float32, r
     # 65504 is inf in both).
     torch.testing.assert_close(fused, expected.to(fused.dtype), equal_nan=True, **tolerance)
     if expected.requires_grad and expected.numel() > 0:
-        upstream = torch.rand_like(expected)
+        upstream = torch.rand(expected.shape, generator=torch.Generator().manual_seed(0),
+                              dtype=expected.dtype).to(expected.device)
         (ga,) = torch.autograd.grad(fused, a, upstream.to(fused.dtype))
         (gb,) = torch.autograd.grad(expected, b, upstream)
         assert ga.dtype == input.dtype
@@ -171,6 +172,9 @@ def test_fuzz_correlation_losses(device, problem):
     tolerance = dict(TOLERANCES[problem["dtype"]])
     if problem["dtype"] in (torch.float16, torch.bfloat16):
         tolerance["atol"] *= 4  # short sequences amplify the rounding of the stored inputs
+    # Far from zero, deviations from the mean carry the rounding of the offset: with 2 steps (r = +-1, a zero
+    # true gradient made of cancelling terms) the gradient is that rounding, in both implementations.
+    tolerance["atol"] += 10 * torch.finfo(problem["dtype"]).eps * problem["offset"]
     y_fixed = y.detach()
     _assert_same_loss_and_grad(lambda z: fused_fn(z, y_fixed, **kwargs),
                                lambda z: reference_fn(z.double(), y_fixed.double(), **kwargs), x,

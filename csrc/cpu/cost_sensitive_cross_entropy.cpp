@@ -146,10 +146,10 @@ class CrossEntropyKernel {
 
   void gradient_row(const acc_t* z, const GradientCoefficients<acc_t>& k, int64_t y, acc_t* g) const {
     const acc_t* cost_row = k.b != acc_t(0) ? cfg_.cost + y * C_ : nullptr;
-    const Vec lse(k.lse), a(k.a), b(k.b), d(k.d);
+    const Vec max(k.max), log_sum(k.log_sum), a(k.a), b(k.b), d(k.d);
     for (int64_t j = 0; j < C_; j += Vec::size()) {
       const int64_t n = std::min<int64_t>(Vec::size(), C_ - j);
-      const Vec prob = (Vec::loadu(z + j, n) - lse).exp();
+      const Vec prob = ((Vec::loadu(z + j, n) - max) - log_sum).exp();
       Vec value = cost_row != nullptr ? prob * (a + b * Vec::loadu(cost_row + j, n)) : prob * a;
       if (k.d != acc_t(0)) value = value - (cfg_.class_weight != nullptr ? d * Vec::loadu(cfg_.class_weight + j, n) : d);
       value.store(g + j, n);
@@ -220,20 +220,22 @@ class CrossEntropyKernel {
 
   // out_tile_ = gradient of the tile's rows, one vector lane per row.
   void gradient_tile(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
-    acc_t lanes[4][kTileRows] = {};
+    acc_t lanes[5][kTileRows] = {};
     bool any_cost = false;
     for (int k = 0; k < count; ++k) {
-      lanes[0][k] = coefs[k].lse;
-      lanes[1][k] = coefs[k].a;
-      lanes[2][k] = coefs[k].b;
-      lanes[3][k] = coefs[k].d;
+      lanes[0][k] = coefs[k].max;
+      lanes[1][k] = coefs[k].log_sum;
+      lanes[2][k] = coefs[k].a;
+      lanes[3][k] = coefs[k].b;
+      lanes[4][k] = coefs[k].d;
       any_cost |= coefs[k].b != acc_t(0);
     }
     if (any_cost) load_cost_tile(first, count);
-    const Vec lse = Vec::loadu(lanes[0]), a = Vec::loadu(lanes[1]), b = Vec::loadu(lanes[2]), d = Vec::loadu(lanes[3]);
+    const Vec max = Vec::loadu(lanes[0]), log_sum = Vec::loadu(lanes[1]);
+    const Vec a = Vec::loadu(lanes[2]), b = Vec::loadu(lanes[3]), d = Vec::loadu(lanes[4]);
     out_tile_.resize(C_ * kTileRows);
     for (int64_t j = 0; j < C_; ++j) {
-      const Vec prob = (Vec::loadu(tile_.data() + j * kTileRows) - lse).exp();
+      const Vec prob = ((Vec::loadu(tile_.data() + j * kTileRows) - max) - log_sum).exp();
       Vec value = any_cost ? prob * (a + b * Vec::loadu(cost_tile_.data() + j * kTileRows)) : prob * a;
       value = value - d * Vec(class_weight_of(cfg_, j));
       value.store(out_tile_.data() + j * kTileRows);
