@@ -18,3 +18,6 @@ class BenchCase:
     # Further implementations to compare with, e.g. {"liger": fn}; skipped when None.
     extra: Dict[str, Optional[Callable[..., object]]] = field(default_factory=dict)
     smoke: bool = False           # part of the CI smoke run (one small case per op)
+    # Speed-up over the compiled reference this case must reach (forward + backward); None: the device default
+    # (1.5x on CPU, 2x on CUDA).
+    target_vs_compiled: Optional[float] = None

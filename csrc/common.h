@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <array>
+#include <cmath>
 #include <optional>
 #include <string_view>
 #include <type_traits>
@@ -31,6 +32,13 @@ inline Reduction parse_reduction(std::string_view reduction) {
   if (reduction == "mean") return Reduction::Mean;
   if (reduction == "sum") return Reduction::Sum;
   TORCH_CHECK_VALUE(false, "reduction must be 'none', 'mean' or 'sum', got '", reduction, "'");
+}
+
+// The reduced outputs of a forward over nothing: total weight 0 and, unless the reduction is 'none', a loss of
+// NaN for 'mean' (0 / 0, as torch.mean of nothing) or 0 for 'sum'.
+inline void fill_empty_reduction(at::Tensor& loss, at::Tensor& total_weight, Reduction reduction) {
+  total_weight.zero_();
+  if (reduction != Reduction::None) loss.fill_(reduction == Reduction::Mean ? NAN : 0.0);
 }
 
 inline void check_floating_input(const at::Tensor& tensor, const char* name) {

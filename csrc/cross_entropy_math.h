@@ -12,6 +12,8 @@
 // whose coefficients A, B, D, E are computed once per row by make_gradient_coefficients.
 #pragma once
 
+#include "row_layout.h"
+
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -109,20 +111,23 @@ C10_HOST_DEVICE inline acc_t class_weight_total(const CrossEntropyConfig<acc_t>&
 }
 
 // The row's cross-entropy as F.cross_entropy(reduction='none') gives it, including w_y and smoothing.
+// lse - z_y is formed as (max - z_y) + log(sum_exp) so that large logits cancel exactly, as in log_softmax.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc_t>& cfg, acc_t lse,
-                                                    acc_t target_logit, acc_t target_weight,
-                                                    acc_t weighted_logit_sum) {
+C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc_t>& cfg, const RowScan<acc_t>& scan,
+                                                    acc_t target_logit, acc_t target_weight) {
   const acc_t eps = cfg.label_smoothing;
-  acc_t ce = (acc_t(1) - eps) * target_weight * (lse - target_logit);
-  if (eps != acc_t(0)) ce += eps / acc_t(cfg.num_classes) * (class_weight_total(cfg) * lse - weighted_logit_sum);
+  const acc_t log_sum = std::log(scan.sum_exp);
+  acc_t ce = (acc_t(1) - eps) * target_weight * ((scan.max - target_logit) + log_sum);
+  if (eps != acc_t(0)) {
+    ce += eps / acc_t(cfg.num_classes) * (class_weight_total(cfg) * (scan.max + log_sum) - scan.weighted_logit_sum);
+  }
   return ce;
 }
 
 // The forward result of one valid row.
 template <typename acc_t>
 struct RowLoss {
-  acc_t lse, cost_factor, cross_entropy;
+  acc_t lse = 0, cost_factor = 0, cross_entropy = 0;
   C10_HOST_DEVICE acc_t loss() const { return cost_factor * cross_entropy; }
 };
 
@@ -131,8 +136,7 @@ C10_HOST_DEVICE inline RowLoss<acc_t> finish_row(const CrossEntropyConfig<acc_t>
                                                  int64_t target, acc_t target_logit) {
   RowLoss<acc_t> row;
   row.lse = scan.log_sum_exp();
-  row.cross_entropy =
-      smoothed_cross_entropy(cfg, row.lse, target_logit, class_weight_of(cfg, target), scan.weighted_logit_sum);
+  row.cross_entropy = smoothed_cross_entropy(cfg, scan, target_logit, class_weight_of(cfg, target));
   if (cfg.cost == nullptr) {
     row.cost_factor = acc_t(1);
   } else if (cfg.mode == CostMode::Argmax) {
@@ -154,7 +158,7 @@ C10_HOST_DEVICE inline void store_row_stats(acc_t* stats, int num_stats, const R
 // with `scale` = grad_output (divided by the total weight for 'mean').
 template <typename acc_t>
 struct GradientCoefficients {
-  acc_t lse, a, b, d, e;
+  acc_t lse = 0, a = 0, b = 0, d = 0, e = 0;
 };
 
 template <typename acc_t>
@@ -191,18 +195,6 @@ C10_HOST_DEVICE inline acc_t gradient_element(const GradientCoefficients<acc_t>&
   if (j == target) g -= k.e;
   return g;
 }
-
-// How rows map to memory: input viewed as (outer, C, inner) with row r = (r / inner, r % inner).
-struct RowLayout {
-  int64_t inner;
-  int64_t outer_stride;
-  int64_t inner_stride;
-  int64_t class_stride;
-  C10_HOST_DEVICE int64_t row_offset(int64_t row) const {
-    if (inner == 1) return row * outer_stride;
-    return (row / inner) * outer_stride + (row % inner) * inner_stride;
-  }
-};
 
 // Classification of a target value.
 enum class TargetKind { Valid, Ignored, Invalid };

@@ -24,6 +24,18 @@ TORCH_LIBRARY(fused_losses, m) {
       "Tensor? weight, Tensor row_stats, Tensor total_weight, int ignore_index, str reduction, "
       "float label_smoothing, str cost_mode) -> Tensor");
 
+  // Correlation losses of (batch, time, channels) sequences over the time axis, kind 'pearson' or 'concordance'.
+  // Returns (loss, stats, total_weight): loss is (batch, channels) for reduction='none', the input's shape with
+  // per_timestep, else a scalar; stats (batch, channels, 8) holds each sequence's count, means (as shift +
+  // remainder) and centred sums (what the backward needs); total_weight is the divisor of reduction='mean'.
+  m.def(
+      "correlation_loss(Tensor input, Tensor target, Tensor? mask, str kind, str reduction, bool per_timestep, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_target); a gradient not requested is an empty tensor.
+  m.def(
+      "correlation_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
+      "Tensor total_weight, str kind, str reduction, bool per_timestep, float eps, bool input_requires_grad, "
+      "bool target_requires_grad) -> (Tensor, Tensor)");
   // Exactly one of target (dense, the input's shape: float, bool or uint8) and positive_indices (sparse,
   // (N, K) int64 padded with -1, input (N, L)). Returns the loss: the input's shape for reduction='none',
   // else a scalar. The forward saves nothing beyond its inputs: the backward re-reads them.

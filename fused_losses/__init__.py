@@ -1,17 +1,25 @@
 """fused_losses: fused single-pass loss kernels for PyTorch (CPU and CUDA), registered as torch operators.
 
 - :func:`cost_sensitive_cross_entropy` / :class:`CostSensitiveCrossEntropyLoss`
+- :func:`pearson_correlation_loss` / :class:`PearsonCorrelationLoss`,
+  :func:`concordance_correlation_loss` / :class:`ConcordanceCorrelationLoss`: per-sequence correlation losses
 - :func:`weighted_bce_with_logits` / :class:`WeightedBCEWithLogitsLoss` (pos_weight, focal, ASL; dense or
   sparse multi-label targets)
 """
 
 from . import reference
-from .functional import cost_sensitive_cross_entropy, weighted_bce_with_logits
-from .modules import CostSensitiveCrossEntropyLoss, WeightedBCEWithLogitsLoss
+from .functional import (concordance_correlation_loss, cost_sensitive_cross_entropy, pearson_correlation_loss,
+                         weighted_bce_with_logits)
+from .modules import (ConcordanceCorrelationLoss, CostSensitiveCrossEntropyLoss, PearsonCorrelationLoss,
+                      WeightedBCEWithLogitsLoss)
 
 __all__ = [
     "cost_sensitive_cross_entropy",
     "CostSensitiveCrossEntropyLoss",
+    "pearson_correlation_loss",
+    "PearsonCorrelationLoss",
+    "concordance_correlation_loss",
+    "ConcordanceCorrelationLoss",
     "weighted_bce_with_logits",
     "WeightedBCEWithLogitsLoss",
     "reference",

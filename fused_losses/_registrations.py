@@ -62,6 +62,60 @@ torch.library.register_autograd(
 )
 
 
+# ----------------------------------------------------------------------------- correlation losses
+
+_MOMENTS_WIDTH = 8  # count, shifts and means of x and y, Cxx, Cyy, Cxy per sequence (csrc/correlation_math.h)
+
+
+@torch.library.register_fake("fused_losses::correlation_loss")
+def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, eps):
+    acc = accumulation_dtype(input.dtype)
+    batch, _, channels = input.shape
+    if reduction != "none":
+        loss = input.new_empty(())
+    elif per_timestep:
+        loss = torch.empty_like(input)  # the kernel keeps the input's (dense) strides
+    else:
+        loss = input.new_empty((batch, channels))
+    stats = input.new_empty((batch, channels, _MOMENTS_WIDTH), dtype=acc)
+    return loss, stats, input.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("fused_losses::correlation_loss_backward")
+def _correlation_loss_backward_fake(grad_loss, input, target, mask, stats, total_weight, kind, reduction,
+                                    per_timestep, eps, input_requires_grad, target_requires_grad):
+    def gradient(like, requested):
+        return torch.empty_like(like) if requested else like.new_empty((0,))
+
+    return gradient(input, input_requires_grad), gradient(target, target_requires_grad)
+
+
+def _correlation_loss_setup(ctx, inputs, output):
+    input, target, mask, kind, reduction, per_timestep, eps = inputs
+    _, stats, total_weight = output
+    ctx.mark_non_differentiable(stats, total_weight)
+    ctx.save_for_backward(input, target, mask, stats, total_weight)
+    ctx.options = (kind, reduction, per_timestep, eps)
+
+
+def _correlation_loss_backward(ctx, grad_loss, _grad_stats, _grad_total_weight):
+    input, target, mask, stats, total_weight = ctx.saved_tensors
+    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input = grad_target = None
+    if want_input or want_target:
+        grad_input, grad_target = _ops.correlation_loss_backward(
+            grad_loss, input, target, mask, stats, total_weight, *ctx.options, want_input, want_target)
+    return (grad_input if want_input else None, grad_target if want_target else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fused_losses::correlation_loss",
+    _correlation_loss_backward,
+    setup_context=_correlation_loss_setup,
+)
+
+
 # ----------------------------------------------------------------------------- weighted / focal / ASL BCE
 
 

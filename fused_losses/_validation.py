@@ -1,6 +1,7 @@
 """Argument checks done in Python: the ones that need Python objects (strings, requires_grad) or, on CUDA, a
 host synchronisation that is only paid when FUSED_LOSSES_CHECK=1 asks for it."""
 
+import math
 import os
 
 import torch
@@ -47,3 +48,16 @@ def check_focusing(gamma_pos: float, gamma_neg: float, clip: float) -> None:
 
 def needs_data_checks(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu" and CHECK_DATA_ON_CUDA and not torch.compiler.is_compiling()
+
+
+def can_check_values(tensor: torch.Tensor) -> bool:
+    """Whether a Python check may read a tensor's values (a host synchronisation on CUDA): always on the CPU,
+    on CUDA with FUSED_LOSSES_CHECK=1; never while torch.compile traces (it would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or CHECK_DATA_ON_CUDA
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")

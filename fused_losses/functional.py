@@ -7,10 +7,12 @@ import torch
 from torch import Tensor
 
 from . import _registrations  # noqa: F401  (operators, fake kernels, autograd)
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_focusing, check_no_grad, \
-    check_tensor, needs_data_checks
+from ._sequences import as_sequence_batch
+from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing, \
+    check_no_grad, check_tensor, needs_data_checks
 
-__all__ = ["cost_sensitive_cross_entropy", "weighted_bce_with_logits"]
+__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
+           "weighted_bce_with_logits"]
 
 _ops = torch.ops.fused_losses
 
@@ -87,6 +89,77 @@ def cost_sensitive_cross_entropy(
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
 
 
+
+# ----------------------------------------------------------------------------- correlation losses
+
+
+def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[Tensor], dim: int,
+                      reduction: str, per_timestep: bool, eps: float, lengths: Optional[Tensor]) -> Tensor:
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_eps(eps)
+    batch = as_sequence_batch(input, target, mask, dim, lengths)
+    loss, _, _ = _ops.correlation_loss(batch.input, batch.target, batch.mask, kind, reduction, bool(per_timestep),
+                                       float(eps))
+    return batch.restore_layout(loss, per_timestep) if reduction == "none" else loss
+
+
+_CORRELATION_ARGS = r"""
+    Args:
+        input: predictions, shape ``(B, T)`` or ``(B, T, D)`` with the time axis ``dim`` (of the other axes the
+            first is the batch, the second the channels); float32, float16, bfloat16 or float64.
+        target: same shape and dtype as ``input``; it is differentiated too when it requires grad.
+        mask: bool, the input's shape without the channel axis (``(B, T)`` batch-first); True = valid step.
+            Statistics use the valid steps only.
+        dim: the time axis (default 1, batch-first).
+        reduction: ``"none"``: one loss per sequence, ``(B,)`` for 2-D input, ``(B, D)`` for 3-D input;
+            ``"mean"`` / ``"sum"`` over sequences (and channels).
+        per_timestep: return per-step contributions ``c_t`` whose mean over the valid steps of a sequence is
+            that sequence's loss (padding steps are 0); with ``reduction="none"`` they have the input's shape.
+            With ``"sum"`` the result is the sum of ``c_t`` over all valid steps (each sequence's loss times
+            its number of valid steps) and with ``"mean"`` that sum divided by the number of valid steps (a
+            mean weighted by valid length).
+        eps: ``>= 0``, added to the denominator as in the formula.
+        lengths: alternative to ``mask``: ``(B,)`` integers in ``[0, T]``, the valid prefix of each sequence.
+
+    Moments are population moments over the valid steps, accumulated in float32 (float64 for double input)
+    by exact two-pass blocks merged with Chan's formulas. A flat sequence or one with fewer than 2 valid steps
+    has covariance 0: its loss is 1, finite, with finite gradients (they scale like 1/eps for a flat Pearson
+    input, which overflows float16); NaN in a valid step propagates to its sequence.
+"""
+
+
+def pearson_correlation_loss(input: Tensor, target: Tensor, mask: Optional[Tensor] = None, dim: int = 1,
+                             reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8,
+                             lengths: Optional[Tensor] = None) -> Tensor:
+    return _correlation_loss("pearson", input, target, mask, dim, reduction, per_timestep, eps, lengths)
+
+
+def concordance_correlation_loss(input: Tensor, target: Tensor, mask: Optional[Tensor] = None, dim: int = 1,
+                                 reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8,
+                                 lengths: Optional[Tensor] = None) -> Tensor:
+    return _correlation_loss("concordance", input, target, mask, dim, reduction, per_timestep, eps, lengths)
+
+
+pearson_correlation_loss.__doc__ = r"""Pearson correlation loss per sequence, over the time axis.
+
+    ``loss = 1 - cov(x, y) / (sqrt(var(x) var(y)) + eps)`` for each sequence (and channel); per step
+    ``c_t = 1 - (x_t - mean x)(y_t - mean y) / (sqrt(var(x) var(y)) + eps)``.
+""" + _CORRELATION_ARGS + r"""
+    Example:
+        >>> pred, true = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> loss = pearson_correlation_loss(pred, true, lengths=torch.full((8,), 90))
+        >>> loss.backward()
+"""
+
+concordance_correlation_loss.__doc__ = r"""Concordance correlation (Lin's CCC) loss per sequence, over the time axis.
+
+    ``loss = 1 - 2 cov(x, y) / (var(x) + var(y) + (mean x - mean y)^2 + eps)`` for each sequence (and
+    channel); per step ``c_t = 1 - 2 (x_t - mean x)(y_t - mean y) / (var(x) + var(y) + (mean x - mean y)^2 + eps)``.
+""" + _CORRELATION_ARGS + r"""
+    Example:
+        >>> pred = torch.randn(4, 50, 2, requires_grad=True)      # (batch, time, channels)
+        >>> loss = concordance_correlation_loss(pred, torch.randn(4, 50, 2), reduction="none")  # (4, 2)
+"""
 # ----------------------------------------------------------------------------- weighted / focal / ASL BCE
 
 

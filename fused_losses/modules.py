@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_focusing
+from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing
 
-__all__ = ["CostSensitiveCrossEntropyLoss", "WeightedBCEWithLogitsLoss"]
+__all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
+           "WeightedBCEWithLogitsLoss"]
 
 TensorLike = Union[Tensor, Sequence]
 
@@ -70,6 +71,63 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}")
 
 
+class _CorrelationLoss(nn.Module):
+    """Module form of a correlation loss; ``kind`` is set by the subclasses."""
+
+    kind: str
+
+    def __init__(self, dim: int = 1, reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8) -> None:
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_eps(eps)
+        self.dim = dim
+        self.reduction = reduction
+        self.per_timestep = per_timestep
+        self.eps = eps
+
+    def forward(self, input: Tensor, target: Tensor, mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        return F._correlation_loss(self.kind, input, target, mask, self.dim, self.reduction, self.per_timestep,
+                                   self.eps, lengths)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, reduction={self.reduction!r}, per_timestep={self.per_timestep}, eps={self.eps}"
+
+
+class PearsonCorrelationLoss(_CorrelationLoss):
+    r"""Module form of :func:`fused_losses.pearson_correlation_loss`: ``1 - r`` per sequence.
+
+    Args:
+        dim, reduction, per_timestep, eps: as in the functional form.
+
+    Shape:
+        input, target ``(B, T)`` or ``(B, T, D)`` (time axis ``dim``); ``forward(input, target, mask=None,
+        lengths=None)`` with mask the input's shape without the channel axis, lengths ``(B,)``. Output: scalar;
+        ``(B,)`` / ``(B, D)`` for ``reduction="none"``; the input's shape with ``per_timestep=True`` too.
+
+    Example:
+        >>> criterion = PearsonCorrelationLoss()
+        >>> loss = criterion(pred, true, lengths=lengths); loss.backward()
+    """
+
+    kind = "pearson"
+
+
+class ConcordanceCorrelationLoss(_CorrelationLoss):
+    r"""Module form of :func:`fused_losses.concordance_correlation_loss`: ``1 - CCC`` per sequence.
+
+    Args:
+        dim, reduction, per_timestep, eps: as in the functional form.
+
+    Shape:
+        as :class:`PearsonCorrelationLoss`.
+
+    Example:
+        >>> criterion = ConcordanceCorrelationLoss(dim=0)            # time-major (T, B, D) input
+        >>> loss = criterion(pred, true, mask); loss.backward()
+    """
+
+    kind = "concordance"
 class WeightedBCEWithLogitsLoss(nn.Module):
     r"""Module form of :func:`fused_losses.weighted_bce_with_logits` (weighted, focal or asymmetric BCE).
 

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cost_sensitive_cross_entropy", "dense_target_from_indices", "weighted_bce_with_logits"]
+from ._sequences import as_sequence_batch
+
+__all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
+           "dense_target_from_indices", "weighted_bce_with_logits"]
 
 
 def _reduce(loss: Tensor, reduction: str, denominator: Tensor) -> Tensor:
@@ -15,7 +18,10 @@ def _reduce(loss: Tensor, reduction: str, denominator: Tensor) -> Tensor:
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / denominator
+    # As F.cross_entropy: NaN when nothing counts, with a zero (not NaN) gradient.
+    counted = denominator != 0
+    mean = loss.sum() / denominator.where(counted, torch.ones_like(denominator))
+    return mean.where(counted, torch.full_like(mean, float("nan")))
 
 
 def cost_sensitive_cross_entropy(input: Tensor, target: Tensor, cost_matrix: Optional[Tensor] = None,
@@ -36,6 +42,56 @@ def cost_sensitive_cross_entropy(input: Tensor, target: Tensor, cost_matrix: Opt
     class_weight = weight[safe_target] if weight is not None else torch.ones_like(ce)
     denominator = (class_weight * valid).sum()
     return _reduce(loss, reduction, denominator)
+
+
+def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[Tensor], dim: int, reduction: str,
+                      per_timestep: bool, eps: float, lengths: Optional[Tensor]) -> Tensor:
+    """Two-pass masked moments in float32 (float64 for double), the loss formula, then the reduction."""
+    batch = as_sequence_batch(input, target, mask, dim, lengths)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x, y = batch.input.to(acc), batch.target.to(acc)                       # (B, T, D)
+    valid = torch.ones_like(x[..., :1], dtype=torch.bool) if batch.mask is None else batch.mask.unsqueeze(-1)
+    n = valid.sum(1).to(acc).expand(x.shape[0], x.shape[2])                  # (B, D)
+    safe_n = n.clamp_min(1).unsqueeze(1)
+    mean_x = torch.where(valid, x, 0).sum(1, keepdim=True) / safe_n
+    mean_y = torch.where(valid, y, 0).sum(1, keepdim=True) / safe_n
+    dx, dy = torch.where(valid, x - mean_x, 0), torch.where(valid, y - mean_y, 0)
+    cxx, cyy, cxy = (dx * dx).sum(1), (dy * dy).sum(1), (dx * dy).sum(1)   # centred sums, (B, D)
+    if kind == "pearson":
+        numerator, denominator = 1.0, cxx.sqrt() * cyy.sqrt() + n * eps
+    else:
+        gap = (mean_x - mean_y).squeeze(1)
+        numerator, denominator = 2.0, cxx + cyy + n * (gap * gap + eps)
+    zero = denominator == 0
+    scale = torch.where(zero, 0.0, numerator / torch.where(zero, 1.0, denominator))  # loss = 1 - scale * Cxy
+    if per_timestep:
+        steps = torch.where(valid, 1 - (scale * n).unsqueeze(1) * dx * dy, 0)
+        if reduction == "none":
+            return batch.restore_layout(steps.to(input.dtype), per_step=True)
+        total = steps.sum()
+        return (total if reduction == "sum" else total / n.sum()).to(input.dtype)
+    loss = 1 - scale * cxy
+    if reduction == "none":
+        return batch.restore_layout(loss.to(input.dtype), per_step=False)
+    return (loss.sum() if reduction == "sum" else loss.mean()).to(input.dtype)
+
+
+def pearson_correlation_loss(input: Tensor, target: Tensor, mask: Optional[Tensor] = None, dim: int = 1,
+                             reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8,
+                             lengths: Optional[Tensor] = None) -> Tensor:
+    """``1 - cov / (sqrt(var_x var_y) + eps)`` per sequence, as written by hand (its gradient is NaN at a flat
+    sequence, where sqrt(0) is differentiated)."""
+    return _correlation_loss("pearson", input, target, mask, dim, reduction, per_timestep, eps, lengths)
+
+
+def concordance_correlation_loss(input: Tensor, target: Tensor, mask: Optional[Tensor] = None, dim: int = 1,
+                                 reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8,
+                                 lengths: Optional[Tensor] = None) -> Tensor:
+    """``1 - 2 cov / (var_x + var_y + (mean_x - mean_y)^2 + eps)`` per sequence."""
+    return _correlation_loss("concordance", input, target, mask, dim, reduction, per_timestep, eps, lengths)
+
+
+# ----------------------------------------------------------------------------- weighted / focal / ASL BCE
 
 
 def dense_target_from_indices(positive_indices: Tensor, num_labels: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,4 +1,9 @@
-// CPU kernels of fused_losses::cost_sensitive_cross_entropy: rows in parallel, vectorised scans per row.
+// CPU kernels of fused_losses::cost_sensitive_cross_entropy.
+//
+// Rows are processed in parallel (fixed blocks, so the reduction is identical for any thread count).
+// Within a block, rows of many classes are vectorised over the classes, one row at a time; rows of few
+// classes (C <= kTileMaxClasses) are vectorised over rows: a tile of Vec::size() rows is transposed into C
+// vectors, one per class, so every exp and comparison works on Vec::size() rows at once.
 #include "cost_sensitive_cross_entropy.h"
 #include "cpu/cpu_rows.h"
 
@@ -12,48 +17,7 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Scans one contiguous row of accumulation-type logits. The common case (finite max) uses vector loops;
-// rows containing NaN or infinities take the element-wise RowScan, whose edge cases follow F.cross_entropy.
-template <typename acc_t>
-RowScan<acc_t> scan_row(const CrossEntropyConfig<acc_t>& cfg, const acc_t* z, int64_t target) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t C = cfg.num_classes;
-  const acc_t* cost_row = cfg.cost != nullptr ? cfg.cost + target * C : nullptr;
-  const bool need_argmax = cfg.cost != nullptr && cfg.mode == CostMode::Argmax;
-  const bool need_cost_exp = cfg.cost != nullptr && cfg.mode == CostMode::Expected;
-  const bool need_logit_sum = cfg.label_smoothing != acc_t(0);
-
-  RowScan<acc_t> scan;
-  const acc_t max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, z, C);
-  if (!std::isfinite(max)) {
-    for (int64_t j = 0; j < C; ++j) {
-      scan.add(z[j], j, need_cost_exp ? cost_row[j] : acc_t(0), class_weight_of(cfg, j));
-    }
-    return scan;
-  }
-  const Vec max_vec(max);
-  scan.max = max;
-  scan.sum_exp = at::vec::map_reduce_all<acc_t>([&](Vec x) { return (x - max_vec).exp(); },
-                                                [](Vec a, Vec b) { return a + b; }, z, C);
-  if (need_cost_exp) {
-    scan.cost_exp = at::vec::map2_reduce_all<acc_t>([&](Vec x, Vec c) { return (x - max_vec).exp() * c; },
-                                                    [](Vec a, Vec b) { return a + b; }, z, cost_row, C);
-  }
-  if (need_logit_sum) {
-    scan.weighted_logit_sum =
-        cfg.class_weight != nullptr
-            ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec w) { return x * w; }, [](Vec a, Vec b) { return a + b; },
-                                              z, cfg.class_weight, C)
-            : at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, z, C);
-  }
-  if (need_argmax) {
-    int64_t j = 0;
-    while (z[j] != max) ++j;  // the max is finite and present, so this stops at the first maximum
-    scan.best_index = j;
-    scan.best_value = max;
-  }
-  return scan;
-}
+constexpr int64_t kTileMaxClasses = 32;
 
 [[noreturn]] void throw_invalid_target(int64_t target, int64_t num_classes, int64_t ignore_index) {
   TORCH_CHECK_VALUE(false, "target contains class index ", target, ", outside [0, ", num_classes,
@@ -61,39 +25,273 @@ RowScan<acc_t> scan_row(const CrossEntropyConfig<acc_t>& cfg, const acc_t* z, in
 }
 
 template <typename scalar_t>
+class CrossEntropyKernel {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kTileRows = Vec::size();
+
+  CrossEntropyKernel(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg)
+      : p_(p), cfg_(cfg), C_(p.num_classes), input_(p.input.const_data_ptr<scalar_t>()),
+        target_(p.target.const_data_ptr<int64_t>()), tiled_(p.num_classes <= kTileMaxClasses) {}
+
+  // Rows handled together: a tile for few classes, else one row.
+  int64_t rows_per_step() const { return tiled_ ? kTileRows : 1; }
+
+  // Fills scans[k] for the valid rows among [first, first + count) and returns their target logits.
+  void scan_rows(int64_t first, int count, RowScan<acc_t>* scans, acc_t* target_logits) {
+    if (!tiled_) {
+      const int64_t y = target_[first];
+      if (kind(y) != TargetKind::Valid) return;
+      const acc_t* z = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
+      scans[0] = scan_row(z, y);
+      target_logits[0] = z[y];
+      return;
+    }
+    load_tile(first, count);
+    for (int k = 0; k < count; ++k) {
+      const int64_t y = target_[first + k];
+      if (kind(y) == TargetKind::Valid) target_logits[k] = tile_[y * kTileRows + k];
+    }
+    if (scan_tile(first, count, scans)) return;
+    // NaN or infinities: the element-wise scan, whose edge cases follow F.cross_entropy.
+    for (int k = 0; k < count; ++k) {
+      const int64_t y = target_[first + k];
+      if (kind(y) != TargetKind::Valid) continue;
+      const acc_t* cost_row = expected_cost() ? cfg_.cost + y * C_ : nullptr;
+      for (int64_t j = 0; j < C_; ++j) {
+        scans[k].add(tile_[j * kTileRows + k], j, cost_row ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j));
+      }
+    }
+  }
+
+  // Writes the gradient rows [first, first + count) given each row's coefficients (valid rows only).
+  void gradient_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs, scalar_t* grad,
+                     const RowLayout& grad_layout) {
+    if (!tiled_) {
+      const int64_t y = target_[first];
+      scalar_t* grad_row = grad + grad_layout.row_offset(first);
+      acc_t* g = row_output<acc_t>(grad_row, grad_layout.class_stride, C_, out_buffer_);
+      if (kind(y) == TargetKind::Valid) {
+        const acc_t* z = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
+        gradient_row(z, coefs[0], y, g);
+      } else {
+        std::fill(g, g + C_, invalid_row_gradient(y));
+      }
+      store_row(g, grad_row, grad_layout.class_stride, C_);
+      return;
+    }
+    load_tile(first, count);
+    gradient_tile(first, count, coefs);
+    for (int k = 0; k < count; ++k) {
+      scalar_t* grad_row = grad + grad_layout.row_offset(first + k);
+      for (int64_t j = 0; j < C_; ++j) grad_row[j * grad_layout.class_stride] = static_cast<scalar_t>(out_tile_[j * kTileRows + k]);
+    }
+  }
+
+  TargetKind kind(int64_t y) const { return classify_target(y, C_, cfg_.ignore_index); }
+
+ private:
+  const scalar_t* row_ptr(int64_t row) const { return input_ + p_.layout.row_offset(row); }
+  bool expected_cost() const { return cfg_.cost != nullptr && cfg_.mode == CostMode::Expected; }
+  acc_t invalid_row_gradient(int64_t y) const {
+    return kind(y) == TargetKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  }
+
+  // One contiguous row of many classes, vectorised over the classes. Rows containing NaN or infinities take
+  // the element-wise RowScan, whose edge cases follow F.cross_entropy.
+  RowScan<acc_t> scan_row(const acc_t* z, int64_t y) const {
+    RowScan<acc_t> scan;
+    const acc_t* cost_row = cfg_.cost != nullptr ? cfg_.cost + y * C_ : nullptr;
+    const acc_t max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, z, C_);
+    if (!std::isfinite(max)) {
+      for (int64_t j = 0; j < C_; ++j) {
+        scan.add(z[j], j, expected_cost() ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j));
+      }
+      return scan;
+    }
+    const Vec max_vec(max);
+    const auto sum = [](Vec a, Vec b) { return a + b; };
+    scan.max = max;
+    scan.sum_exp = at::vec::map_reduce_all<acc_t>([&](Vec x) { return (x - max_vec).exp(); }, sum, z, C_);
+    if (expected_cost()) {
+      scan.cost_exp = at::vec::map2_reduce_all<acc_t>([&](Vec x, Vec c) { return (x - max_vec).exp() * c; }, sum, z,
+                                                      cost_row, C_);
+    }
+    if (cfg_.label_smoothing != acc_t(0)) {
+      scan.weighted_logit_sum =
+          cfg_.class_weight != nullptr
+              ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec w) { return x * w; }, sum, z, cfg_.class_weight, C_)
+              : at::vec::reduce_all<acc_t>(sum, z, C_);
+    }
+    if (cost_row != nullptr && cfg_.mode == CostMode::Argmax) {
+      scan.best_value = max;
+      scan.best_index = first_index_of(z, max);
+    }
+    return scan;
+  }
+
+  // First j with z[j] == value (value is present and finite), a vector of classes at a time.
+  int64_t first_index_of(const acc_t* z, acc_t value) const {
+    const Vec target(value);
+    int64_t j = 0;
+    for (; j + Vec::size() <= C_; j += Vec::size()) {
+      const int not_equal = (Vec::loadu(z + j) == target).zero_mask();
+      const int equal = ~not_equal & ((1 << Vec::size()) - 1);
+      if (equal != 0) return j + __builtin_ctz(equal);
+    }
+    while (z[j] != value) ++j;
+    return j;
+  }
+
+  void gradient_row(const acc_t* z, const GradientCoefficients<acc_t>& k, int64_t y, acc_t* g) const {
+    const acc_t* cost_row = k.b != acc_t(0) ? cfg_.cost + y * C_ : nullptr;
+    const Vec lse(k.lse), a(k.a), b(k.b), d(k.d);
+    for (int64_t j = 0; j < C_; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), C_ - j);
+      const Vec prob = (Vec::loadu(z + j, n) - lse).exp();
+      Vec value = cost_row != nullptr ? prob * (a + b * Vec::loadu(cost_row + j, n)) : prob * a;
+      if (k.d != acc_t(0)) value = value - (cfg_.class_weight != nullptr ? d * Vec::loadu(cfg_.class_weight + j, n) : d);
+      value.store(g + j, n);
+    }
+    g[y] -= k.e;
+  }
+
+  // tile_[j * kTileRows + k] = z[first + k][j]; rows past `count` are zero.
+  void load_tile(int64_t first, int count) {
+    tile_.resize(C_ * kTileRows);
+    for (int k = 0; k < kTileRows; ++k) {
+      if (k < count) {
+        const scalar_t* row = row_ptr(first + k);
+        for (int64_t j = 0; j < C_; ++j) tile_[j * kTileRows + k] = static_cast<acc_t>(row[j * p_.layout.class_stride]);
+      } else {
+        for (int64_t j = 0; j < C_; ++j) tile_[j * kTileRows + k] = acc_t(0);
+      }
+    }
+  }
+
+  // cost_tile_[j * kTileRows + k] = cost[y_k, j] (zero for rows that are not valid).
+  void load_cost_tile(int64_t first, int count) {
+    cost_tile_.assign(C_ * kTileRows, acc_t(0));
+    for (int k = 0; k < count; ++k) {
+      const int64_t y = target_[first + k];
+      if (kind(y) != TargetKind::Valid) continue;
+      for (int64_t j = 0; j < C_; ++j) cost_tile_[j * kTileRows + k] = cfg_.cost[y * C_ + j];
+    }
+  }
+
+  // Tile of few classes, one vector lane per row. Returns false, filling nothing, when a row's maximum is
+  // not finite (NaN, +inf, or all -inf): those tiles take the element-wise scan.
+  bool scan_tile(int64_t first, int count, RowScan<acc_t>* scans) {
+    Vec max = Vec::loadu(tile_.data()), best = Vec(acc_t(0));
+    for (int64_t j = 1; j < C_; ++j) {
+      const Vec z = Vec::loadu(tile_.data() + j * kTileRows);
+      best = Vec::blendv(best, Vec(static_cast<acc_t>(j)), z > max);  // strict: ties keep the first index
+      max = at::vec::maximum(max, z);  // propagates NaN
+    }
+    acc_t lanes[5][kTileRows];
+    max.store(lanes[0]);
+    for (int k = 0; k < count; ++k) {
+      if (!std::isfinite(lanes[0][k])) return false;
+    }
+    if (expected_cost()) load_cost_tile(first, count);
+    Vec sum_exp(acc_t(0)), cost_exp(acc_t(0)), weighted_sum(acc_t(0));
+    for (int64_t j = 0; j < C_; ++j) {
+      const Vec z = Vec::loadu(tile_.data() + j * kTileRows);
+      const Vec e = (z - max).exp();
+      sum_exp = sum_exp + e;
+      if (expected_cost()) cost_exp = cost_exp + e * Vec::loadu(cost_tile_.data() + j * kTileRows);
+      weighted_sum = weighted_sum + z * Vec(class_weight_of(cfg_, j));
+    }
+    sum_exp.store(lanes[1]);
+    cost_exp.store(lanes[2]);
+    weighted_sum.store(lanes[3]);
+    best.store(lanes[4]);
+    for (int k = 0; k < count; ++k) {
+      scans[k].max = lanes[0][k];
+      scans[k].sum_exp = lanes[1][k];
+      scans[k].cost_exp = lanes[2][k];
+      scans[k].weighted_logit_sum = lanes[3][k];
+      scans[k].best_value = lanes[0][k];
+      scans[k].best_index = static_cast<int64_t>(lanes[4][k]);
+    }
+    return true;
+  }
+
+  // out_tile_ = gradient of the tile's rows, one vector lane per row.
+  void gradient_tile(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
+    acc_t lanes[4][kTileRows] = {};
+    bool any_cost = false;
+    for (int k = 0; k < count; ++k) {
+      lanes[0][k] = coefs[k].lse;
+      lanes[1][k] = coefs[k].a;
+      lanes[2][k] = coefs[k].b;
+      lanes[3][k] = coefs[k].d;
+      any_cost |= coefs[k].b != acc_t(0);
+    }
+    if (any_cost) load_cost_tile(first, count);
+    const Vec lse = Vec::loadu(lanes[0]), a = Vec::loadu(lanes[1]), b = Vec::loadu(lanes[2]), d = Vec::loadu(lanes[3]);
+    out_tile_.resize(C_ * kTileRows);
+    for (int64_t j = 0; j < C_; ++j) {
+      const Vec prob = (Vec::loadu(tile_.data() + j * kTileRows) - lse).exp();
+      Vec value = any_cost ? prob * (a + b * Vec::loadu(cost_tile_.data() + j * kTileRows)) : prob * a;
+      value = value - d * Vec(class_weight_of(cfg_, j));
+      value.store(out_tile_.data() + j * kTileRows);
+    }
+    for (int k = 0; k < count; ++k) {
+      const int64_t y = target_[first + k];
+      if (kind(y) == TargetKind::Valid) {
+        out_tile_[y * kTileRows + k] -= coefs[k].e;
+      } else {
+        for (int64_t j = 0; j < C_; ++j) out_tile_[j * kTileRows + k] = invalid_row_gradient(y);
+      }
+    }
+  }
+
+  const CrossEntropyProblem& p_;
+  const CrossEntropyConfig<acc_t>& cfg_;
+  const int64_t C_;
+  const scalar_t* input_;
+  const int64_t* target_;
+  const bool tiled_;
+  std::vector<acc_t> row_buffer_, out_buffer_, tile_, cost_tile_, out_tile_;
+};
+
+template <typename scalar_t>
 void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_type<scalar_t>>& cfg, at::Tensor& loss,
                   at::Tensor& row_stats, at::Tensor& total_weight) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t C = p.num_classes;
-  const scalar_t* input = p.input.const_data_ptr<scalar_t>();
+  using Kernel = CrossEntropyKernel<scalar_t>;
   const int64_t* target = p.target.const_data_ptr<int64_t>();
   acc_t* stats = row_stats.data_ptr<acc_t>();
   scalar_t* row_losses = p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr;
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
-      p.num_rows, items_per_block(C), [&](int64_t begin, int64_t end) {
+      p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
+        Kernel kernel(p, cfg);
         std::array<acc_t, 2> loss_and_weight{};
-        std::vector<acc_t> buffer;
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t y = target[row];
-          acc_t row_loss = 0;
-          switch (classify_target(y, C, cfg.ignore_index)) {
-            case TargetKind::Ignored:
-              stats[row * p.num_stats] = 0;
-              break;
-            case TargetKind::Invalid:
-              throw_invalid_target(y, C, cfg.ignore_index);
-            case TargetKind::Valid: {
-              const acc_t* z = row_as_acc<acc_t>(input + p.layout.row_offset(row), p.layout.class_stride, C, buffer);
-              const RowLoss<acc_t> result = finish_row(cfg, scan_row(cfg, z, y), y, z[y]);
-              store_row_stats(stats + row * p.num_stats, p.num_stats, result);
-              row_loss = result.loss();
-              loss_and_weight[0] += row_loss;
-              loss_and_weight[1] += class_weight_of(cfg, y);
-              break;
+        for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
+          const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
+          RowScan<acc_t> scans[Kernel::kTileRows];
+          acc_t target_logits[Kernel::kTileRows];
+          kernel.scan_rows(first, count, scans, target_logits);
+          for (int k = 0; k < count; ++k) {
+            const int64_t row = first + k, y = target[row];
+            RowLoss<acc_t> result{};  // ignored rows save zeros
+            switch (kernel.kind(y)) {
+              case TargetKind::Invalid:
+                throw_invalid_target(y, p.num_classes, cfg.ignore_index);
+              case TargetKind::Ignored:
+                break;
+              case TargetKind::Valid:
+                result = finish_row(cfg, scans[k], y, target_logits[k]);
+                loss_and_weight[0] += result.loss();
+                loss_and_weight[1] += class_weight_of(cfg, y);
+                break;
             }
+            store_row_stats(stats + row * p.num_stats, p.num_stats, result);
+            if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(result.loss());
           }
-          if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(row_loss);
         }
         return loss_and_weight;
       });
@@ -107,9 +305,7 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
                    const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& total_weight,
                    at::Tensor& grad_input) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  const int64_t C = p.num_classes;
-  const scalar_t* input = p.input.const_data_ptr<scalar_t>();
+  using Kernel = CrossEntropyKernel<scalar_t>;
   const int64_t* target = p.target.const_data_ptr<int64_t>();
   const acc_t* stats = row_stats.const_data_ptr<acc_t>();
   scalar_t* grad = grad_input.data_ptr<scalar_t>();
@@ -121,33 +317,18 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
     if (p.reduction == Reduction::Mean) uniform_scale /= total_weight.item<acc_t>();
   }
 
-  at::parallel_for(0, p.num_rows, items_per_block(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buffer, out_buffer;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t y = target[row];
-      scalar_t* grad_row = grad + grad_layout.row_offset(row);
-      acc_t* g = row_output<acc_t>(grad_row, grad_layout.class_stride, C, out_buffer);
-      const TargetKind kind = classify_target(y, C, cfg.ignore_index);
-      if (kind != TargetKind::Valid) {
-        const acc_t fill = kind == TargetKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-        std::fill(g, g + C, fill);
-        store_row(g, grad_row, grad_layout.class_stride, C);
-        continue;
+  at::parallel_for(0, p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
+    Kernel kernel(p, cfg);
+    for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
+      const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
+      GradientCoefficients<acc_t> coefs[Kernel::kTileRows];
+      for (int k = 0; k < count; ++k) {
+        const int64_t row = first + k, y = target[row];
+        if (kernel.kind(y) != TargetKind::Valid) continue;
+        const acc_t scale = per_row_grad != nullptr ? static_cast<acc_t>(per_row_grad[row]) : uniform_scale;
+        coefs[k] = make_gradient_coefficients(cfg, stats + row * p.num_stats, p.num_stats, y, scale);
       }
-      const acc_t scale = per_row_grad != nullptr ? static_cast<acc_t>(per_row_grad[row]) : uniform_scale;
-      const auto k = make_gradient_coefficients(cfg, stats + row * p.num_stats, p.num_stats, y, scale);
-      const acc_t* z = row_as_acc<acc_t>(input + p.layout.row_offset(row), p.layout.class_stride, C, in_buffer);
-      const acc_t* cost_row = k.b != acc_t(0) ? cfg.cost + y * C : nullptr;
-      const Vec lse(k.lse), a(k.a), b(k.b), d(k.d);
-      for (int64_t j = 0; j < C; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), C - j);
-        const Vec prob = (Vec::loadu(z + j, n) - lse).exp();
-        Vec value = cost_row != nullptr ? prob * (a + b * Vec::loadu(cost_row + j, n)) : prob * a;
-        if (k.d != acc_t(0)) value = value - (cfg.class_weight != nullptr ? d * Vec::loadu(cfg.class_weight + j, n) : d);
-        value.store(g + j, n);
-      }
-      g[y] -= k.e;
-      store_row(g, grad_row, grad_layout.class_stride, C);
+      kernel.gradient_rows(first, count, coefs, grad, grad_layout);
     }
   });
 }

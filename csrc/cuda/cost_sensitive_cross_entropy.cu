@@ -101,14 +101,15 @@ __global__ void __launch_bounds__(kBlockThreads)
     merge_group<Group>(scan);
     if (lane != 0 || !in_range) continue;
     acc_t row_loss = 0;
+    RowLoss<acc_t> result{};  // ignored and invalid rows save zeros (the backward does not read them)
     if (kind == TargetKind::Valid) {
-      const RowLoss<acc_t> result = finish_row(cfg, scan, y, static_cast<acc_t>(row_ptr[y * layout.class_stride]));
-      store_row_stats(stats + row * num_stats, num_stats, result);
+      result = finish_row(cfg, scan, y, static_cast<acc_t>(row_ptr[y * layout.class_stride]));
       row_loss = result.loss();
       sums[1] += class_weight_of(cfg, y);
     } else if (kind == TargetKind::Invalid) {
       row_loss = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number for a bad label
     }
+    store_row_stats(stats + row * num_stats, num_stats, result);
     sums[0] += row_loss;
     if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(row_loss);
   }
@@ -118,18 +119,6 @@ __global__ void __launch_bounds__(kBlockThreads)
     partials[blockIdx.x * 2 + 1] = sums[1];
   }
 }
-
-// Writes the reduced loss and the total class weight of the counted rows.
-template <typename scalar_t>
-struct ForwardEpilogue {
-  scalar_t* loss;  // nullptr for reduction='none'
-  acc_type<scalar_t>* total_weight;
-  bool mean;
-  __device__ void operator()(const acc_type<scalar_t> (&totals)[2]) const {
-    *total_weight = totals[1];
-    if (loss != nullptr) *loss = static_cast<scalar_t>(mean ? totals[0] / totals[1] : totals[0]);
-  }
-};
 
 template <typename scalar_t, int Group>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -195,8 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
   if (p.num_rows == 0) {
-    total_weight.zero_();
-    if (p.reduction != Reduction::None) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    fill_empty_reduction(loss, total_weight, p.reduction);
     return {loss, row_stats, total_weight};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -215,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
           row_stats.data_ptr<acc_t>(), p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr,
           partials.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const ForwardEpilogue<scalar_t> epilogue{p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(),
+      const ReducedLossEpilogue<scalar_t> epilogue{p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(),
                                                total_weight.data_ptr<acc_t>(), p.reduction == Reduction::Mean};
       launch_reduce_partials<acc_t, 2>(partials.const_data_ptr<acc_t>(), blocks, epilogue, stream);
     });

@@ -2,6 +2,8 @@
 // reduction of per-block partial sums, and launch helpers.
 #pragma once
 
+#include "common.h"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -94,6 +96,59 @@ void launch_reduce_partials(const acc_t* partials, int64_t num_partials, Epilogu
   reduce_partials_kernel<acc_t, Width, Epilogue><<<1, kBlockThreads, 0, stream>>>(partials, num_partials, epilogue);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// ----------------------------------------------------------------------------- reduced-loss epilogue
+
+// Epilogue of launch_reduce_partials for the (sum of losses, sum of weights) partials of a forward: writes
+// the total weight (the divisor the backward of 'mean' needs) and, unless the reduction is 'none' (loss is
+// nullptr), the loss: the sum, or for 'mean' the sum divided by the total weight.
+template <typename scalar_t>
+struct ReducedLossEpilogue {
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* loss;
+  acc_t* total_weight;
+  bool mean;
+  __device__ void operator()(const acc_t (&totals)[2]) const {
+    *total_weight = totals[1];
+    if (loss != nullptr) *loss = static_cast<scalar_t>(mean ? totals[0] / totals[1] : totals[0]);
+  }
+};
+
+// ----------------------------------------------------------------------------- mergeable states across lanes
+
+// A State is a mergeable partial result (e.g. count/mean/co-moment sums merged with Chan's formulas) with
+// value_type, kWidth, store(value_type*), static load(const value_type*) and merge(const State&).
+template <int Group, typename State>
+__device__ __forceinline__ State shuffle_state(const State& state, int offset) {
+  typename State::value_type values[State::kWidth];
+  state.store(values);
+#pragma unroll
+  for (int k = 0; k < State::kWidth; ++k) values[k] = group_xor<Group>(values[k], offset);
+  return State::load(values);
+}
+
+// Merges the states of each aligned group of `Group` lanes (a power of two up to a warp, or the whole block)
+// in a fixed order; the result is valid in the group's first lane. Every thread of the block must call it.
+template <int Group, typename State>
+__device__ void merge_group(State& state) {
+  static_assert(Group <= kWarpSize || Group == kBlockThreads, "a group is at most a warp, or the whole block");
+  constexpr int kShuffleGroup = Group < kWarpSize ? Group : kWarpSize;
+  for (int offset = kShuffleGroup / 2; offset > 0; offset /= 2) state.merge(shuffle_state<kShuffleGroup>(state, offset));
+  if constexpr (Group > kWarpSize) {
+    constexpr int kWarps = kBlockThreads / kWarpSize;
+    __shared__ typename State::value_type warp_states[kWarps][State::kWidth];
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    if (lane == 0) state.store(warp_states[warp]);
+    __syncthreads();
+    if (warp == 0) {
+      state = lane < kWarps ? State::load(warp_states[lane]) : State{};
+      for (int offset = kWarps / 2; offset > 0; offset /= 2) state.merge(shuffle_state<kWarpSize>(state, offset));
+    }
+    __syncthreads();  // warp_states is reused by the next call
+  }
+}
+
+// ----------------------------------------------------------------------------- launch helpers
 
 // Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time. It depends on the
 // problem size only, so per-block partial sums (and the final sum) do not depend on the device.

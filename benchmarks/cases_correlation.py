@@ -1,0 +1,54 @@
+"""Benchmark rows of the correlation losses: fused Pearson against the pure-PyTorch reference
+(fused_losses.reference, timed eagerly and under torch.compile by the harness), at the issue's shapes.
+
+Bytes are those the 3-pass schedule must move, with U the bytes of one (B, T) input: the forward reads x and
+y (2U); forward + backward reads them again and writes the input's gradient (5U). The O(B) statistics are
+left out."""
+
+from typing import List, Tuple
+
+import torch
+
+import fused_losses
+from benchmarks.case import BenchCase
+from fused_losses import reference
+
+CPU_SHAPES = [(4096, 1000)]
+CUDA_SHAPES = [(65536, 100), (16384, 4096), (256, 262144)]
+DTYPES = [torch.float32, torch.bfloat16]
+SMOKE_SHAPE = (64, 256)
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _inputs(shape: Tuple[int, int], dtype: torch.dtype, device: str):
+    def make():
+        x = torch.randn(shape, device=device, dtype=torch.float32)
+        y = 0.5 * x + torch.randn_like(x)  # correlated, as predictions and labels are
+        return {"input": x.to(dtype).requires_grad_(), "target": y.to(dtype)}
+
+    return make
+
+
+def _case(shape: Tuple[int, int], dtype: torch.dtype, device: str, smoke: bool = False) -> BenchCase:
+    one_input = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    return BenchCase(
+        op="pearson_correlation_loss",
+        label=f"({shape[0]}, {shape[1]}) {_DTYPE_NAMES[dtype]}",
+        make_inputs=_inputs(shape, dtype, device),
+        fused=fused_losses.pearson_correlation_loss,
+        reference=reference.pearson_correlation_loss,
+        grad_input="input",
+        bytes_forward=2 * one_input,
+        bytes_forward_backward=5 * one_input,
+        smoke=smoke,
+    )
+
+
+def cases(device: str, quick: bool) -> List[BenchCase]:
+    """The rows for `device` ("cpu" or "cuda"); `quick` keeps float32 only."""
+    shapes = CUDA_SHAPES if device.startswith("cuda") else CPU_SHAPES
+    dtypes = DTYPES[:1] if quick else DTYPES
+    rows = [_case(SMOKE_SHAPE, torch.float32, device, smoke=True)]
+    rows += [_case(shape, dtype, device) for shape in shapes for dtype in dtypes]
+    return rows

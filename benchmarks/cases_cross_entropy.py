@@ -1,0 +1,71 @@
+"""Benchmark cases of the cost-sensitive cross-entropy: fused op vs the seed formula
+(`fused_losses.reference`, eager and compiled) and, without a cost matrix, Liger's cross-entropy."""
+
+import torch
+
+import fused_losses
+from fused_losses import reference
+
+from .case import BenchCase
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _liger_cross_entropy():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError:
+        return None
+    return lambda input, target, cost_matrix=None: liger_cross_entropy(input, target)
+
+
+def _bytes(n: int, c: int, dtype: torch.dtype, has_cost: bool):
+    """Bytes the 3-pass schedule moves: the forward reads logits + targets and writes per-row statistics;
+    the backward re-reads logits + targets + statistics and writes the gradient."""
+    logits = n * c * dtype.itemsize
+    targets = n * 8
+    stats = n * (2 if has_cost else 1) * (8 if dtype == torch.float64 else 4)
+    forward = logits + targets + stats
+    return forward, forward + logits + targets + stats + logits
+
+
+def _case(n, c, dtype, device, with_cost, smoke=False, target_vs_compiled=None):
+    def make_inputs():
+        x = torch.randn(n, c, device=device, dtype=dtype).requires_grad_(True)
+        y = torch.randint(0, c, (n,), device=device)
+        inputs = dict(input=x, target=y)
+        if with_cost:
+            inputs["cost_matrix"] = torch.rand(c, c, device=device) + 0.5
+        return inputs
+
+    forward_bytes, total_bytes = _bytes(n, c, dtype, with_cost)
+    extra = {} if with_cost else {"liger": _liger_cross_entropy() if device == "cuda" else None}
+    return BenchCase(
+        op="cost_sensitive_cross_entropy",
+        label=f"({n}, {c}) {DTYPE_NAMES[dtype]}{' cost' if with_cost else ''}",
+        make_inputs=make_inputs,
+        fused=fused_losses.cost_sensitive_cross_entropy,
+        reference=reference.cost_sensitive_cross_entropy,
+        bytes_forward=forward_bytes,
+        bytes_forward_backward=total_bytes,
+        extra=extra,
+        smoke=smoke,
+        target_vs_compiled=target_vs_compiled,
+    )
+
+
+def cases(device: str, quick: bool):
+    if device == "cuda":
+        # (N, C, cost matrix, target speed-up over torch.compile): no cost matrix at vocabulary size, where a
+        # dense C x C matrix would take 61 GiB.
+        shapes = [(4194304, 10, True, 5.0), (262144, 1000, True, 2.0), (8192, 128256, False, 2.0)]
+        dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
+        result = [_case(n, c, dt, device, cost, target_vs_compiled=target)
+                  for dt in dtypes for n, c, cost, target in shapes]
+        result.append(_case(4096, 10, torch.float32, device, True, smoke=True))
+        return result
+    shapes = [(262144, 10), (16384, 1000)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    result = [_case(n, c, dt, device, True) for dt in dtypes for n, c in shapes]
+    result.append(_case(4096, 10, torch.float32, device, True, smoke=True))
+    return result

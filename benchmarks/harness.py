@@ -1,0 +1,144 @@
+"""Measurement: copy bandwidth, forward / forward+backward times, peak extra memory, for one BenchCase and
+each implementation (fused, eager reference, compiled reference, extras such as Liger)."""
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .case import BenchCase
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[int], None], device: str, warmup: int, reps: int) -> float:
+    """Median time of fn(i) over `reps` runs after `warmup` runs (CUDA events on the GPU)."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    samples = []
+    for i in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device: str, quick: bool) -> float:
+    """Device-to-device copy bandwidth, counting bytes read + written (the ceiling of memory-bound kernels)."""
+    numel = (256 if device == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda i: dst.copy_(src), device, warmup=3, reps=5 if quick else 20)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+class PeakMemory:
+    """Peak memory allocated above the level at entry: the CUDA caching allocator's statistics on the GPU,
+    the resident set's high-water mark (reset through /proc/self/clear_refs) on the CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
+    def __enter__(self):
+        _sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as clear_refs:
+                    clear_refs.write("5")
+                self._base = self._status_kb("VmRSS:") * 1024
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        if self.device == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        elif self._base is not None:
+            self.peak_bytes = max(0, self._status_kb("VmHWM:") * 1024 - self._base)
+        return False
+
+
+def _rotation(case_inputs: Dict, device: str) -> int:
+    """Number of input sets to cycle through so that caches do not hold the next call's inputs."""
+    size = sum(t.numel() * t.element_size() for t in case_inputs.values() if torch.is_tensor(t))
+    cache_bytes = 150 * 2**20 if device == "cuda" else 64 * 2**20
+    return max(1, min(4, math.ceil(cache_bytes / max(1, size))))
+
+
+def measure_implementation(fn: Callable, case: BenchCase, input_sets: List[Dict], device: str, quick: bool) -> Dict:
+    warmup, reps = (3, 10) if quick else (5, 30) if device == "cuda" else (2, 7)
+
+    def forward_backward(i):
+        inputs = input_sets[i % len(input_sets)]
+        loss = fn(**inputs)
+        torch.autograd.grad(loss, inputs[case.grad_input])
+
+    def forward(i):
+        with torch.no_grad():
+            fn(**input_sets[i % len(input_sets)])
+
+    fwd_bwd_ms = time_ms(forward_backward, device, warmup, reps)
+    fwd_ms = time_ms(forward, device, warmup, reps)
+    with PeakMemory(device) as memory:
+        forward_backward(0)
+    return {"fwd_bwd_ms": fwd_bwd_ms, "fwd_ms": fwd_ms, "peak_extra_bytes": memory.peak_bytes}
+
+
+def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: bool = True) -> Dict:
+    first = case.make_inputs()
+    input_sets = [first] + [case.make_inputs() for _ in range(_rotation(first, device) - 1)]
+    implementations: Dict[str, Optional[Callable]] = {"fused": case.fused, "eager": case.reference}
+    if compile_reference:
+        implementations["compiled"] = torch.compile(case.reference, dynamic=False)
+    implementations.update(case.extra)
+    results: Dict[str, Dict] = {}
+    for name, fn in implementations.items():
+        if fn is None:
+            continue
+        try:
+            results[name] = measure_implementation(fn, case, input_sets, device, quick)
+        except Exception as error:  # a failing alternative is reported, not fatal
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results

@@ -1,0 +1,657 @@
+// CUDA kernels of fused_losses::correlation_loss (Pearson and CCC).
+//
+// Schedule (3 passes per input): the forward reads x, y (and the mask) once and saves O(B D) Moments per
+// sequence; the backward re-reads x, y and writes the gradient(s). Nothing is written in place, so the op is
+// correct for any grad_output, retain_graph, torch.compile and CUDA graphs, with no host synchronisation.
+//
+// Work is split into items = (sequence, chunk of steps), each owned by a group of G lanes:
+//   G = 1 when steps are strided (consecutive threads read consecutive sequences) or very short,
+//   G = 4 for a few hundred bytes per sequence (B = 65536, T = 100), a warp up to a few KB,
+//   G = the block beyond (T = 4096 fp32),
+// and long sequences that would leave the GPU idle (B = 256, T = 262144) are cut into several chunks whose
+// partial Moments (Chan-mergeable) a second kernel merges in chunk order. All reductions run in a fixed order
+// and the split depends on the problem only, so results are bitwise reproducible.
+// Steps are read as 16-byte packs when every operand has unit time stride and the same alignment at every
+// sequence start; the sweep peels the unaligned head and tail of each chunk element by element.
+#include "correlation_loss.h"
+#include "cuda/cuda_utils.cuh"
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace fused_losses::cuda {
+namespace {
+
+// ----------------------------------------------------------------------------- operands and rows
+
+// One sequence's row of a (B, T, D) operand. load/store<N> move the N steps from t on: N = 1 at any stride, or
+// one aligned 16-byte pack (N = kVecSize, unit stride; the sweep guarantees both).
+template <typename T>
+struct Row {
+  T* ptr;
+  int64_t stride;
+
+  template <int N, typename acc_t>
+  __device__ void load(int64_t t, acc_t (&out)[N]) const {
+    if constexpr (N == 1) {
+      out[0] = static_cast<acc_t>(ptr[t * stride]);
+    } else {
+      static_assert(N == kVecSize<std::remove_const_t<T>>, "a pack is one 16-byte load");
+      const auto pack = load_pack(ptr + t);
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = static_cast<acc_t>(pack.values[i]);
+    }
+  }
+
+  template <int N, typename acc_t>
+  __device__ void store(int64_t t, const acc_t (&values)[N]) const {
+    if constexpr (N == 1) {
+      ptr[t * stride] = static_cast<T>(values[0]);
+    } else {
+      static_assert(N == kVecSize<T>, "a pack is one 16-byte store");
+      Pack<T, N> pack;
+#pragma unroll
+      for (int i = 0; i < N; ++i) pack.values[i] = static_cast<T>(values[i]);
+      store_pack(ptr + t, pack);
+    }
+  }
+};
+
+// The mask row of a sequence (nullptr: every step is valid). Read byte by byte at its own stride.
+struct MaskRow {
+  const bool* ptr;
+  int64_t stride;
+
+  template <int N>
+  __device__ void load(int64_t t, bool (&out)[N]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || ptr[(t + i) * stride];
+  }
+};
+
+// A (B, T, D) tensor (or a (B, T) mask) on the device with its layout; data nullptr for an absent one, whose
+// rows are null too.
+template <typename T>
+struct Operand {
+  T* data = nullptr;
+  RowLayout layout{};
+  __device__ Row<T> row(int64_t seq) const {
+    if (data == nullptr) return {nullptr, 0};
+    return {data + layout.row_offset(seq), layout.class_stride};
+  }
+};
+
+// An operand as the host sees it when choosing the sweep.
+struct OperandView {
+  const void* data;
+  RowLayout layout;
+};
+
+template <typename T>
+OperandView view_of(const Operand<T>& operand) {
+  return {operand.data, operand.layout};
+}
+
+template <typename T>
+Operand<T> make_operand(T* data, const at::Tensor& t, int64_t channels) {
+  return {data, sequence_layout(t, channels)};
+}
+
+// x, y and the mask: what every kernel reads.
+template <typename scalar_t>
+struct Inputs {
+  Operand<const scalar_t> x, y;
+  Operand<const bool> mask;  // data nullptr without a mask
+};
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const CorrelationProblem& p) {
+  Inputs<scalar_t> in;
+  in.x = make_operand(p.input.const_data_ptr<scalar_t>(), p.input, p.channels);
+  in.y = make_operand(p.target.const_data_ptr<scalar_t>(), p.target, p.channels);
+  if (p.mask.has_value()) in.mask = {p.mask->const_data_ptr<bool>(), p.mask_layout};
+  return in;
+}
+
+// The steps of one sequence: x, y and validity, loaded together.
+template <typename scalar_t>
+struct StepReader {
+  using acc_t = acc_type<scalar_t>;
+  Row<const scalar_t> x, y;
+  MaskRow valid;
+
+  __device__ StepReader(const Inputs<scalar_t>& in, int64_t seq) : x(in.x.row(seq)), y(in.y.row(seq)) {
+    const Row<const bool> mask = in.mask.row(seq);
+    valid = {mask.ptr, mask.stride};
+  }
+
+  template <int N>
+  __device__ void load(int64_t t, acc_t (&xs)[N], acc_t (&ys)[N], bool (&ok)[N]) const {
+    x.template load<N>(t, xs);
+    y.template load<N>(t, ys);
+    valid.template load<N>(t, ok);
+  }
+
+  // Steps from the start of x's row to the next 16-byte boundary, modulo a pack (the same for every operand
+  // when the sweep is vectorised).
+  __device__ int misalignment() const {
+    return static_cast<int>((reinterpret_cast<uintptr_t>(x.ptr) / sizeof(scalar_t)) % kVecSize<scalar_t>);
+  }
+};
+
+// The steps of one sequence as deviations from its saved centres: what every pass after the statistics reads.
+// Visitors derive from it (and so share misalignment()).
+template <typename scalar_t>
+struct CentredSteps {
+  using acc_t = acc_type<scalar_t>;
+  StepReader<scalar_t> steps;
+  Centre<acc_t> centre_x, centre_y;
+
+  __device__ CentredSteps(const Inputs<scalar_t>& in, int64_t seq, const Moments<acc_t>& m)
+      : steps(in, seq), centre_x(m.centre_x()), centre_y(m.centre_y()) {}
+
+  // Deviations of the N steps from t (0 on steps that are not valid).
+  template <int N>
+  __device__ void load_deviations(int64_t t, acc_t (&dx)[N], acc_t (&dy)[N], bool (&ok)[N]) const {
+    steps.template load<N>(t, dx, dy, ok);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      dx[i] = ok[i] ? centre_x.deviation(dx[i]) : acc_t(0);
+      dy[i] = ok[i] ? centre_y.deviation(dy[i]) : acc_t(0);
+    }
+  }
+
+  __device__ int misalignment() const { return steps.misalignment(); }
+};
+
+template <typename acc_t>
+__device__ Moments<acc_t> saved_moments(const acc_t* stats, int64_t seq) {
+  return Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
+}
+
+// True when every operand has unit time stride and the same address modulo 16 bytes at every sequence start,
+// so one head peel aligns them all.
+template <typename scalar_t>
+bool packs_line_up(c10::ArrayRef<OperandView> operands) {
+  const OperandView& first = operands.front();
+  const auto same_modulo_16 = [](int64_t a, int64_t b) { return (a - b) * int64_t(sizeof(scalar_t)) % 16 == 0; };
+  for (const OperandView& operand : operands) {
+    const auto byte_gap = reinterpret_cast<intptr_t>(operand.data) - reinterpret_cast<intptr_t>(first.data);
+    if (operand.layout.class_stride != 1 || byte_gap % 16 != 0 ||
+        !same_modulo_16(operand.layout.outer_stride, first.layout.outer_stride) ||
+        (operand.layout.inner > 1 && !same_modulo_16(operand.layout.inner_stride, first.layout.inner_stride))) {
+      return false;
+    }
+  }
+  return reinterpret_cast<uintptr_t>(first.data) % sizeof(scalar_t) == 0;
+}
+
+// ----------------------------------------------------------------------------- work split
+
+// Items are (sequence, chunk) pairs, item = chunk * sequences + sequence, so that consecutive threads of a
+// G = 1 launch read consecutive sequences.
+struct ChunkPlan {
+  int64_t sequences, steps, chunk_steps, chunks;
+  int lanes;  // G, lanes per item
+
+  __host__ __device__ int64_t items() const { return sequences * chunks; }
+  __device__ int64_t sequence(int64_t item) const { return item % sequences; }
+  __device__ int64_t chunk_begin(int64_t item) const { return (item / sequences) * chunk_steps; }
+  __device__ int64_t chunk_end(int64_t item) const {
+    const int64_t end = chunk_begin(item) + chunk_steps;
+    return end < steps ? end : steps;
+  }
+};
+
+// Enough threads to keep a large GPU's memory system busy. A constant, not a device query: the split (and so
+// the rounding of the results) depends on the problem only.
+constexpr int64_t kTargetThreads = int64_t(1) << 19;
+
+ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous, int pack) {
+  const int64_t units = (steps + pack - 1) / pack;  // loads per input and sequence
+  ChunkPlan plan{sequences, steps, std::max<int64_t>(steps, 1), 1, 1};
+  if (!time_contiguous || units <= 4) {
+    plan.lanes = 1;
+  } else if (units <= 64) {
+    plan.lanes = 4;
+  } else if (units <= 512) {
+    plan.lanes = kWarpSize;
+  } else {
+    plan.lanes = kBlockThreads;
+  }
+  // Each lane should still make >= 32 loads per chunk (and >= 512 steps for strided rows).
+  const int64_t min_chunk_steps = std::max<int64_t>(32 * int64_t(plan.lanes) * pack, 512);
+  const int64_t threads = sequences * plan.lanes;
+  if (threads >= kTargetThreads || steps < 2 * min_chunk_steps) return plan;
+  const int64_t wanted = std::min((steps + min_chunk_steps - 1) / min_chunk_steps,
+                                  (kTargetThreads + threads - 1) / threads);
+  const int64_t granule = int64_t(plan.lanes) * pack;  // chunks of whole packs, the same number per lane
+  plan.chunk_steps = ((steps + wanted - 1) / wanted + granule - 1) / granule * granule;
+  plan.chunks = (steps + plan.chunk_steps - 1) / plan.chunk_steps;
+  return plan;
+}
+
+// The split of one launch: packs of 16 bytes when the operands allow them (packs_line_up), single steps else.
+template <typename scalar_t>
+ChunkPlan plan_sweep(const CorrelationProblem& p, bool vectorized) {
+  const bool time_contiguous = p.input_layout.class_stride == 1 && p.target_layout.class_stride == 1;
+  return make_chunk_plan(p.sequences(), p.time, time_contiguous, vectorized ? kVecSize<scalar_t> : 1);
+}
+
+template <typename F>
+void dispatch_lanes(int lanes, const F& f) {
+  switch (lanes) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case kWarpSize: return f(std::integral_constant<int, kWarpSize>{});
+    default: return f(std::integral_constant<int, kBlockThreads>{});
+  }
+}
+
+// Visits steps [begin, end) of one item: lane `lane` of the group takes every Group-th step (scalar sweep) or
+// pack (vectorised sweep, after the head up to the first 16-byte boundary). Calls visitor.at<N>(t).
+template <int Group, int Pack, typename Visitor>
+__device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool vectorized, int lane) {
+  if (!vectorized) {
+    for (int64_t t = begin + lane; t < end; t += Group) visitor.template at<1>(t);
+    return;
+  }
+  const int64_t head = (Pack - (visitor.misalignment() + begin) % Pack) % Pack;
+  const int64_t aligned_begin = begin + head < end ? begin + head : end;
+  const int64_t packs = (end - aligned_begin) / Pack;
+  const int64_t tail_begin = aligned_begin + packs * Pack;
+  for (int64_t t = begin + lane; t < aligned_begin; t += Group) visitor.template at<1>(t);
+  for (int64_t i = lane; i < packs; i += Group) visitor.template at<Pack>(aligned_begin + i * Pack);
+  for (int64_t t = tail_begin + lane; t < end; t += Group) visitor.template at<1>(t);
+}
+
+// ----------------------------------------------------------------------------- generic kernels
+
+// Reduces every item into a Task::State: the group sweeps its item, merges across its lanes, and the first
+// lane either finishes the sequence (one chunk per sequence; the task may add to the block's (weighted loss,
+// weight) sums) or stores the chunk's partial state for combine_chunks_kernel.
+template <int Group, typename Task>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_items_kernel(Task task, ChunkPlan plan, bool vectorized, typename Task::State::value_type* chunk_states,
+                        typename Task::State::value_type* block_sums) {
+  using State = typename Task::State;
+  using acc_t = typename State::value_type;
+  constexpr int kItemsPerIteration = kBlockThreads / Group;
+  const int lane = threadIdx.x % Group;
+  acc_t sums[2] = {0, 0};
+  // Every thread runs the same number of iterations, so the group merges never diverge.
+  for (int64_t first = int64_t(blockIdx.x) * kItemsPerIteration; first < plan.items();
+       first += int64_t(gridDim.x) * kItemsPerIteration) {
+    const int64_t item = first + threadIdx.x / Group;
+    const bool in_range = item < plan.items();
+    State state{};
+    if (in_range) {
+      auto visitor = task.visitor(plan.sequence(item));
+      sweep_chunk<Group, Task::kPack>(visitor, plan.chunk_begin(item), plan.chunk_end(item), vectorized, lane);
+      state = visitor.state;
+    }
+    merge_group<Group>(state);
+    if (lane != 0 || !in_range) continue;
+    if (plan.chunks == 1) {
+      task.finish(plan.sequence(item), state, sums);
+    } else {
+      state.store(chunk_states + item * State::kWidth);
+    }
+  }
+  if (block_sums != nullptr) {
+    block_sum<acc_t, 2>(sums);
+    if (threadIdx.x == 0) {
+      block_sums[blockIdx.x * 2] = sums[0];
+      block_sums[blockIdx.x * 2 + 1] = sums[1];
+    }
+  }
+}
+
+// Merges each sequence's chunk states in chunk order (one thread per sequence) and finishes it.
+template <typename Task>
+__global__ void __launch_bounds__(kBlockThreads)
+    combine_chunks_kernel(Task task, ChunkPlan plan, const typename Task::State::value_type* chunk_states,
+                          typename Task::State::value_type* block_sums) {
+  using State = typename Task::State;
+  using acc_t = typename State::value_type;
+  acc_t sums[2] = {0, 0};
+  for (int64_t seq = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x; seq < plan.sequences;
+       seq += int64_t(gridDim.x) * kBlockThreads) {
+    State state{};
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+      state.merge(State::load(chunk_states + (chunk * plan.sequences + seq) * State::kWidth));
+    }
+    task.finish(seq, state, sums);
+  }
+  if (block_sums != nullptr) {
+    block_sum<acc_t, 2>(sums);
+    if (threadIdx.x == 0) {
+      block_sums[blockIdx.x * 2] = sums[0];
+      block_sums[blockIdx.x * 2 + 1] = sums[1];
+    }
+  }
+}
+
+// Element-wise pass: every group sweeps its item, the visitor writes the outputs.
+template <int Group, typename Task>
+__global__ void __launch_bounds__(kBlockThreads) map_items_kernel(Task task, ChunkPlan plan, bool vectorized) {
+  constexpr int kItemsPerIteration = kBlockThreads / Group;
+  const int lane = threadIdx.x % Group;
+  for (int64_t item = int64_t(blockIdx.x) * kItemsPerIteration + threadIdx.x / Group; item < plan.items();
+       item += int64_t(gridDim.x) * kItemsPerIteration) {
+    auto visitor = task.visitor(plan.sequence(item));
+    sweep_chunk<Group, Task::kPack>(visitor, plan.chunk_begin(item), plan.chunk_end(item), vectorized, lane);
+  }
+}
+
+// Runs a reduction task over all items: one kernel when each sequence is one chunk, else a kernel for the
+// chunk states and one that merges them. Returns the per-block (weighted loss, weight) sums of the finished
+// sequences when `with_sums` (an undefined tensor otherwise).
+template <typename Task>
+at::Tensor run_reduction(const Task& task, const ChunkPlan& plan, bool vectorized, bool with_sums,
+                         const at::TensorOptions& acc_options, cudaStream_t stream) {
+  using State = typename Task::State;
+  using acc_t = typename State::value_type;
+  at::Tensor sums;
+  dispatch_lanes(plan.lanes, [&](auto lanes) {
+    constexpr int Group = decltype(lanes)::value;
+    const int64_t blocks = grid_size(plan.items(), kBlockThreads / Group);
+    if (plan.chunks == 1) {
+      if (with_sums) sums = at::empty({blocks, 2}, acc_options);
+      reduce_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(
+          task, plan, vectorized, nullptr, with_sums ? sums.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    at::Tensor chunk_states = at::empty({plan.items(), State::kWidth}, acc_options);
+    reduce_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(task, plan, vectorized,
+                                                                           chunk_states.data_ptr<acc_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t combine_blocks = grid_size(plan.sequences, kBlockThreads);
+    if (with_sums) sums = at::empty({combine_blocks, 2}, acc_options);
+    combine_chunks_kernel<Task><<<combine_blocks, kBlockThreads, 0, stream>>>(
+        task, plan, chunk_states.const_data_ptr<acc_t>(), with_sums ? sums.data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return sums;
+}
+
+template <typename Task>
+void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStream_t stream) {
+  dispatch_lanes(plan.lanes, [&](auto lanes) {
+    constexpr int Group = decltype(lanes)::value;
+    const int64_t blocks = grid_size(plan.items(), kBlockThreads / Group);
+    map_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(task, plan, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ----------------------------------------------------------------------------- correlation tasks
+
+// Forward statistics: Moments of every sequence; finishing stores them and the per-sequence loss.
+template <typename scalar_t>
+struct MomentsTask {
+  using acc_t = acc_type<scalar_t>;
+  using State = Moments<acc_t>;
+  static constexpr int kPack = kVecSize<scalar_t>;
+  Inputs<scalar_t> in;
+  CorrelationConfig<acc_t> cfg;
+  acc_t* stats;
+  scalar_t* sequence_losses;  // (B, D) for reduction='none' without per_timestep, else nullptr
+
+  struct Visitor {
+    StepReader<scalar_t> steps;
+    State state;
+    template <int N>
+    __device__ void at(int64_t t) {
+      acc_t x[N], y[N];
+      bool valid[N];
+      steps.template load<N>(t, x, y, valid);
+      state.add_batch(x, y, valid);
+    }
+    __device__ int misalignment() const { return steps.misalignment(); }
+  };
+
+  __device__ Visitor visitor(int64_t seq) const { return {StepReader<scalar_t>(in, seq), State{}}; }
+
+  __device__ void finish(int64_t seq, const State& m, acc_t (&sums)[2]) const {
+    const acc_t loss = finish_sequence(cfg, m, stats + seq * State::kWidth, sums);
+    if (sequence_losses != nullptr) sequence_losses[seq] = static_cast<scalar_t>(loss);
+  }
+};
+
+// Per-timestep backward: (P, Gx, Gy) of every sequence from the per-step upstream gradient.
+template <typename scalar_t>
+struct UpstreamSumsTask {
+  using acc_t = acc_type<scalar_t>;
+  using State = UpstreamSums<acc_t>;
+  static constexpr int kPack = kVecSize<scalar_t>;
+  Inputs<scalar_t> in;
+  Operand<const scalar_t> upstream;
+  const acc_t* stats;
+  acc_t* sums_out;  // (B D, 3)
+
+  struct Visitor : CentredSteps<scalar_t> {
+    Row<const scalar_t> g;
+    State state;
+    template <int N>
+    __device__ void at(int64_t t) {
+      acc_t dx[N], dy[N], gs[N];
+      bool valid[N];
+      this->template load_deviations<N>(t, dx, dy, valid);
+      g.template load<N>(t, gs);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const acc_t g_valid = valid[i] ? gs[i] : acc_t(0);  // padding may hold anything, NaN included
+        state.p += g_valid * dx[i] * dy[i];
+        state.gx += g_valid * dx[i];
+        state.gy += g_valid * dy[i];
+      }
+    }
+  };
+
+  __device__ Visitor visitor(int64_t seq) const {
+    return {CentredSteps<scalar_t>(in, seq, saved_moments(stats, seq)), upstream.row(seq), State{}};
+  }
+
+  __device__ void finish(int64_t seq, const State& s, acc_t (&)[2]) const { s.store(sums_out + seq * State::kWidth); }
+};
+
+// Per-timestep forward output: c_t = 1 - k x~_t y~_t on valid steps, 0 on padding.
+template <typename scalar_t>
+struct PerStepLossTask {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr int kPack = kVecSize<scalar_t>;
+  Inputs<scalar_t> in;
+  CorrelationConfig<acc_t> cfg;
+  const acc_t* stats;
+  Operand<scalar_t> out;
+
+  struct Visitor : CentredSteps<scalar_t> {
+    Row<scalar_t> out;
+    acc_t k;
+    template <int N>
+    __device__ void at(int64_t t) {
+      acc_t dx[N], dy[N], c[N];
+      bool valid[N];
+      this->template load_deviations<N>(t, dx, dy, valid);
+#pragma unroll
+      for (int i = 0; i < N; ++i) c[i] = valid[i] ? per_timestep_loss(k, dx[i], dy[i]) : acc_t(0);
+      out.template store<N>(t, c);
+    }
+  };
+
+  __device__ Visitor visitor(int64_t seq) const {
+    const Moments<acc_t> m = saved_moments(stats, seq);
+    return {CentredSteps<scalar_t>(in, seq, m), out.row(seq), correlation_scale(cfg, m) * m.n};
+  }
+};
+
+// Backward: d loss / d x and / or d loss / d y of every step.
+template <typename scalar_t>
+struct GradientTask {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr int kPack = kVecSize<scalar_t>;
+  Inputs<scalar_t> in;
+  CorrelationConfig<acc_t> cfg;
+  const acc_t* stats;
+  const scalar_t* grad_loss;       // (B, D) contiguous, or a scalar; unused with a per-step upstream
+  bool per_sequence_upstream, mean;
+  const acc_t* total_weight;
+  Operand<const scalar_t> upstream;  // per-step grad_output (data nullptr otherwise)
+  const acc_t* upstream_sums;        // (B D, 3) with a per-step upstream, else nullptr
+  Operand<scalar_t> grad_x, grad_y;  // data nullptr when not requested
+
+  struct Visitor : CentredSteps<scalar_t> {
+    Row<const scalar_t> g;  // ptr nullptr without a per-step upstream
+    Row<scalar_t> gx, gy;   // ptr nullptr when not requested
+    GradientCoefficients<acc_t> coef;
+    template <int N>
+    __device__ void at(int64_t t) {
+      acc_t dx[N], dy[N], cross[N], out[N];
+      bool valid[N];
+      this->template load_deviations<N>(t, dx, dy, valid);
+      if (g.ptr != nullptr) {
+        g.template load<N>(t, cross);
+#pragma unroll
+        for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) cross[i] = coef.b;
+      }
+      if (gx.ptr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+        gx.template store<N>(t, out);
+      }
+      if (gy.ptr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+        gy.template store<N>(t, out);
+      }
+    }
+  };
+
+  __device__ Visitor visitor(int64_t seq) const {
+    const Moments<acc_t> m = saved_moments(stats, seq);
+    GradientCoefficients<acc_t> coef;
+    if (upstream_sums != nullptr) {
+      const UpstreamSums<acc_t> sums = UpstreamSums<acc_t>::load(upstream_sums + seq * UpstreamSums<acc_t>::kWidth);
+      coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
+    } else {
+      const acc_t value = static_cast<acc_t>(grad_loss[per_sequence_upstream ? seq : 0]);
+      const acc_t scale =
+          sequence_gradient_scale(per_sequence_upstream, mean, value, *total_weight, sequence_weight(cfg, m));
+      coef = make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
+    }
+    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
+  }
+};
+
+// ----------------------------------------------------------------------------- operators
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& mask,
+                                                            c10::string_view kind, c10::string_view reduction,
+                                                            bool per_timestep, double eps) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const CorrelationProblem p = make_correlation_problem(input, target, mask, kind, reduction, per_timestep, eps);
+  at::Tensor loss = allocate_correlation_loss(p);
+  at::Tensor moments = allocate_moments(p);
+  at::Tensor total_weight = at::empty({}, moments.options());
+  if (p.sequences() == 0) {
+    fill_empty_reduction(loss, total_weight, p.reduction);
+    return {loss, moments, total_weight};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
+    const auto cfg = p.config<acc_t>();
+    const bool vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y)});
+    const ChunkPlan plan = plan_sweep<scalar_t>(p, vectorized);
+    const MomentsTask<scalar_t> task{
+        in, cfg, moments.data_ptr<acc_t>(),
+        p.reduction == Reduction::None && !p.per_timestep ? loss.data_ptr<scalar_t>() : nullptr};
+    const at::Tensor sums = run_reduction(task, plan, vectorized, /*with_sums=*/true, moments.options(), stream);
+    const ReducedLossEpilogue<scalar_t> epilogue{
+        p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(), total_weight.data_ptr<acc_t>(),
+        p.reduction == Reduction::Mean};
+    launch_reduce_partials<acc_t, 2>(sums.const_data_ptr<acc_t>(), sums.size(0), epilogue, stream);
+
+    if (p.per_step_output()) {
+      const PerStepLossTask<scalar_t> step_task{in, cfg, moments.const_data_ptr<acc_t>(),
+                                                make_operand(loss.data_ptr<scalar_t>(), loss, p.channels)};
+      const bool step_vectorized =
+          packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(step_task.out)});
+      const ChunkPlan step_plan = plan_sweep<scalar_t>(p, step_vectorized);
+      run_map(step_task, step_plan, step_vectorized, stream);
+    }
+  });
+  return {loss, moments, total_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
+                                                 const at::Tensor& target, const std::optional<at::Tensor>& mask,
+                                                 const at::Tensor& stats, const at::Tensor& total_weight,
+                                                 c10::string_view kind, c10::string_view reduction,
+                                                 bool per_timestep, double eps, bool input_requires_grad,
+                                                 bool target_requires_grad) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const CorrelationProblem p = make_correlation_problem(input, target, mask, kind, reduction, per_timestep, eps);
+  check_correlation_backward_arguments(p, grad_loss, stats, total_weight);
+  at::Tensor grad_input = allocate_gradient(p.input, input_requires_grad);
+  at::Tensor grad_target = allocate_gradient(p.target, target_requires_grad);
+  if ((grad_input.numel() == 0 && grad_target.numel() == 0) || p.sequences() == 0 || p.time == 0) {
+    return {grad_input, grad_target};
+  }
+  const at::Tensor grad = upstream_gradient(p, grad_loss);
+  const at::Tensor moments = stats.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
+    const auto cfg = p.config<acc_t>();
+    GradientTask<scalar_t> task{};
+    task.in = in;
+    task.cfg = cfg;
+    task.stats = moments.const_data_ptr<acc_t>();
+    task.grad_loss = grad.const_data_ptr<scalar_t>();
+    task.per_sequence_upstream = p.reduction == Reduction::None && !p.per_timestep;
+    task.mean = p.reduction == Reduction::Mean;
+    task.total_weight = total_weight.const_data_ptr<acc_t>();
+    if (grad_input.numel() > 0) task.grad_x = make_operand(grad_input.data_ptr<scalar_t>(), grad_input, p.channels);
+    if (grad_target.numel() > 0) task.grad_y = make_operand(grad_target.data_ptr<scalar_t>(), grad_target, p.channels);
+
+    at::Tensor upstream_sums;
+    std::vector<OperandView> operands{view_of(in.x), view_of(in.y)};
+    if (p.per_step_output()) {
+      task.upstream = make_operand(grad.const_data_ptr<scalar_t>(), grad, p.channels);
+      operands.push_back(view_of(task.upstream));
+      upstream_sums = at::empty({p.sequences(), UpstreamSums<acc_t>::kWidth}, moments.options());
+      const UpstreamSumsTask<scalar_t> sums_task{in, task.upstream, task.stats, upstream_sums.data_ptr<acc_t>()};
+      const bool sums_vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(task.upstream)});
+      const ChunkPlan sums_plan = plan_sweep<scalar_t>(p, sums_vectorized);
+      run_reduction(sums_task, sums_plan, sums_vectorized, /*with_sums=*/false, moments.options(), stream);
+      task.upstream_sums = upstream_sums.const_data_ptr<acc_t>();
+    }
+    if (task.grad_x.data != nullptr) operands.push_back(view_of(task.grad_x));
+    if (task.grad_y.data != nullptr) operands.push_back(view_of(task.grad_y));
+    const bool vectorized = packs_line_up<scalar_t>(operands);
+    const ChunkPlan plan = plan_sweep<scalar_t>(p, vectorized);
+    run_map(task, plan, vectorized, stream);
+  });
+  return {grad_input, grad_target};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
+  m.impl("correlation_loss", &forward_cuda);
+  m.impl("correlation_loss_backward", &backward_cuda);
+}
+
+}  // namespace fused_losses::cuda

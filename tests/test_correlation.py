@@ -1,0 +1,470 @@
+"""Tests of the Pearson and concordance (CCC) correlation losses: against the pure-PyTorch reference and closed
+forms, over layouts, masks, dtypes and reductions; edge cases (flat, short, empty, NaN); stability far from
+zero; operator registration (opcheck, gradcheck, torch.compile); errors; determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+import fused_losses
+from fused_losses import reference
+from conftest import FLOAT_DTYPES, TOLERANCES
+
+KINDS = {
+    "pearson": (fused_losses.pearson_correlation_loss, reference.pearson_correlation_loss),
+    "concordance": (fused_losses.concordance_correlation_loss, reference.concordance_correlation_loss),
+}
+MODULES = {"pearson": fused_losses.PearsonCorrelationLoss, "concordance": fused_losses.ConcordanceCorrelationLoss}
+REDUCTIONS = ["none", "mean", "sum"]
+
+# (shape, dim): batch-first (B, T), (B, T, 1), (B, T, D); time-major (T, B, D); channels before time (B, D, T).
+LAYOUTS = {
+    "BT": ((5, 23), 1),
+    "BT1": ((5, 23, 1), 1),
+    "BTD": ((4, 19, 3), 1),
+    "TBD": ((19, 4, 3), 0),
+    "BDT": ((4, 3, 19), -1),
+}
+
+
+def mask_shape(shape, dim):
+    """The mask has the input's shape without the channel axis (the second non-time axis)."""
+    ndim = len(shape)
+    time = dim % ndim
+    others = [a for a in range(ndim) if a != time]
+    mask_axes = [a for a in range(ndim) if a != (others[1] if ndim == 3 else None)]
+    # (mask shape, batch axis of the input, time axis of the input, time axis of the mask)
+    return tuple(shape[a] for a in mask_axes), others[0], time, mask_axes.index(time)
+
+
+def make_case(shape, dim, device, dtype=torch.float64, masking="mask"):
+    x = torch.randn(shape, dtype=torch.float64)
+    y = 0.6 * x + 0.8 * torch.randn(shape, dtype=torch.float64) + 0.3
+    kwargs = {"dim": dim}
+    m_shape, batch_axis, time_axis, mask_time_axis = mask_shape(shape, dim)
+    if masking == "mask":
+        mask = torch.rand(m_shape) > 0.3
+        mask.select(mask_time_axis, 0).fill_(True)  # at least a few valid steps everywhere
+        mask.select(mask_time_axis, 1).fill_(True)
+        kwargs["mask"] = mask.to(device)
+    elif masking == "lengths":
+        lengths = torch.randint(2, shape[time_axis] + 1, (shape[batch_axis],))
+        kwargs["lengths"] = lengths.to(device)
+    return x.to(device, dtype), y.to(device, dtype), kwargs
+
+
+def loss_and_grads(fn, x, y, upstream=None, **kwargs):
+    x = x.detach().requires_grad_()
+    y = y.detach().requires_grad_()
+    loss = fn(x, y, **kwargs)
+    upstream = torch.randn_like(loss) if upstream is None else upstream
+    grad_x, grad_y = torch.autograd.grad(loss, (x, y), upstream)
+    return loss, grad_x, grad_y, upstream
+
+
+def assert_close_scaled(actual, expected, rtol, atol):
+    """Compares with atol relative to the largest magnitude (gradients have no natural unit)."""
+    scale = expected.abs().max().clamp_min(1e-30).item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+# ----------------------------------------------------------------------------- against the reference
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("masking", ["none", "mask", "lengths"])
+@pytest.mark.parametrize("per_timestep", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_reference_float64(device, kind, layout, masking, per_timestep, reduction):
+    fused, ref = KINDS[kind]
+    shape, dim = LAYOUTS[layout]
+    x, y, kwargs = make_case(shape, dim, device, masking=masking)
+    kwargs.update(reduction=reduction, per_timestep=per_timestep)
+    loss, gx, gy, upstream = loss_and_grads(fused, x, y, **kwargs)
+    ref_loss, ref_gx, ref_gy, _ = loss_and_grads(ref, x, y, upstream, **kwargs)
+    expected_shape = {"none": ref_loss.shape}.get(reduction, ())
+    assert loss.shape == expected_shape and loss.dtype == x.dtype
+    tol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(gx, ref_gx, **tol)
+    torch.testing.assert_close(gy, ref_gy, **tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_shapes(device, kind):
+    fused, _ = KINDS[kind]
+    cases = {(6, 10): ((6,), (6, 10)), (6, 10, 1): ((6, 1), (6, 10, 1)), (6, 10, 4): ((6, 4), (6, 10, 4))}
+    for shape, (per_sequence, per_step) in cases.items():
+        x, y = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        assert fused(x, y, reduction="none").shape == per_sequence
+        assert fused(x, y, reduction="none", per_timestep=True).shape == per_step
+        assert fused(x, y).shape == () and fused(x, y, reduction="sum").shape == ()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("per_timestep", [False, True])
+def test_dtypes(device, kind, dtype, per_timestep):
+    """Every dtype against the reference in float64 on the same (rounded) values; grads in the input dtype."""
+    fused, ref = KINDS[kind]
+    x, y, kwargs = make_case((6, 150, 2), 1, device, dtype=dtype)
+    kwargs.update(reduction="none", per_timestep=per_timestep)
+    loss, gx, gy, upstream = loss_and_grads(fused, x, y, **kwargs)
+    ref_loss, ref_gx, ref_gy, _ = loss_and_grads(ref, x.double(), y.double(), upstream.double(), **kwargs)
+    assert loss.dtype == gx.dtype == gy.dtype == dtype
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    assert_close_scaled(gx, ref_gx, **tol)
+    assert_close_scaled(gy, ref_gy, **tol)
+
+
+@pytest.mark.parametrize("steps", [7, 100, 1000, 5000, 70000])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("per_timestep", [False, True])
+def test_sequence_lengths_and_alignments(device, steps, offset, per_timestep):
+    """Short to long sequences, rows starting 16-byte aligned or not (offset, with a row stride that moves the
+    misalignment from row to row): on CUDA these take every sweep (1, 4 or 32 lanes or a block per sequence,
+    several chunks per sequence, 16-byte packs with peeled heads and tails, single steps)."""
+    batch = max(2, 20000 // steps)
+    x = torch.randn(batch, steps + offset, device=device)[:, offset:]
+    y = torch.empty(batch, steps + offset, device=device)[:, offset:]
+    y.copy_(0.5 * x + torch.randn_like(x))  # same layout as x
+    mask = torch.rand(batch, steps, device=device) > 0.1
+    mask[:, -2:] = True  # >= 2 valid steps: the reference's Pearson gradient is NaN for a single one
+    kwargs = dict(mask=mask, reduction="none", per_timestep=per_timestep)
+    for kind, (fused, ref) in KINDS.items():
+        loss, gx, gy, upstream = loss_and_grads(fused, x, y, **kwargs)
+        kwargs_ref = dict(kwargs, mask=mask.cpu())
+        expected = loss_and_grads(ref, x.double().cpu(), y.double().cpu(), upstream.double().cpu(), **kwargs_ref)
+        torch.testing.assert_close(loss.double().cpu(), expected[0], rtol=1e-5, atol=1e-5)
+        assert_close_scaled(gx.cpu(), expected[1], rtol=1e-4, atol=1e-5)
+        assert_close_scaled(gy.cpu(), expected[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs(device, kind):
+    """Strided views (every other step, transposed channels, a sliced offset, a transposed mask) are read in
+    place and give the same result as contiguous copies."""
+    fused, _ = KINDS[kind]
+    base_x = torch.randn(7, 3, 61, dtype=torch.float64, device=device)
+    base_y = 0.5 * base_x + torch.randn_like(base_x)
+    mask_t = torch.rand(30, 7, device=device) > 0.2  # (T, B) storage, used transposed
+    x = base_x[:, :, 1::2].transpose(1, 2)  # (7, 30, 3), time stride 2, channel stride 61, offset 1
+    y = base_y[:, :, 1::2].transpose(1, 2)
+    mask = mask_t.t()
+    assert not x.is_contiguous() and not mask.is_contiguous()
+    for per_timestep in (False, True):
+        kwargs = dict(mask=mask, reduction="none", per_timestep=per_timestep)
+        loss, gx, gy, upstream = loss_and_grads(fused, x, y, **kwargs)
+        kwargs["mask"] = mask.contiguous()
+        expected = loss_and_grads(fused, x.contiguous(), y.contiguous(), upstream.contiguous(), **kwargs)
+        for actual, want in zip((loss, gx, gy), expected):
+            torch.testing.assert_close(actual, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lengths_equal_prefix_mask(device, kind):
+    fused, _ = KINDS[kind]
+    x, y = torch.randn(5, 40, device=device), torch.randn(5, 40, device=device)
+    lengths = torch.tensor([40, 1, 0, 17, 2], device=device)
+    mask = torch.arange(40, device=device) < lengths[:, None]
+    for per_timestep in (False, True):
+        a = fused(x, y, lengths=lengths, reduction="none", per_timestep=per_timestep)
+        b = fused(x, y, mask=mask, reduction="none", per_timestep=per_timestep)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modules_match_functional(device, kind):
+    fused, _ = KINDS[kind]
+    module = MODULES[kind](dim=0, reduction="sum", per_timestep=True, eps=1e-6)
+    x, y, kwargs = make_case((12, 3, 2), 0, device)
+    assert torch.equal(module(x, y, kwargs["mask"]), fused(x, y, reduction="sum", per_timestep=True, eps=1e-6,
+                                                          **kwargs))
+    assert "per_timestep=True" in repr(module) and "dim=0" in repr(module)
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def test_closed_forms(device):
+    t = torch.linspace(-1, 1, 50, dtype=torch.float64, device=device)
+    x = torch.stack([t, t.sin(), t ** 3])
+    pearson, ccc = fused_losses.pearson_correlation_loss, fused_losses.concordance_correlation_loss
+    eps = 1e-12
+    # Pearson is invariant to positive affine maps; an identical copy has CCC 1.
+    torch.testing.assert_close(pearson(x, 2 * x + 3, reduction="none", eps=eps), torch.zeros(3, dtype=x.dtype,
+                                                                                              device=device))
+    torch.testing.assert_close(pearson(x, -x, reduction="none", eps=eps), torch.full_like(x[:, 0], 2.0))
+    torch.testing.assert_close(ccc(x, x.clone(), reduction="none", eps=eps), torch.zeros_like(x[:, 0]))
+    centred = x - x.mean(1, keepdim=True)
+    torch.testing.assert_close(ccc(centred, -centred, reduction="none", eps=eps), torch.full_like(x[:, 0], 2.0))
+    # CCC penalises a shift that Pearson ignores: 1 - 2 var / (2 var + shift^2).
+    var = x.var(1, unbiased=False)
+    torch.testing.assert_close(ccc(x, x + 0.5, reduction="none", eps=eps), 1 - 2 * var / (2 * var + 0.25))
+
+
+@pytest.mark.parametrize("masking", ["none", "mask"])
+def test_against_numpy(device, masking):
+    x, y, kwargs = make_case((6, 80), 1, device, masking=masking)
+    mask = kwargs.get("mask", torch.ones(6, 80, dtype=torch.bool, device=device))
+    r = fused_losses.pearson_correlation_loss(x, y, reduction="none", eps=0.0, **kwargs)
+    c = fused_losses.concordance_correlation_loss(x, y, reduction="none", eps=0.0, **kwargs)
+    for i in range(6):
+        xi, yi = x[i][mask[i]].cpu().numpy(), y[i][mask[i]].cpu().numpy()
+        np.testing.assert_allclose(r[i].item(), 1 - np.corrcoef(xi, yi)[0, 1], rtol=1e-10, atol=1e-12)
+        cov = np.mean((xi - xi.mean()) * (yi - yi.mean()))
+        ccc = 2 * cov / (xi.var() + yi.var() + (xi.mean() - yi.mean()) ** 2)
+        np.testing.assert_allclose(c[i].item(), 1 - ccc, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_short_and_empty_sequences_are_finite(device, kind, dtype):
+    fused, _ = KINDS[kind]
+    T = 9
+    x = torch.randn(6, T, dtype=dtype, device=device)
+    y = torch.randn(6, T, dtype=dtype, device=device)
+    x[0] = 0.3        # flat input
+    y[1] = -2.0       # flat target
+    x[2], y[2] = 1.5, 1.5  # both flat
+    mask = torch.ones(6, T, dtype=torch.bool, device=device)
+    mask[3, 1:] = False   # one valid step
+    mask[4] = False       # no valid step
+    x[4] = float("nan")   # ... whose (masked) values are NaN
+    for per_timestep in (False, True):
+        x_, y_ = x.clone().requires_grad_(), y.clone().requires_grad_()
+        loss = fused(x_, y_, mask=mask, reduction="none", per_timestep=per_timestep)
+        gx, gy = torch.autograd.grad(loss, (x_, y_), torch.ones_like(loss))
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+        per_sequence = loss if not per_timestep else loss.sum(1) / mask.sum(1).clamp_min(1)
+        # Covariance 0: the loss is 1 (no valid step: 1 as well, with no per-step value).
+        torch.testing.assert_close(per_sequence[:4], torch.ones(4, dtype=dtype, device=device))
+        assert per_sequence[4] == (0 if per_timestep else 1)
+        assert (gx[4] == 0).all() and (gy[4] == 0).all() and (gx[3] == 0).all() and (gy[3] == 0).all()
+    if kind == "pearson":
+        # Flat x: d loss / d x_i = -(y_i - mean y) / (n eps), d loss / d y = 0 (the eps-regularised limit).
+        x_, y_ = x[:1].clone().requires_grad_(), y[:1].clone().requires_grad_()
+        eps = 1e-3
+        gx, gy = torch.autograd.grad(fused(x_, y_, reduction="sum", eps=eps), (x_, y_))
+        torch.testing.assert_close(gx, -(y[:1] - y[:1].mean()) / (T * eps), rtol=1e-4, atol=1e-4)
+        assert gy.abs().max() <= 1e-6 * gx.abs().max()  # 0 up to the rounding of the flat mean
+    else:
+        # CCC is smooth at a flat sequence: the reference (no sqrt) gives the same gradient.
+        _, ref = KINDS[kind]
+        actual = loss_and_grads(fused, x[:3], y[:3], torch.ones(3, dtype=dtype, device=device), reduction="none")
+        expected = loss_and_grads(ref, x[:3], y[:3], torch.ones(3, dtype=dtype, device=device), reduction="none")
+        for a, e in zip(actual[:3], expected[:3]):
+            torch.testing.assert_close(a, e, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_propagates_from_valid_steps_only(device, kind):
+    fused, _ = KINDS[kind]
+    x, y = torch.randn(3, 20, device=device), torch.randn(3, 20, device=device)
+    mask = torch.ones(3, 20, dtype=torch.bool, device=device)
+    mask[1, 15:] = False
+    clean = fused(x, y, mask=mask, reduction="none")
+    x[0, 4] = float("nan")   # valid: sequence 0 becomes NaN
+    y[1, 17] = float("nan")  # masked: ignored
+    loss = fused(x, y, mask=mask, reduction="none")
+    assert torch.isnan(loss[0]) and torch.equal(loss[1:], clean[1:])
+    assert torch.isnan(fused(x, y, mask=mask))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_timestep_identity(device, kind):
+    """The mean of the per-step values over the valid steps is the sequence's loss; padding is 0; the
+    reductions of per-step values are the valid-step sum and the valid-step mean."""
+    fused, _ = KINDS[kind]
+    x, y, kwargs = make_case((5, 33, 2), 1, device, dtype=torch.float32)
+    mask = kwargs["mask"]
+    steps = fused(x, y, reduction="none", per_timestep=True, **kwargs)
+    per_sequence = fused(x, y, reduction="none", **kwargs)
+    counts = mask.sum(1, keepdim=True).float()  # (B, 1), shared by the channels
+    torch.testing.assert_close(steps.sum(1) / counts, per_sequence, rtol=1e-5, atol=1e-5)
+    assert (steps[~mask] == 0).all()
+    total = (per_sequence * counts).sum()
+    torch.testing.assert_close(fused(x, y, reduction="sum", per_timestep=True, **kwargs), total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(x, y, reduction="mean", per_timestep=True, **kwargs),
+                               total / (counts.sum() * 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_stable_far_from_zero(device, kind):
+    """Data at 1e4 with unit spread: a naive sum of squares in float32 loses every digit of the variance;
+    the kernels (block two-pass + Chan merges) match float64 on the same float32 values."""
+    fused, ref = KINDS[kind]
+    noise = torch.randn(4, 20000, dtype=torch.float64)
+    x = (1e4 + noise).float()
+    y = (1e4 + 0.5 + 0.7 * noise + 0.7 * torch.randn_like(noise)).float()
+    loss, gx, gy, upstream = loss_and_grads(fused, x.to(device), y.to(device), reduction="none")
+    ref_loss, ref_gx, ref_gy, _ = loss_and_grads(ref, x.double(), y.double(), upstream.double().cpu(),
+                                                 reduction="none")
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(gx.cpu(), ref_gx, rtol=1e-3, atol=1e-3)
+    assert_close_scaled(gy.cpu(), ref_gy, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_with_respect_to_one_side(device, kind):
+    fused, _ = KINDS[kind]
+    x, y, kwargs = make_case((4, 25), 1, device)
+    _, gx_both, gy_both, upstream = loss_and_grads(fused, x, y, reduction="none", **kwargs)
+    x_only = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(fused(x_only, y, reduction="none", **kwargs), (x_only,), upstream)
+    y_only = y.clone().requires_grad_()
+    (gy,) = torch.autograd.grad(fused(x, y_only, reduction="none", **kwargs), (y_only,), upstream)
+    assert torch.equal(gx, gx_both) and torch.equal(gy, gy_both)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retain_graph_backward_twice(device, kind):
+    fused, _ = KINDS[kind]
+    x = torch.randn(4, 30, device=device, requires_grad=True)
+    y = torch.randn(4, 30, device=device)
+    loss = fused(x, y, reduction="none", per_timestep=True)
+    upstream = torch.randn_like(loss)
+    loss.backward(upstream, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(2 * upstream)
+    torch.testing.assert_close(x.grad, 3 * first)
+
+
+# ----------------------------------------------------------------------------- operator registration
+
+
+def op_args(device, masked, kind="pearson", reduction="mean", per_timestep=False):
+    x = torch.randn(3, 11, 2, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(3, 11, 2, dtype=torch.float64, device=device, requires_grad=True)
+    mask = (torch.rand(3, 11, device=device) > 0.3) if masked else None
+    return x, y, mask, kind, reduction, per_timestep, 1e-8
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reduction,per_timestep", [("mean", False), ("none", False), ("none", True),
+                                                    ("sum", True)])
+def test_opcheck(device, masked, reduction, per_timestep):
+    args = op_args(device, masked, "concordance" if masked else "pearson", reduction, per_timestep)
+    torch.library.opcheck(torch.ops.fused_losses.correlation_loss.default, args)
+    loss, stats, total_weight = torch.ops.fused_losses.correlation_loss(*args)
+    x, y, mask, kind, reduction, per_timestep, eps = args
+    grad = torch.randn_like(loss)
+    for want_x, want_y in ((True, True), (True, False), (False, True)):
+        backward_args = (grad, x.detach(), y.detach(), mask, stats, total_weight, kind, reduction, per_timestep, eps,
+                         want_x, want_y)
+        torch.library.opcheck(torch.ops.fused_losses.correlation_loss_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reduction,per_timestep", [("mean", False), ("none", False), ("none", True),
+                                                    ("mean", True)])
+def test_gradcheck(device, kind, masked, reduction, per_timestep):
+    x, y, mask, *_ = op_args(device, masked)
+    fused, _ = KINDS[kind]
+
+    def fn(x, y):
+        return fused(x, y, mask, reduction=reduction, per_timestep=per_timestep)
+
+    assert torch.autograd.gradcheck(fn, (x, y))
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+
+    def step(x, y, mask):
+        steps = fused_losses.concordance_correlation_loss(x, y, mask, dim=0, reduction="none", per_timestep=True)
+        return fused_losses.pearson_correlation_loss(x, y, mask, dim=0) + steps.sum()
+
+    x, y, kwargs = make_case((16, 4, 2), 0, device, dtype=torch.float32)
+    compiled = torch.compile(step, fullgraph=True)
+    eager_out = loss_and_grads(lambda a, b: step(a, b, kwargs["mask"]), x, y, torch.tensor(1.0, device=device))
+    compiled_out = loss_and_grads(lambda a, b: compiled(a, b, kwargs["mask"]), x, y, torch.tensor(1.0, device=device))
+    for a, b in zip(compiled_out[:3], eager_out[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors(device):
+    f = fused_losses.pearson_correlation_loss
+    x, y = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)
+    with pytest.raises(ValueError, match=r"target must have the input's shape \(2, 5\), got \(2, 4\)"):
+        f(x, y[:, :4])
+    with pytest.raises(ValueError, match=r"input must have shape \(B, T\) or \(B, T, D\)"):
+        f(x[0], y[0])
+    with pytest.raises(IndexError, match=r"dim \(the time axis\) must be an int in \[-2, 1\].*got 2"):
+        f(x, y, dim=2)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\).*got \(5, 2\)"):
+        f(x, y, torch.ones(5, 2, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
+        f(x, y, torch.ones(2, 5, device=device))
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, 5\].*got 6"):
+        f(x.cpu(), y.cpu(), lengths=torch.tensor([6, 2]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        f(x, y, lengths=torch.tensor([1, 2, 3], device=device))
+    with pytest.raises(TypeError, match=r"lengths must be an integer tensor"):
+        f(x, y, lengths=torch.tensor([1.0, 2.0], device=device))
+    with pytest.raises(ValueError, match=r"either mask or lengths"):
+        f(x, y, torch.ones(2, 5, dtype=torch.bool, device=device), lengths=torch.tensor([1, 2], device=device))
+    with pytest.raises(TypeError, match=r"target must have the input's dtype \(Float\), got Double"):
+        f(x, y.double())
+    with pytest.raises(TypeError, match=r"input must be float32, float16, bfloat16 or float64, got Long"):
+        f(x.long(), y.long())
+    with pytest.raises(ValueError, match=r"reduction must be one of 'none', 'mean', 'sum', got 'avg'"):
+        f(x, y, reduction="avg")
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1e-08"):
+        f(x, y, eps=-1e-8)
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        fused_losses.ConcordanceCorrelationLoss(reduction="mean ")
+    with pytest.raises(ValueError, match=r"kind must be 'pearson' or 'concordance'"):
+        torch.ops.fused_losses.correlation_loss(x[..., None], y[..., None], None, "spearman", "mean", False, 0.0)
+    with pytest.raises(ValueError, match=r"input must have shape \(batch, time, channels\)"):
+        torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "mean", False, 0.0)
+
+
+def test_device_mismatch_errors():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to put the arguments on two devices")
+    x, y = torch.randn(2, 5, device="cuda"), torch.randn(2, 5)
+    with pytest.raises(ValueError, match=r"target must be on the same device as input"):
+        fused_losses.pearson_correlation_loss(x, y)
+    with pytest.raises(ValueError, match=r"mask must be on the same device as input"):
+        fused_losses.pearson_correlation_loss(x, y.cuda(), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"lengths must be on the input's device"):
+        fused_losses.pearson_correlation_loss(x, y.cuda(), lengths=torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic_across_runs_and_threads(device, kind):
+    fused, _ = KINDS[kind]
+    # Enough sequences for several parallel blocks on the CPU and several chunks per sequence on CUDA.
+    x, y, kwargs = make_case((1500, 64), 1, device, dtype=torch.float32)
+    long_x, long_y, _ = make_case((2, 70000), 1, device, dtype=torch.float32, masking="none")
+
+    def run():
+        outputs = []
+        for a, b, extra in ((x, y, kwargs), (long_x, long_y, {})):
+            loss, gx, gy, _ = loss_and_grads(fused, a, b, torch.tensor(1.0, device=device), **extra)
+            outputs += [loss, gx, gy]
+        return outputs
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(2)
+        first, second = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(single, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)

@@ -1,0 +1,371 @@
+"""Cost-sensitive cross-entropy: equality with F.cross_entropy and the reference, gradients, layouts,
+edge cases, errors, registration (opcheck / gradcheck / compile) and determinism."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_losses
+from fused_losses import reference
+from conftest import FLOAT_DTYPES, TOLERANCES
+
+ops = torch.ops.fused_losses
+csce = fused_losses.cost_sensitive_cross_entropy
+
+
+def make_problem(n, c, device, dtype=torch.float32, ignore_fraction=0.0, extra_dims=()):
+    x = (torch.randn(n, c, *extra_dims, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
+    y = torch.randint(0, c, (n, *extra_dims), device=device)
+    if ignore_fraction:
+        y[torch.rand(y.shape, device=device) < ignore_fraction] = -100
+    return x, y
+
+
+def loss_and_grad(fn, x, *args, **kwargs):
+    x = x.detach().requires_grad_(True)
+    loss = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad
+
+
+def assert_matches(fused, expected, dtype):
+    torch.testing.assert_close(fused.double(), expected.double(), equal_nan=True, **TOLERANCES[dtype])
+
+
+# --------------------------------------------------------------------------------------- F.cross_entropy
+
+
+@pytest.mark.parametrize("n,c", [(7, 1), (33, 2), (64, 3), (257, 10), (48, 1000), (3, 32000), (2, 128256)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_equals_cross_entropy_without_cost(device, n, c, dtype):
+    x, y = make_problem(n, c, device, dtype, ignore_fraction=0.2)
+    for reduction in ("mean", "sum", "none"):
+        fused, fused_grad = loss_and_grad(csce, x, y, reduction=reduction)
+        expected, expected_grad = loss_and_grad(F.cross_entropy, x.double(), y, reduction=reduction)
+        assert fused.dtype == dtype and fused_grad.dtype == dtype
+        assert_matches(fused, expected, dtype)
+        assert_matches(fused_grad, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_equals_cross_entropy_with_weight_ignore_and_smoothing(device, label_smoothing, reduction):
+    x, y = make_problem(300, 17, device)
+    y[:5] = 3  # ignore_index may be a valid class index: those rows are ignored
+    weight = torch.rand(17, device=device) + 0.1
+    kwargs = dict(weight=weight, ignore_index=3, reduction=reduction, label_smoothing=label_smoothing)
+    fused, fused_grad = loss_and_grad(csce, x, y, **kwargs)
+    expected, expected_grad = loss_and_grad(F.cross_entropy, x, y, **kwargs)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fused_grad, expected_grad)
+
+
+def test_float32_matches_cross_entropy_tightly(device):
+    x, y = make_problem(1000, 37, device)
+    torch.testing.assert_close(csce(x, y), F.cross_entropy(x, y), rtol=1e-6, atol=1e-6)
+
+
+def test_spatial_input_and_channels_last(device):
+    x, y = make_problem(4, 5, device, extra_dims=(6, 7), ignore_fraction=0.2)
+    for inp in (x, x.to(memory_format=torch.channels_last), x.permute(0, 1, 3, 2)):
+        tgt = y if inp.shape[2:] == y.shape[1:] else y.permute(0, 2, 1)
+        for reduction in ("mean", "none"):
+            fused, fused_grad = loss_and_grad(csce, inp, tgt, reduction=reduction)
+            expected, expected_grad = loss_and_grad(F.cross_entropy, inp, tgt, reduction=reduction)
+            torch.testing.assert_close(fused, expected)
+            torch.testing.assert_close(fused_grad, expected_grad)
+
+
+def test_non_contiguous_inputs(device):
+    base = torch.randn(40, 64, device=device)
+    y = torch.randint(0, 20, (40,), device=device)
+    cost = torch.rand(20, 20, device=device)
+    for x in (base[:, ::3][:, :20], base.t()[:20].t()[:, :20], base[:, 10:30]):
+        assert not x.is_contiguous()
+        fused, fused_grad = loss_and_grad(csce, x, y, cost)
+        expected, expected_grad = loss_and_grad(reference.cost_sensitive_cross_entropy, x, y, cost)
+        torch.testing.assert_close(fused, expected)
+        torch.testing.assert_close(fused_grad, expected_grad)
+    transposed = torch.randn(20, 40, device=device).t()  # class stride 40
+    torch.testing.assert_close(csce(transposed, y, cost), reference.cost_sensitive_cross_entropy(transposed, y, cost))
+
+
+def test_unbatched_and_int32_target(device):
+    x = torch.randn(6, device=device)
+    y = torch.tensor(2, device=device)
+    torch.testing.assert_close(csce(x, y), F.cross_entropy(x, y))
+    torch.testing.assert_close(csce(x, y, reduction="none"), F.cross_entropy(x, y, reduction="none"))
+    xb, yb = make_problem(50, 6, device)
+    torch.testing.assert_close(csce(xb, yb.int()), F.cross_entropy(xb, yb))
+
+
+# ------------------------------------------------------------------------------------------- cost matrix
+
+
+@pytest.mark.parametrize("cost_mode", ["argmax", "expected"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n,c", [(129, 3), (64, 10), (16, 1000)])
+def test_matches_reference_with_cost(device, cost_mode, dtype, n, c):
+    x, y = make_problem(n, c, device, dtype, ignore_fraction=0.1)
+    cost = torch.rand(c, c, device=device, dtype=torch.float64) * 2
+    weight = torch.rand(c, device=device, dtype=torch.float64) + 0.5
+    for kwargs in (dict(), dict(weight=weight, label_smoothing=0.05)):
+        for reduction in ("mean", "sum", "none"):
+            fused, fused_grad = loss_and_grad(csce, x, y, cost.to(dtype), reduction=reduction, cost_mode=cost_mode,
+                                              **{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            # The reference runs in float64 on the same (rounded) logits; argmax ties cannot differ for
+            # random logits, so both pick the same cost entry.
+            expected, expected_grad = loss_and_grad(reference.cost_sensitive_cross_entropy, x.double(), y,
+                                                    cost.to(dtype).double(), reduction=reduction,
+                                                    cost_mode=cost_mode, **kwargs)
+            assert_matches(fused, expected, dtype)
+            assert_matches(fused_grad, expected_grad, dtype)
+
+
+def test_issue_example_costs_exactly_one_point_two_more(device):
+    # Classes A, B, C; B predicted as C costs 1.2, everything else 1.
+    cost = torch.ones(3, 3, device=device, dtype=torch.float64)
+    cost[1, 2] = 1.2
+    probs = torch.tensor([[0.5, 0.4, 0.1], [0.1, 0.4, 0.5]], device=device, dtype=torch.float64)
+    y = torch.tensor([1, 1], device=device)
+    loss = csce(probs.log(), y, cost, reduction="none")
+    assert loss[1].item() == pytest.approx(1.2 * loss[0].item(), rel=1e-14)
+    assert loss[0].item() == pytest.approx(-math.log(0.4), rel=1e-14)
+
+
+def test_argmax_ties_take_the_first_index(device):
+    x = torch.zeros(2, 4, device=device)
+    x[1, 1] = x[1, 3] = 5.0
+    cost = torch.arange(16, dtype=torch.float32, device=device).reshape(4, 4) + 1
+    y = torch.tensor([2, 2], device=device)
+    ce = F.cross_entropy(x, y, reduction="none")
+    loss = csce(x, y, cost, reduction="none")
+    torch.testing.assert_close(loss, torch.stack([cost[2, 0] * ce[0], cost[2, 1] * ce[1]]))
+
+
+def test_argmax_mode_treats_the_cost_factor_as_constant(device):
+    x, y = make_problem(20, 5, device)
+    cost = torch.rand(5, 5, device=device) + 0.5
+    factor = cost[y, x.argmax(1)]
+    _, grad = loss_and_grad(csce, x, y, cost, reduction="sum")
+    _, expected = loss_and_grad(lambda z: (factor * F.cross_entropy(z, y, reduction="none")).sum(), x)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_identity_cost_matrix_zeroes_correct_predictions(device):
+    x, y = make_problem(100, 4, device)
+    zero_diagonal = 1 - torch.eye(4, device=device)
+    loss = csce(x, y, zero_diagonal, reduction="none")
+    correct = x.argmax(1) == y
+    assert (loss[correct] == 0).all() and (loss[~correct] > 0).all()
+
+
+# ------------------------------------------------------------------------------------------- edge cases
+
+
+def test_extreme_and_infinite_logits_follow_cross_entropy(device):
+    x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [float("-inf"), 2.0, 1.0], [0.0, float("-inf"), 5.0]],
+                     device=device)
+    y = torch.tensor([1, 0, 1, 2], device=device)
+    for reduction in ("none", "mean"):
+        fused, fused_grad = loss_and_grad(csce, x, y, reduction=reduction)
+        expected, expected_grad = loss_and_grad(F.cross_entropy, x, y, reduction=reduction)
+        torch.testing.assert_close(fused, expected)
+        torch.testing.assert_close(fused_grad, expected_grad)
+
+
+def test_nan_logits_propagate(device):
+    x, y = make_problem(4, 6, device)
+    x[2, 3] = float("nan")
+    loss = csce(x, y, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+
+
+def test_all_ignored_and_empty_follow_cross_entropy(device):
+    x, y = make_problem(5, 3, device)
+    y[:] = -100
+    assert torch.isnan(csce(x, y)) and torch.isnan(F.cross_entropy(x, y))
+    assert csce(x, y, reduction="sum").item() == 0.0
+    _, grad = loss_and_grad(csce, x, y, reduction="sum")
+    assert (grad == 0).all()
+    empty_x, empty_y = torch.randn(0, 3, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    for reduction in ("mean", "sum", "none"):
+        torch.testing.assert_close(csce(empty_x, empty_y, reduction=reduction),
+                                   F.cross_entropy(empty_x, empty_y, reduction=reduction), equal_nan=True)
+    _, grad = loss_and_grad(csce, empty_x, empty_y, reduction="sum")
+    assert grad.shape == (0, 3)
+
+
+def test_grad_output_scaling_and_retain_graph(device):
+    x, y = make_problem(30, 7, device)
+    cost = torch.rand(7, 7, device=device)
+    x.requires_grad_(True)
+    loss = csce(x, y, cost, cost_mode="expected")
+    (3.5 * loss).backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(first, 3.5 * x.grad)
+    x.grad = None
+    loss.backward()
+    torch.testing.assert_close(first, 3.5 * x.grad)
+    per_sample = csce(x, y, cost, reduction="none")
+    scale = torch.rand(30, device=device)
+    (g,) = torch.autograd.grad(per_sample, x, scale)
+    (g_ref,) = torch.autograd.grad(reference.cost_sensitive_cross_entropy(x, y, cost, reduction="none"), x, scale)
+    torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_errors_name_the_argument(device):
+    x, y = make_problem(8, 4, device)
+    with pytest.raises(ValueError, match=r"target contains class index 7, outside \[0, 4\)"):
+        bad = y.clone()
+        bad[3] = 7
+        csce(x.cpu(), bad.cpu())
+    with pytest.raises(ValueError, match="target must have shape"):
+        csce(x, y[:5])
+    with pytest.raises(TypeError, match="target must hold int64 or int32"):
+        csce(x, y.float())
+    with pytest.raises(TypeError, match="input must be float32, float16, bfloat16 or float64"):
+        csce(x.int(), y)
+    with pytest.raises(ValueError, match=r"cost_matrix must have shape \[4, 4\]"):
+        csce(x, y, torch.ones(3, 3, device=device))
+    with pytest.raises(ValueError, match=r"weight must have shape \[4\]"):
+        csce(x, y, weight=torch.ones(5, device=device))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        csce(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="cost_mode must be one of"):
+        csce(x, y, cost_mode="max")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        csce(x, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="cost_matrix must not require grad"):
+        csce(x, y, torch.ones(4, 4, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        csce(x, y, weight=torch.ones(4, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="input must have shape"):
+        ops.cost_sensitive_cross_entropy(x[0], y[0], None, None, -100, "mean", 0.0, "argmax")
+    # The process stays usable after the errors.
+    torch.testing.assert_close(csce(x, y), F.cross_entropy(x, y))
+
+
+def test_cpu_rejects_negative_or_non_finite_costs():
+    x, y = make_problem(8, 3, "cpu")
+    with pytest.raises(ValueError, match="cost_matrix must be non-negative"):
+        csce(x, y, -torch.ones(3, 3))
+    with pytest.raises(ValueError, match="finite"):
+        csce(x, y, torch.full((3, 3), float("inf")))
+
+
+def test_device_mismatch_is_reported():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to mix devices")
+    x, y = make_problem(8, 3, "cuda")
+    with pytest.raises(ValueError, match="cost_matrix must be on the same device as input"):
+        csce(x, y, torch.ones(3, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_invalid_target_gives_nan_and_check_mode_raises(monkeypatch):
+    x, y = make_problem(8, 4, "cuda")
+    y[2] = 9
+    loss = csce(x, y, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    assert torch.isnan(csce(x, y))
+    import fused_losses._validation as validation
+    monkeypatch.setattr(validation, "CHECK_DATA_ON_CUDA", True)
+    with pytest.raises(ValueError, match="target contains class index 9"):
+        csce(x, y)
+    torch.testing.assert_close(csce(x, y.clamp(max=3)), F.cross_entropy(x, y.clamp(max=3)))
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+def test_module_buffers_and_state_dict(device):
+    criterion = fused_losses.CostSensitiveCrossEntropyLoss([[0, 1, 1], [1, 0, 1.2], [1, 1, 0]], weight=[1, 2, 3],
+                                                           label_smoothing=0.1).to(device)
+    assert set(dict(criterion.named_buffers())) == {"cost_matrix", "weight"}
+    x, y = make_problem(20, 3, device)
+    expected = reference.cost_sensitive_cross_entropy(x, y, criterion.cost_matrix, criterion.weight,
+                                                      label_smoothing=0.1)
+    torch.testing.assert_close(criterion(x, y), expected)
+    clone = fused_losses.CostSensitiveCrossEntropyLoss(torch.zeros(3, 3), weight=torch.zeros(3), label_smoothing=0.1)
+    clone.load_state_dict(criterion.state_dict())
+    torch.testing.assert_close(clone.to(device)(x, y), criterion(x, y))
+    with pytest.raises(ValueError, match="square"):
+        fused_losses.CostSensitiveCrossEntropyLoss(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        fused_losses.CostSensitiveCrossEntropyLoss(-torch.ones(2, 2))
+
+
+# ---------------------------------------------------------------------------------------- registration
+
+
+OPCHECK_CASES = [
+    dict(),
+    dict(cost=True),
+    dict(cost=True, mode="expected", weight=True, smoothing=0.1),
+    dict(reduction="none", weight=True),
+    dict(reduction="sum", cost=True, spatial=True),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(device, case):
+    extra = (3,) if case.get("spatial") else ()
+    x, y = make_problem(12, 5, device, ignore_fraction=0.2, extra_dims=extra)
+    cost = torch.rand(5, 5, device=device) if case.get("cost") else None
+    weight = torch.rand(5, device=device) + 0.1 if case.get("weight") else None
+    args = (x.requires_grad_(True), y, cost, weight, -100, case.get("reduction", "mean"), case.get("smoothing", 0.0),
+            case.get("mode", "argmax"))
+    torch.library.opcheck(ops.cost_sensitive_cross_entropy, args)
+
+
+@pytest.mark.parametrize("cost_mode", ["argmax", "expected"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(device, cost_mode, reduction):
+    x, y = make_problem(6, 4, device, torch.float64, extra_dims=(2,))
+    y[0, 0] = -100
+    cost = torch.rand(4, 4, device=device, dtype=torch.float64) + 0.5
+    weight = torch.rand(4, device=device, dtype=torch.float64) + 0.5
+    for kwargs in (dict(), dict(weight=weight, label_smoothing=0.2)):
+        fn = lambda z: csce(z, y, cost, reduction=reduction, cost_mode=cost_mode, **kwargs)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x.requires_grad_(True),))
+
+
+def test_torch_compile_fullgraph(device):
+    x, y = make_problem(64, 10, device, ignore_fraction=0.1)
+    cost = torch.rand(10, 10, device=device)
+
+    def step(logits):
+        return csce(logits, y, cost, cost_mode="expected", label_smoothing=0.1) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, eager_grad = loss_and_grad(step, x)
+    compiled_loss, compiled_grad = loss_and_grad(compiled, x)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+# ------------------------------------------------------------------------------------------ determinism
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts(device):
+    x, y = make_problem(5000, 37, device, ignore_fraction=0.1)
+    cost = torch.rand(37, 37, device=device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2, 1, 2):
+            torch.set_num_threads(num_threads)
+            results.append(loss_and_grad(csce, x, y, cost, cost_mode="expected"))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
