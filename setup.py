@@ -7,6 +7,7 @@ are honoured by torch.utils.cpp_extension. Install with `pip install --no-build-
 
 import glob
 import os
+import sys
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported: point it at the toolkit first.
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -43,6 +44,13 @@ def _extension():
     if _cpu_supports_avx2():
         # at::vec::Vectorized picks its 256-bit implementation from CPU_CAPABILITY_AVX2.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    link_args = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP loop: without -fopenmp it silently runs on one thread. The
+        # extension then needs libgomp.so.1, which resolves to the copy torch has already loaded
+        # (torch/lib/libgomp.so.1): one thread pool, sized by torch.set_num_threads.
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA"]
@@ -51,6 +59,7 @@ def _extension():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_LOSSES_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link_args,
             py_limited_api=True,
         )
     return CppExtension(
@@ -58,6 +67,7 @@ def _extension():
         cpu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_args,
         py_limited_api=True,
     )
 

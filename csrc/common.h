@@ -34,11 +34,16 @@ inline Reduction parse_reduction(std::string_view reduction) {
   TORCH_CHECK_VALUE(false, "reduction must be 'none', 'mean' or 'sum', got '", reduction, "'");
 }
 
-// The reduced outputs of a forward over nothing: total weight 0 and, unless the reduction is 'none', a loss of
-// NaN for 'mean' (0 / 0, as torch.mean of nothing) or 0 for 'sum'.
+// The reduced loss of a forward over nothing: unless the reduction is 'none', NaN for 'mean' (0 / 0, as
+// torch.mean of nothing) or 0 for 'sum'.
+inline void fill_empty_reduction(at::Tensor& loss, Reduction reduction) {
+  if (reduction != Reduction::None) loss.fill_(reduction == Reduction::Mean ? NAN : 0.0);
+}
+
+// The same for a forward that also outputs the total weight (0).
 inline void fill_empty_reduction(at::Tensor& loss, at::Tensor& total_weight, Reduction reduction) {
   total_weight.zero_();
-  if (reduction != Reduction::None) loss.fill_(reduction == Reduction::Mean ? NAN : 0.0);
+  fill_empty_reduction(loss, reduction);
 }
 
 inline void check_floating_input(const at::Tensor& tensor, const char* name) {

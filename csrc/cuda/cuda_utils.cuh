@@ -114,6 +114,16 @@ struct ReducedLossEpilogue {
   }
 };
 
+// Epilogue for a forward whose 'mean' divides by a count known on the host (e.g. the number of elements), so
+// its partials hold the loss only: writes the sum divided by `divisor` (1 for 'sum').
+template <typename scalar_t>
+struct FixedDivisorLossEpilogue {
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* loss;
+  acc_t divisor;
+  __device__ void operator()(const acc_t (&totals)[1]) const { *loss = static_cast<scalar_t>(totals[0] / divisor); }
+};
+
 // ----------------------------------------------------------------------------- mergeable states across lanes
 
 // A State is a mergeable partial result (e.g. count/mean/co-moment sums merged with Chan's formulas) with

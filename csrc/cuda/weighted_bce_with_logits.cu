@@ -338,16 +338,6 @@ PassArgs<scalar_t> make_pass_args(const BceProblem& p) {
   return args;
 }
 
-// Writes the reduced loss: the sum of the per-block partials, divided by numel for 'mean'.
-template <typename scalar_t>
-struct ReducedLossEpilogue {
-  scalar_t* loss;
-  acc_type<scalar_t> divisor;
-  __device__ void operator()(const acc_type<scalar_t> (&totals)[1]) const {
-    *loss = static_cast<scalar_t>(totals[0] / divisor);
-  }
-};
-
 at::Tensor forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>& target,
                         const std::optional<at::Tensor>& positive_indices, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& pos_weight, c10::string_view reduction, double gamma_pos,
@@ -358,7 +348,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>
   at::Tensor loss = allocate_bce_loss(p);
   const bool reduced = p.reduction != Reduction::None;
   if (p.numel == 0) {
-    if (reduced) loss.fill_(p.reduction == Reduction::Mean ? NAN : 0.0);
+    fill_empty_reduction(loss, p.reduction);
     return loss;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -372,7 +362,8 @@ at::Tensor forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>
           launch_pass<Pass::Forward, scalar_t, decltype(target_tag)>(p, args, reduced ? &partials : nullptr, stream);
       if (!reduced) return;
       launch_reduce_partials<acc_t, 1>(partials.const_data_ptr<acc_t>(), blocks,
-                                       ReducedLossEpilogue<scalar_t>{loss.data_ptr<scalar_t>(), args.divisor}, stream);
+                                       FixedDivisorLossEpilogue<scalar_t>{loss.data_ptr<scalar_t>(), args.divisor},
+                                       stream);
     });
   });
   return loss;
