@@ -97,6 +97,11 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
                       reduction: str, per_timestep: bool, eps: float, lengths: Optional[Tensor]) -> Tensor:
     check_choice("reduction", reduction, REDUCTIONS)
     check_eps(eps)
+    if (isinstance(input, Tensor) and isinstance(target, Tensor) and input.dtype != target.dtype
+            and input.dtype.is_floating_point and target.dtype.is_floating_point):
+        # Mixed precision (bf16 predictions, float32 targets): promote as torch's elementwise losses do.
+        common = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(common), target.to(common)
     batch = as_sequence_batch(input, target, mask, dim, lengths)
     loss, _, _ = _ops.correlation_loss(batch.input, batch.target, batch.mask, kind, reduction, bool(per_timestep),
                                        float(eps))

@@ -414,7 +414,12 @@ def test_errors(device):
     with pytest.raises(ValueError, match=r"either mask or lengths"):
         f(x, y, torch.ones(2, 5, dtype=torch.bool, device=device), lengths=torch.tensor([1, 2], device=device))
     with pytest.raises(TypeError, match=r"target must have the input's dtype \(Float\), got Double"):
-        f(x, y.double())
+        torch.ops.fused_losses.correlation_loss(x.unsqueeze(-1), y.double().unsqueeze(-1), None, "pearson", "mean",
+                                                False, 1e-8)
+    # The functional form promotes mixed floating dtypes, as torch's elementwise losses do.
+    promoted = f(x, y.double())
+    assert promoted.dtype == torch.float64
+    torch.testing.assert_close(promoted, f(x.double(), y.double()))
     with pytest.raises(TypeError, match=r"input must be float32, float16, bfloat16 or float64, got Long"):
         f(x.long(), y.long())
     with pytest.raises(ValueError, match=r"reduction must be one of 'none', 'mean', 'sum', got 'avg'"):

@@ -303,3 +303,80 @@ def test_ddp_two_processes_match_single_process(loss_name):
     loss_fn(model(inputs[0]), *inputs[1:]).backward()
     for ddp_grad, param in zip(ddp_grads, model.parameters()):
         torch.testing.assert_close(ddp_grad, param.grad)
+
+
+# ------------------------------------------------------------------------------- AMP and CUDA graphs
+
+
+def _three_losses(device, dtype=torch.float32):
+    """(name, logits, loss_fn(logits)) for each op family, small shapes."""
+    gen = torch.Generator().manual_seed(0)
+    y_ce = torch.randint(0, 7, (64,), generator=gen).to(device)
+    cost = (torch.rand(7, 7, generator=gen) + 0.5).to(device)
+    target_seq = torch.randn(8, 50, generator=gen).to(device=device, dtype=dtype)
+    labels = (torch.rand(64, 30, generator=gen) < 0.1).to(device)
+    return [
+        ("cost_sensitive_cross_entropy", (64, 7),
+         lambda z: fused_losses.cost_sensitive_cross_entropy(z, y_ce, cost, cost_mode="expected")),
+        ("pearson_correlation_loss", (8, 50), lambda z: fused_losses.pearson_correlation_loss(z, target_seq)),
+        ("weighted_bce_with_logits", (64, 30),
+         lambda z: fused_losses.weighted_bce_with_logits(z, labels, gamma_neg=2.0, clip=0.05)),
+    ]
+
+
+def test_autocast_cpu_runs_in_the_logits_dtype():
+    """Under autocast the ops are not re-cast: bf16 logits (a Linear's output under CPU autocast) give a loss
+    in the logits' dtype (promoted with a floating target), computed in float32 inside, close to the float32
+    result (documented in the README)."""
+    for name, shape, loss_fn in _three_losses("cpu"):
+        features = torch.randn(shape[0], 16)
+        layer = torch.nn.Linear(16, shape[1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = layer(features)
+            loss = loss_fn(logits)
+        # The correlation losses promote bf16 predictions with float32 targets, as F.mse_loss does.
+        expected_dtype = torch.float32 if name == "pearson_correlation_loss" else torch.bfloat16
+        assert logits.dtype == torch.bfloat16 and loss.dtype == expected_dtype, name
+        torch.testing.assert_close(loss.float(), loss_fn(logits.float()), **TOLERANCES[torch.bfloat16])
+        loss.backward()
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_capture_and_replay_with_new_inputs():
+    for name, shape, loss_fn in _three_losses("cuda"):
+        static_logits = torch.randn(shape, device="cuda", requires_grad=True)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs asks
+                (g,) = torch.autograd.grad(loss_fn(static_logits), static_logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = loss_fn(static_logits)
+            (static_grad,) = torch.autograd.grad(static_loss, static_logits)
+        for _ in range(3):
+            fresh = torch.randn(shape, device="cuda")
+            with torch.no_grad():
+                static_logits.copy_(fresh)
+            graph.replay()
+            eager_logits = fresh.clone().requires_grad_(True)
+            eager_loss = loss_fn(eager_logits)
+            (eager_grad,) = torch.autograd.grad(eager_loss, eager_logits)
+            assert torch.equal(static_loss, eager_loss), name
+            assert torch.equal(static_grad, eager_grad), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_reduce_overhead_matches_eager():
+    for name, shape, loss_fn in _three_losses("cuda"):
+        compiled = torch.compile(loss_fn, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            z = torch.randn(shape, device="cuda")
+            a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+            compiled_loss, eager_loss = compiled(a), loss_fn(b)
+            torch.testing.assert_close(compiled_loss, eager_loss)
+            torch.testing.assert_close(torch.autograd.grad(compiled_loss, a)[0], torch.autograd.grad(eager_loss, b)[0])
