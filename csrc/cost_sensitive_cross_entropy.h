@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include <ATen/Dispatch.h>
 #include "cross_entropy_math.h"
 
 #include <optional>
@@ -82,12 +83,17 @@ inline CrossEntropyProblem make_cross_entropy_problem(const at::Tensor& input, c
 }
 
 // Cost entries must be finite and non-negative (a negative cost would reward a mistake). Reads the values,
-// so the CPU kernel calls it on every call and CUDA only through FUSED_LOSSES_CHECK=1 (in Python).
+// so the CPU kernel calls it on every call (a plain loop over C x C values, no tensor ops) and CUDA only
+// through FUSED_LOSSES_CHECK=1 (in Python).
 inline void check_cost_values(const CrossEntropyProblem& p) {
   if (!p.cost.has_value()) return;
-  TORCH_CHECK_VALUE(at::isfinite(*p.cost).all().item<bool>(), "cost_matrix must contain only finite values");
-  TORCH_CHECK_VALUE((*p.cost >= 0).all().item<bool>(),
-                    "cost_matrix must be non-negative: a negative cost would reward a misclassification");
+  AT_DISPATCH_FLOATING_TYPES(p.cost->scalar_type(), "check_cost_values", [&] {
+    const scalar_t* cost = p.cost->const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < p.cost->numel(); ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(cost[i]), "cost_matrix must contain only finite values");
+      TORCH_CHECK_VALUE(cost[i] >= 0, "cost_matrix must be non-negative: a negative cost would reward a misclassification");
+    }
+  });
 }
 
 // Layout of the (contiguous) gradient we allocate with the input's shape.
