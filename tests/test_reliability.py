@@ -380,3 +380,25 @@ def test_compile_reduce_overhead_matches_eager():
             compiled_loss, eager_loss = compiled(a), loss_fn(b)
             torch.testing.assert_close(compiled_loss, eager_loss)
             torch.testing.assert_close(torch.autograd.grad(compiled_loss, a)[0], torch.autograd.grad(eager_loss, b)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a CUDA device with 40 GiB")
+def test_more_than_2_pow_31_elements_cuda():
+    """(16385, 131072) bf16 logits: 2^31 + 2^17 elements, so any 32-bit offset would wrap."""
+    n, c = 16385, 131072
+    torch.manual_seed(0)
+    x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, c, (n,), device="cuda")
+    loss = fused_losses.cost_sensitive_cross_entropy(x, y, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    for first in range(0, n, 2048):  # chunked float32 reference
+        rows = slice(first, min(n, first + 2048))
+        xr = x[rows].detach().float().requires_grad_(True)
+        expected = F.cross_entropy(xr, y[rows], reduction="none")
+        (expected_grad,) = torch.autograd.grad(expected.sum(), xr)
+        torch.testing.assert_close(loss[rows].float(), expected, **TOLERANCES[torch.bfloat16])
+        torch.testing.assert_close(grad[rows].float(), expected_grad, **TOLERANCES[torch.bfloat16])
+    # The last row lies past element 2^31: its gradient is p - onehot(y), negative only at its target.
+    assert torch.isfinite(grad[-1]).all() and grad[-1].float().argmin() == y[-1]
