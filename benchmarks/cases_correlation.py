@@ -2,16 +2,17 @@
 (fused_losses.reference, timed eagerly and under torch.compile by the harness), at the issue's shapes.
 
 Bytes are those the 3-pass schedule must move, with U the bytes of one (B, T) input: the forward reads x and
-y (2U); forward + backward reads them again and writes the input's gradient (5U). The O(B) statistics are
-left out."""
+y (2U) and writes the per-sequence statistics; the backward re-reads x, y and the statistics and writes the
+input's gradient (5U in all, plus the statistics twice)."""
 
 from typing import List, Tuple
 
 import torch
 
 import fused_losses
-from benchmarks.case import BenchCase
 from fused_losses import reference
+
+from .case import BenchCase
 
 CPU_SHAPES = [(4096, 1000)]
 CUDA_SHAPES = [(65536, 100), (16384, 4096), (256, 262144)]
@@ -30,8 +31,18 @@ def _inputs(shape: Tuple[int, int], dtype: torch.dtype, device: str):
     return make
 
 
+STATS_PER_SEQUENCE = 8  # count, shifts, means and centred sums (float32)
+
+
+def _bytes(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[int, int]:
+    one_input = shape[0] * shape[1] * dtype.itemsize
+    stats = shape[0] * STATS_PER_SEQUENCE * 4
+    forward = 2 * one_input + stats
+    return forward, forward + 2 * one_input + stats + one_input
+
+
 def _case(shape: Tuple[int, int], dtype: torch.dtype, device: str, smoke: bool = False) -> BenchCase:
-    one_input = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    bytes_forward, bytes_forward_backward = _bytes(shape, dtype)
     return BenchCase(
         op="pearson_correlation_loss",
         label=f"({shape[0]}, {shape[1]}) {_DTYPE_NAMES[dtype]}",
@@ -39,8 +50,8 @@ def _case(shape: Tuple[int, int], dtype: torch.dtype, device: str, smoke: bool =
         fused=fused_losses.pearson_correlation_loss,
         reference=reference.pearson_correlation_loss,
         grad_input="input",
-        bytes_forward=2 * one_input,
-        bytes_forward_backward=5 * one_input,
+        bytes_forward=bytes_forward,
+        bytes_forward_backward=bytes_forward_backward,
         smoke=smoke,
     )
 

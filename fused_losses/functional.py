@@ -127,9 +127,11 @@ _CORRELATION_ARGS = r"""
         lengths: alternative to ``mask``: ``(B,)`` integers in ``[0, T]``, the valid prefix of each sequence.
 
     Moments are population moments over the valid steps, accumulated in float32 (float64 for double input)
-    by exact two-pass blocks merged with Chan's formulas. A flat sequence or one with fewer than 2 valid steps
-    has covariance 0: its loss is 1, finite, with finite gradients (they scale like 1/eps for a flat Pearson
-    input, which overflows float16); NaN in a valid step propagates to its sequence.
+    as shifted sums over short blocks merged with Chan's formulas, so data far from zero keeps its precision.
+    A flat sequence or one with fewer than 2 valid steps has covariance 0: its loss is 1, finite, with finite
+    gradients (they scale like 1/eps for a flat Pearson input, which overflows float16). A sequence without
+    valid steps has loss 1, no gradient, and still counts in ``"mean"``. NaN in a valid step propagates to
+    its sequence; padding is never read into the result.
 """
 
 
