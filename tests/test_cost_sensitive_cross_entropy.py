@@ -30,6 +30,14 @@ def loss_and_grad(fn, x, *args, **kwargs):
     return loss.detach(), grad
 
 
+def assert_same_loss_and_grad(expected_fn, x, *args, **kwargs):
+    """csce and expected_fn give the same loss and gradient (float32 tolerances)."""
+    fused, fused_grad = loss_and_grad(csce, x, *args, **kwargs)
+    expected, expected_grad = loss_and_grad(expected_fn, x, *args, **kwargs)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fused_grad, expected_grad)
+
+
 def assert_matches(fused, expected, dtype):
     torch.testing.assert_close(fused.double(), expected.double(), equal_nan=True, **TOLERANCES[dtype])
 
@@ -56,10 +64,7 @@ def test_equals_cross_entropy_with_weight_ignore_and_smoothing(device, label_smo
     y[:5] = 3  # ignore_index may be a valid class index: those rows are ignored
     weight = torch.rand(17, device=device) + 0.1
     kwargs = dict(weight=weight, ignore_index=3, reduction=reduction, label_smoothing=label_smoothing)
-    fused, fused_grad = loss_and_grad(csce, x, y, **kwargs)
-    expected, expected_grad = loss_and_grad(F.cross_entropy, x, y, **kwargs)
-    torch.testing.assert_close(fused, expected)
-    torch.testing.assert_close(fused_grad, expected_grad)
+    assert_same_loss_and_grad(F.cross_entropy, x, y, **kwargs)
 
 
 def test_float32_matches_cross_entropy_tightly(device):
@@ -72,10 +77,7 @@ def test_spatial_input_and_channels_last(device):
     for inp in (x, x.to(memory_format=torch.channels_last), x.permute(0, 1, 3, 2)):
         tgt = y if inp.shape[2:] == y.shape[1:] else y.permute(0, 2, 1)
         for reduction in ("mean", "none"):
-            fused, fused_grad = loss_and_grad(csce, inp, tgt, reduction=reduction)
-            expected, expected_grad = loss_and_grad(F.cross_entropy, inp, tgt, reduction=reduction)
-            torch.testing.assert_close(fused, expected)
-            torch.testing.assert_close(fused_grad, expected_grad)
+            assert_same_loss_and_grad(F.cross_entropy, inp, tgt, reduction=reduction)
 
 
 def test_non_contiguous_inputs(device):
@@ -84,10 +86,7 @@ def test_non_contiguous_inputs(device):
     cost = torch.rand(20, 20, device=device)
     for x in (base[:, ::3][:, :20], base.t()[:20].t()[:, :20], base[:, 10:30]):
         assert not x.is_contiguous()
-        fused, fused_grad = loss_and_grad(csce, x, y, cost)
-        expected, expected_grad = loss_and_grad(reference.cost_sensitive_cross_entropy, x, y, cost)
-        torch.testing.assert_close(fused, expected)
-        torch.testing.assert_close(fused_grad, expected_grad)
+        assert_same_loss_and_grad(reference.cost_sensitive_cross_entropy, x, y, cost)
     transposed = torch.randn(20, 40, device=device).t()  # class stride 40
     torch.testing.assert_close(csce(transposed, y, cost), reference.cost_sensitive_cross_entropy(transposed, y, cost))
 
@@ -170,10 +169,7 @@ def test_extreme_and_infinite_logits_follow_cross_entropy(device):
                      device=device)
     y = torch.tensor([1, 0, 1, 2], device=device)
     for reduction in ("none", "mean"):
-        fused, fused_grad = loss_and_grad(csce, x, y, reduction=reduction)
-        expected, expected_grad = loss_and_grad(F.cross_entropy, x, y, reduction=reduction)
-        torch.testing.assert_close(fused, expected)
-        torch.testing.assert_close(fused_grad, expected_grad)
+        assert_same_loss_and_grad(F.cross_entropy, x, y, reduction=reduction)
 
 
 def test_nan_logits_propagate(device):
