@@ -40,7 +40,10 @@ def _want_cuda() -> bool:
 def _extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
+    # No implicit fused multiply-adds: the compiler fuses a multiply into an add only where the product has
+    # no other use, so the same formula could round differently in the forward that also writes the gradient
+    # and in the backward. Without contraction both schedules give the same bits (explicit fmadd remains).
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     if _cpu_supports_avx2():
         # at::vec::Vectorized picks its 256-bit implementation from CPU_CAPABILITY_AVX2.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -53,7 +56,7 @@ def _extension():
         link_args.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA", "--fmad=false"]
         return CUDAExtension(
             "fused_losses._C",
             cpu_sources + cuda_sources,

@@ -93,16 +93,15 @@ C10_HOST_DEVICE inline V power_from_log(V log_base, acc_t gamma) {
   return gamma == acc_t(0) ? V(1) : Math::exp(V(gamma) * log_base);
 }
 
-// The element's loss w * (q y l_pos + (1 - y) l_neg).
+// The element's loss w * (q y l_pos + (1 - y) l_neg), from the parts of sigmoid(z): their logs, and p when
+// clipped.
 template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
-  const bool clipped = cfg.focusing && cfg.clip != acc_t(0);
-  const SigmoidParts<V> s = sigmoid_parts<Math>(z, clipped, true);
+C10_HOST_DEVICE inline V bce_loss_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V y, V w, V q) {
   V positive = -s.log_p;
   V negative = -s.log_one_minus_p;
   if (cfg.focusing) {
     positive = positive * power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos);
-    if (!clipped) {
+    if (cfg.clip == acc_t(0)) {
       negative = negative * power_from_log<Math>(s.log_p, cfg.gamma_neg);
     } else {
       // p_m = 0 gives log1p(0) = 0 and a factor of 0 or 1: no special case needed.
@@ -113,10 +112,10 @@ C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y,
   return w * (q * y * positive + (V(1) - y) * negative);
 }
 
-// d loss / dz of the element (before the scale from grad_output and the reduction).
+// d loss / dz of the element (before the scale from grad_output and the reduction), from the parts of
+// sigmoid(z): the probabilities, and their logs when focusing.
 template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
-  const SigmoidParts<V> s = sigmoid_parts<Math>(z, true, cfg.focusing);
+C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V y, V w, V q) {
   V positive = -s.one_minus_p;  // d(-log p)/dz
   V negative = s.p;             // d(-log(1 - p))/dz
   if (cfg.focusing) {
@@ -143,6 +142,30 @@ C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y,
     }
   }
   return w * (q * y * positive + (V(1) - y) * negative);
+}
+
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+  const bool clipped = cfg.focusing && cfg.clip != acc_t(0);
+  return bce_loss_from_parts<Math>(cfg, sigmoid_parts<Math>(z, clipped, true), y, w, q);
+}
+
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+  return bce_grad_from_parts<Math>(cfg, sigmoid_parts<Math>(z, true, cfg.focusing), y, w, q);
+}
+
+// Both at once (the forward that also writes the gradient), from one evaluation of sigmoid(z): each value is
+// bitwise the one of the separate functions.
+template <typename V>
+struct LossAndGrad {
+  V loss, grad;
+};
+
+template <typename Math, typename acc_t, typename V = typename Math::Value>
+C10_HOST_DEVICE inline LossAndGrad<V> bce_element_loss_and_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+  const SigmoidParts<V> s = sigmoid_parts<Math>(z, true, true);
+  return {bce_loss_from_parts<Math>(cfg, s, y, w, q), bce_grad_from_parts<Math>(cfg, s, y, w, q)};
 }
 
 }  // namespace fused_losses

@@ -37,12 +37,20 @@ TORCH_LIBRARY(fused_losses, m) {
       "Tensor total_weight, str kind, str reduction, bool per_timestep, float eps, bool input_requires_grad, "
       "bool target_requires_grad) -> (Tensor, Tensor)");
   // Exactly one of target (dense, the input's shape: float, bool or uint8) and positive_indices (sparse,
-  // (N, K) int64 padded with -1, input (N, L)). Returns the loss: the input's shape for reduction='none',
-  // else a scalar. The forward saves nothing beyond its inputs: the backward re-reads them.
+  // (N, K) int64 padded with -1, input (N, L)). Returns (loss, gradient): the loss has the input's shape for
+  // reduction='none', else it is a scalar; with write_gradient (a reduced loss only) gradient is d loss / d
+  // input for grad_loss = 1, written in the same pass, else an empty (0,) tensor (common.h: schedules).
   m.def(
       "weighted_bce_with_logits(Tensor input, Tensor? target, Tensor? positive_indices, Tensor? weight, "
-      "Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
+      "Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip, bool write_gradient) "
+      "-> (Tensor, Tensor)");
   m.def(
       "weighted_bce_with_logits_backward(Tensor grad_loss, Tensor input, Tensor? target, Tensor? positive_indices, "
       "Tensor? weight, Tensor? pos_weight, str reduction, float gamma_pos, float gamma_neg, float clip) -> Tensor");
+  // Turns the forward's gradient (grad_loss = 1) into the gradient for grad_loss, in place: nothing to do when
+  // grad_loss is 1, else recomputed from the inputs.
+  m.def(
+      "weighted_bce_with_logits_backward_inplace(Tensor grad_loss, Tensor(a!) gradient, Tensor input, "
+      "Tensor? target, Tensor? positive_indices, Tensor? weight, Tensor? pos_weight, str reduction, "
+      "float gamma_pos, float gamma_neg, float clip) -> ()");
 }

@@ -5,6 +5,7 @@ teaches torch.compile the output shapes (fake kernels) and autograd the backward
 """
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _C  # noqa: F401  (loads the library, registering the operators)
 
@@ -14,6 +15,32 @@ _ops = torch.ops.fused_losses
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for double inputs, float32 otherwise: the dtype the kernels accumulate and save statistics in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- the gradient written by the forward
+# With write_gradient (a reduced loss whose input requires grad) an op's forward also writes d loss / d input
+# for grad_loss = 1, and its in-place backward op leaves it as it is when grad_loss is 1 (compared on the
+# device: no host synchronisation) or recomputes it from the inputs otherwise (csrc/common.h: schedules).
+# Autograd hands that tensor out once: it is held on ctx (not saved, since the backward writes to it) and
+# dropped when taken, so its memory goes with the first backward; a second backward (retain_graph) finds
+# none and recomputes the gradient from the saved inputs, as the 3-pass schedule does. AOTAutograd (under
+# torch.compile, opcheck) traces with functional tensors, where writing to a forward output from the
+# backward cannot be expressed: there the backward recomputes too (the functional API does not even ask for
+# the forward's gradient while compiling, see functional._writes_gradient).
+
+
+def _forward_gradient_fake(input, write_gradient: bool):
+    return torch.empty_like(input, memory_format=torch.contiguous_format) if write_gradient else input.new_empty((0,))
+
+
+def _keep_forward_gradient(ctx, gradient, write_gradient: bool) -> None:
+    ctx.mark_non_differentiable(gradient)
+    ctx.forward_gradient = gradient if write_gradient else None
+
+
+def _take_forward_gradient(ctx):
+    gradient, ctx.forward_gradient = ctx.forward_gradient, None
+    return None if isinstance(gradient, FunctionalTensor) else gradient
 
 
 # ----------------------------------------------------------------------------- cost-sensitive cross-entropy
@@ -121,8 +148,9 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("fused_losses::weighted_bce_with_logits")
 def _weighted_bce_with_logits_fake(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
-                                   gamma_neg, clip):
-    return input.new_empty(input.shape if reduction == "none" else ())
+                                   gamma_neg, clip, write_gradient):
+    loss = input.new_empty(input.shape if reduction == "none" else ())
+    return loss, _forward_gradient_fake(input, write_gradient)
 
 
 @torch.library.register_fake("fused_losses::weighted_bce_with_logits_backward")
@@ -131,19 +159,29 @@ def _weighted_bce_with_logits_backward_fake(grad_loss, input, target, positive_i
     return input.new_empty(input.shape)
 
 
+@torch.library.register_fake("fused_losses::weighted_bce_with_logits_backward_inplace")
+def _weighted_bce_with_logits_backward_inplace_fake(grad_loss, gradient, input, target, positive_indices, weight,
+                                                    pos_weight, reduction, gamma_pos, gamma_neg, clip):
+    return None
+
+
 def _weighted_bce_with_logits_setup(ctx, inputs, output):
-    input, target, positive_indices, weight, pos_weight, *options = inputs
-    # The 3-pass schedule saves only the inputs: the backward re-reads them, so any grad_output, retain_graph
-    # and repeated backwards stay correct.
+    input, target, positive_indices, weight, pos_weight, *options, write_gradient = inputs
     ctx.save_for_backward(input, target, positive_indices, weight, pos_weight)
     ctx.options = tuple(options)  # reduction, gamma_pos, gamma_neg, clip
+    _keep_forward_gradient(ctx, output[1], write_gradient)
 
 
-def _weighted_bce_with_logits_backward(ctx, grad_loss):
+def _weighted_bce_with_logits_backward(ctx, grad_loss, _grad_gradient):
     grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ops.weighted_bce_with_logits_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
-    return grad_input, None, None, None, None, None, None, None, None
+        gradient = _take_forward_gradient(ctx)
+        if gradient is not None:
+            _ops.weighted_bce_with_logits_backward_inplace(grad_loss, gradient, *ctx.saved_tensors, *ctx.options)
+            grad_input = gradient
+        else:
+            grad_input = _ops.weighted_bce_with_logits_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+    return grad_input, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

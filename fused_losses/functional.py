@@ -19,6 +19,15 @@ _ops = torch.ops.fused_losses
 COST_MODES = ("argmax", "expected")
 
 
+def _writes_gradient(input: Tensor, reduction: str) -> bool:
+    """Whether the forward should also write the input's gradient (the 2-pass schedule, csrc/common.h): when a
+    backward to the input is coming and its grad_loss is one scalar, so that the backward is free in eager
+    mode. Not while torch.compile traces: its functionalised backward cannot reuse that tensor
+    (_registrations._take_forward_gradient), so the 3-pass schedule moves fewer bytes there."""
+    return (reduction != "none" and input.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 def _check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -254,5 +263,7 @@ def weighted_bce_with_logits(
             positive_indices = positive_indices.long()
         if input.dim() == 2 and positive_indices.dtype == torch.int64 and needs_data_checks(input):
             _check_positive_index_values(positive_indices, input.shape[1])
-    return _ops.weighted_bce_with_logits(input, target, positive_indices, weight, pos_weight, reduction,
-                                         float(gamma_pos), float(gamma_neg), float(clip))
+    loss, _ = _ops.weighted_bce_with_logits(input, target, positive_indices, weight, pos_weight, reduction,
+                                            float(gamma_pos), float(gamma_neg), float(clip),
+                                            _writes_gradient(input, reduction))
+    return loss

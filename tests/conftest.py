@@ -36,3 +36,39 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_gradient_schedules_agree(fn, inputs, monkeypatch):
+    """The 2-pass schedule (the forward also writes the gradient, csrc/common.h) gives bitwise the gradients
+    of the 3-pass schedule, for grad_output 1, for another grad_output (the in-place backward recomputes)
+    and for a second backward through the same graph (retain_graph): repeated backwards agree exactly, as
+    gradcheck's reentrancy test demands. `fn(*leaves)` returns a reduced loss; `inputs` are the tensors that
+    require grad."""
+    import fused_losses.functional as functional
+
+    def gradients(loss, leaves, grad_output, retain_graph=False):
+        grad_output = torch.tensor(grad_output, dtype=loss.dtype, device=loss.device)
+        return torch.autograd.grad(loss, leaves, grad_output, retain_graph=retain_graph)
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in inputs]
+
+    asked = []  # what the functional API decided: the first half of the test must take the 2-pass schedule
+    decide = functional._writes_gradient
+    monkeypatch.setattr(functional, "_writes_gradient", lambda *args: asked.append(decide(*args)) or asked[-1])
+    two_pass = leaves()
+    loss = fn(*two_pass)
+    unit = gradients(loss, two_pass, 1.0, retain_graph=True)
+    again_scaled = gradients(loss, two_pass, 2.5)  # the forward's gradient is gone: recomputed
+    fresh = leaves()
+    scaled = gradients(fn(*fresh), fresh, 2.5)  # the in-place backward recomputes it for grad_output 2.5
+
+    assert asked and all(asked), "the forward was not asked to write the gradient"
+
+    monkeypatch.setattr(functional, "_writes_gradient", lambda *args: False)
+    three_pass = leaves()
+    expected_unit = gradients(fn(*three_pass), three_pass, 1.0)
+    expected_scaled = gradients(fn(*three_pass), three_pass, 2.5)
+    for actual, expected in [(unit, expected_unit), (again_scaled, expected_scaled), (scaled, expected_scaled)]:
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)

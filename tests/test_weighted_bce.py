@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fused_losses
 import fused_losses._validation as validation
-from conftest import FLOAT_DTYPES, TOLERANCES
+from conftest import FLOAT_DTYPES, TOLERANCES, assert_gradient_schedules_agree
 from fused_losses import WeightedBCEWithLogitsLoss, reference, weighted_bce_with_logits
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -295,11 +295,51 @@ def _op_variants(device):
     }
 
 
+@pytest.mark.parametrize("write_gradient", [False, True])
 @pytest.mark.parametrize("variant", ["dense_float", "dense_bool_focal", "sparse_asl"])
-def test_opcheck(device, variant):
+def test_opcheck(device, variant, write_gradient):
     args = list(_op_variants(device)[variant])
+    if write_gradient and args[5] == "none":
+        pytest.skip("the forward writes the gradient for reduced losses only")
     args[0] = args[0].requires_grad_()
-    torch.library.opcheck(torch.ops.fused_losses.weighted_bce_with_logits, tuple(args))
+    torch.library.opcheck(torch.ops.fused_losses.weighted_bce_with_logits, (*args, write_gradient))
+    if write_gradient:
+        _, gradient = torch.ops.fused_losses.weighted_bce_with_logits(*args, True)
+        grad_loss = torch.tensor(0.5, dtype=args[0].dtype, device=device)
+        torch.library.opcheck(torch.ops.fused_losses.weighted_bce_with_logits_backward_inplace,
+                              (grad_loss, gradient, args[0].detach(), *args[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("target_form", ["float", "bool", "sparse"])
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (1.0, 4.0, 0.05)])
+def test_forward_written_gradient(device, dtype, reduction, target_form, focusing, monkeypatch):
+    """The gradient written by the forward (2-pass) is bitwise the 3-pass backward's, for any grad_output
+    and repeated backwards; odd sizes reach the vector tails."""
+    gamma_pos, gamma_neg, clip = focusing
+    x = (torch.randn(37, 203, device=device) * 3).to(dtype)
+    indices = random_indices(37, 203, 5, device)
+    target = {"float": torch.rand(37, 203, device=device), "bool": dense_from(indices, 203, torch.bool),
+              "sparse": None}[target_form]
+    pos_weight = torch.rand(203, device=device) + 0.5
+
+    def loss(x):
+        return weighted_bce_with_logits(x, target, pos_weight=pos_weight, reduction=reduction,
+                                        positive_indices=indices if target is None else None,
+                                        gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip)
+
+    assert_gradient_schedules_agree(loss, [x], monkeypatch)
+
+
+def test_forward_written_gradient_errors():
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="write_gradient needs a reduced loss"):
+        torch.ops.fused_losses.weighted_bce_with_logits(x, torch.rand(4, 5), None, None, None, "none", 0.0, 0.0,
+                                                        0.0, True)
+    with pytest.raises(ValueError, match=r"gradient must be a contiguous tensor of the input's shape \[4, 5\]"):
+        torch.ops.fused_losses.weighted_bce_with_logits_backward_inplace(
+            torch.tensor(2.0), torch.empty(0), x, torch.rand(4, 5), None, None, None, "mean", 0.0, 0.0, 0.0)
 
 
 def _logits_away_from_clip_kink(shape, clip, device):
@@ -440,7 +480,7 @@ def _error_cases(device):
                                                                                               requires_grad=True)),
                                  ValueError, "weight must not require grad"),
         "op_direct_gamma": (lambda: torch.ops.fused_losses.weighted_bce_with_logits(x, target, None, None, None,
-                                                                                    "mean", 0.0, -1.0, 0.0),
+                                                                                    "mean", 0.0, -1.0, 0.0, False),
                             ValueError, "gamma_pos and gamma_neg must be >= 0"),
     }
 

@@ -3,7 +3,8 @@
 // every operand of the tile to the accumulation type in a small buffer (in place when it already is one),
 // and evaluates bce_math.h on at::vec::Vectorized lanes. Sparse targets are scattered into the tile's target
 // buffer from the row's index list, so no dense target is built. The forward sums the fixed blocks in block
-// order (deterministic_parallel_sum): the result does not depend on the thread count.
+// order (deterministic_parallel_sum): the result does not depend on the thread count. With write_gradient it
+// also writes the gradient for grad_loss = 1 from the same tile (the 2-pass schedule of common.h).
 #include "cpu/cpu_rows.h"
 #include "weighted_bce_with_logits.h"
 
@@ -166,28 +167,47 @@ void evaluate_tile(const Tile<acc_t>& tile, int64_t count, const Element& elemen
   }
 }
 
+// The forward: per-element losses ('none') or their sum, and with a defined `gradient` (a reduced loss) the
+// gradient for grad_loss = 1 from the same evaluation of sigmoid, scaled exactly as backward_tiles would.
 template <typename scalar_t, typename target_t>
-void forward_tiles(const BceProblem& p, at::Tensor& loss) {
+void forward_tiles(const BceProblem& p, at::Tensor& loss, at::Tensor& gradient) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const BceConfig<acc_t> cfg = p.config<acc_t>();
-  scalar_t* element_losses = p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr;
-  const auto element = [&](Vec z, Vec y, Vec w, Vec q) { return bce_element_loss<VecMath<acc_t>>(cfg, z, y, w, q); };
+  const bool write_gradient = gradient.numel() > 0;
+  scalar_t* out_values = write_gradient                    ? gradient.data_ptr<scalar_t>()
+                         : p.reduction == Reduction::None ? loss.data_ptr<scalar_t>()
+                                                          : nullptr;
+  const Vec gradient_scale(static_cast<acc_t>(1.0 / bce_reduction_divisor(p)));
+  const auto loss_only = [&](Vec z, Vec y, Vec w, Vec q) {
+    return LossAndGrad<Vec>{bce_element_loss<VecMath<acc_t>>(cfg, z, y, w, q), Vec(0)};
+  };
+  const auto loss_and_grad = [&](Vec z, Vec y, Vec w, Vec q) {
+    return bce_element_loss_and_grad<VecMath<acc_t>>(cfg, z, y, w, q);
+  };
 
   const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, kBlockElements, [&](int64_t begin, int64_t end) {
     TileReader<scalar_t, target_t> reader(p);
     std::vector<acc_t> out_buffer;
     acc_t block_total = 0;
-    for_each_run(p.layout, begin, end, kTile, [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands]) {
+    const auto run_tile = [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands],
+                              const auto& element) {
       const Tile<acc_t> tile = reader.read(flat, count, offsets);
-      acc_t* out = element_losses != nullptr ? row_output<acc_t>(element_losses + flat, 1, count, out_buffer) : nullptr;
+      acc_t* out = out_values != nullptr ? row_output<acc_t>(out_values + flat, 1, count, out_buffer) : nullptr;
       Vec tile_sum(0);
-      evaluate_tile(tile, count, element, [&](int64_t j, int64_t n, Vec values) {
-        tile_sum = tile_sum + Vec::set(Vec(0), values, n);  // the tail's padding lanes must not count
-        if (out != nullptr) values.store(out + j, n);
+      evaluate_tile(tile, count, element, [&](int64_t j, int64_t n, const LossAndGrad<Vec>& values) {
+        tile_sum = tile_sum + Vec::set(Vec(0), values.loss, n);  // the tail's padding lanes must not count
+        if (out != nullptr) (write_gradient ? values.grad * gradient_scale : values.loss).store(out + j, n);
       });
       block_total += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, tile_sum);
-      if (out != nullptr) store_row(out, element_losses + flat, 1, count);
+      if (out != nullptr) store_row(out, out_values + flat, 1, count);
+    };
+    for_each_run(p.layout, begin, end, kTile, [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands]) {
+      if (write_gradient) {
+        run_tile(flat, count, offsets, loss_and_grad);
+      } else {
+        run_tile(flat, count, offsets, loss_only);
+      }
     });
     return std::array<acc_t, 1>{block_total};
   });
@@ -220,18 +240,32 @@ void backward_tiles(const BceProblem& p, at::Tensor& grad_input) {
   });
 }
 
-at::Tensor forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& target,
-                       const std::optional<at::Tensor>& positive_indices, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& pos_weight, c10::string_view reduction, double gamma_pos,
-                       double gamma_neg, double clip) {
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                                               const std::optional<at::Tensor>& positive_indices,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& pos_weight, c10::string_view reduction,
+                                               double gamma_pos, double gamma_neg, double clip, bool write_gradient) {
   const BceProblem p =
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
   check_positive_index_values(p);
   at::Tensor loss = allocate_bce_loss(p);
+  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits", [&] {
-    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) { forward_tiles<scalar_t, decltype(target_tag)>(p, loss); });
+    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+      forward_tiles<scalar_t, decltype(target_tag)>(p, loss, gradient);
+    });
   });
-  return loss;
+  return {loss, gradient};
+}
+
+void backward_into(const BceProblem& p, at::Tensor& grad_input) {
+  if (p.numel == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits_backward",
+                                  [&] {
+                                    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+                                      backward_tiles<scalar_t, decltype(target_tag)>(p, grad_input);
+                                    });
+                                  });
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const std::optional<at::Tensor>& target,
@@ -242,14 +276,20 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
                                         gamma_neg, clip, grad_loss);
   check_positive_index_values(p);
   at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
-  if (p.numel == 0) return grad_input;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits_backward",
-                                  [&] {
-                                    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
-                                      backward_tiles<scalar_t, decltype(target_tag)>(p, grad_input);
-                                    });
-                                  });
+  backward_into(p, grad_input);
   return grad_input;
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& gradient, const at::Tensor& input,
+                          const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& positive_indices,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                          c10::string_view reduction, double gamma_pos, double gamma_neg, double clip) {
+  const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
+                                        gamma_neg, clip, grad_loss);
+  check_forward_gradient(gradient, p.input, p.reduction);
+  if (is_unit_grad_loss_cpu(*p.grad_loss_scalar)) return;
+  check_positive_index_values(p);
+  backward_into(p, gradient);
 }
 
 }  // namespace
@@ -257,6 +297,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("weighted_bce_with_logits", &forward_cpu);
   m.impl("weighted_bce_with_logits_backward", &backward_cpu);
+  m.impl("weighted_bce_with_logits_backward_inplace", &backward_inplace_cpu);
 }
 
 }  // namespace fused_losses::cpu

@@ -1,10 +1,12 @@
 // CUDA kernels of fused_losses::weighted_bce_with_logits.
 //
-// Schedule (3 passes over the logits' bytes, nothing saved but the inputs): the forward reads the logits and
-// the target once and writes the per-element losses for reduction='none', otherwise one partial sum per block
-// that a one-block kernel adds in a fixed order (no float atomics: bitwise reproducible). The backward
-// re-reads logits and target and writes the gradient once; it reads grad_output's scale on the device (no
-// host synchronisation), so any grad_output, retain_graph, torch.compile and CUDA graphs are correct.
+// Schedules (common.h): the forward reads the logits and the target once and writes the per-element losses
+// for reduction='none', otherwise one partial sum per block that a one-block kernel adds in a fixed order (no
+// float atomics: bitwise reproducible). With write_gradient (a reduced loss whose input requires grad) the
+// same pass also writes the gradient for grad_loss = 1, and the in-place backward does nothing when grad_loss
+// is 1 — read on the device, no host synchronisation — so forward + backward move the bytes once (2-pass).
+// Otherwise the backward re-reads logits and target and writes the gradient once (3-pass). Either way any
+// grad_output, retain_graph, torch.compile and CUDA graphs are correct.
 //
 // Three kernels, chosen on the host:
 // - flat: dense targets whose element-shaped operands are contiguous and 16-byte aligned. Each step of a
@@ -29,15 +31,31 @@
 namespace fused_losses::cuda {
 namespace {
 
-enum class Pass { Forward, Backward };
+// Forward: sums (and for 'none' stores) the losses. Backward: stores the gradient. ForwardWithGradient: sums
+// the losses and stores the gradient for grad_loss = 1.
+enum class Pass { Forward, Backward, ForwardWithGradient };
 
-// The loss of one element (forward) or d loss / dz (backward), before the scale.
+// One element's contribution to the block's sum and the value stored for it.
+template <typename acc_t>
+struct ElementResult {
+  acc_t summed, stored;
+};
+
+// `scale` multiplies what the pass stores: grad_loss (over the divisor) or, in the forward, 1 (over the
+// divisor for the gradient, as the backward's scale for grad_loss = 1: the same bits).
 template <Pass pass, typename acc_t>
-__device__ __forceinline__ acc_t element_value(const BceConfig<acc_t>& cfg, acc_t z, acc_t y, acc_t w, acc_t q) {
+__device__ __forceinline__ ElementResult<acc_t> evaluate_element(const BceConfig<acc_t>& cfg, acc_t z, acc_t y,
+                                                                 acc_t w, acc_t q, acc_t scale) {
+  using Math = ScalarMath<acc_t>;
   if constexpr (pass == Pass::Forward) {
-    return bce_element_loss<ScalarMath<acc_t>>(cfg, z, y, w, q);
+    const acc_t loss = bce_element_loss<Math>(cfg, z, y, w, q) * scale;
+    return {loss, loss};
+  } else if constexpr (pass == Pass::Backward) {
+    const acc_t grad = bce_element_grad<Math>(cfg, z, y, w, q) * scale;
+    return {grad, grad};
   } else {
-    return bce_element_grad<ScalarMath<acc_t>>(cfg, z, y, w, q);
+    const LossAndGrad<acc_t> both = bce_element_loss_and_grad<Math>(cfg, z, y, w, q);
+    return {both.loss, both.grad * scale};
   }
 }
 
@@ -58,15 +76,27 @@ struct PassArgs {
   const acc_t* pos_weight;           // nullptr when absent
   const scalar_t* grad_loss;         // backward of 'none': one scale per element; else nullptr
   const scalar_t* grad_loss_scalar;  // backward of 'mean' / 'sum': the scale, read on the device; else nullptr
+  bool skip_unit_grad_loss;          // in-place backward: the forward's gradient stands when grad_loss is 1
   acc_t divisor;                     // numel for 'mean', else 1
   scalar_t* out;                     // contiguous per-element losses ('none') or gradient; else nullptr
   acc_t* partials;                   // forward with a reduction: one partial sum per block; else nullptr
-
-  // The scale of elements without a grad_loss of their own (1 in the forward).
-  __device__ acc_t uniform_scale() const {
-    return grad_loss_scalar != nullptr ? static_cast<acc_t>(*grad_loss_scalar) / divisor : acc_t(1);
-  }
 };
+
+// The scale of elements without a grad_loss of their own.
+template <Pass pass, typename scalar_t>
+__device__ acc_type<scalar_t> uniform_scale(const PassArgs<scalar_t>& args) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (pass == Pass::Forward) return acc_t(1);
+  if constexpr (pass == Pass::ForwardWithGradient) return acc_t(1) / args.divisor;
+  return args.grad_loss_scalar != nullptr ? static_cast<acc_t>(*args.grad_loss_scalar) / args.divisor : acc_t(1);
+}
+
+// True in every thread of an in-place backward whose grad_loss is 1: the forward's gradient is the answer.
+template <Pass pass, typename scalar_t>
+__device__ bool keeps_forward_gradient(const PassArgs<scalar_t>& args) {
+  return pass == Pass::Backward && args.skip_unit_grad_loss &&
+         static_cast<acc_type<scalar_t>>(*args.grad_loss_scalar) == acc_type<scalar_t>(1);
+}
 
 // The thread's sum into the block's partial. Uniform over the grid, so all threads of a block call it or none.
 template <typename scalar_t>
@@ -118,9 +148,10 @@ __global__ void __launch_bounds__(kBlockThreads)
                 FlatOperand<scalar_t> grad_loss, int64_t period) {
   using acc_t = acc_type<scalar_t>;
   constexpr int E = kFlatElements<scalar_t, target_t>;
+  if (keeps_forward_gradient<pass>(args)) return;
   const int64_t thread = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
-  const acc_t uniform_scale = args.uniform_scale();
+  const acc_t scale_all = uniform_scale<pass>(args);
   const int64_t steps = args.numel / E;
   acc_t sum = 0;
   for (int64_t step = thread; step < steps; step += num_threads) {
@@ -131,22 +162,23 @@ __global__ void __launch_bounds__(kBlockThreads)
     load_packs<E>(target + first, y);
     load_flat<E>(weight, first, label, period, acc_t(1), w);
     load_flat<E>(pos_weight, first, label, period, acc_t(1), q);
-    load_flat<E>(grad_loss, first, label, period, uniform_scale, scale);
+    load_flat<E>(grad_loss, first, label, period, scale_all, scale);
 #pragma unroll
     for (int k = 0; k < E; ++k) {
-      value[k] = element_value<pass>(args.cfg, z[k], y[k], w[k], q[k]) * scale[k];
-      sum += value[k];
+      const ElementResult<acc_t> result = evaluate_element<pass>(args.cfg, z[k], y[k], w[k], q[k], scale[k]);
+      sum += result.summed;
+      value[k] = result.stored;
     }
     if (args.out != nullptr) store_packs<E>(args.out + first, value);
   }
   for (int64_t flat = steps * E + thread; flat < args.numel; flat += num_threads) {
     const int64_t label = flat % period;
-    const acc_t value = element_value<pass>(args.cfg, static_cast<acc_t>(args.logits[flat]),
-                                            static_cast<acc_t>(target[flat]), weight.read(flat, label, acc_t(1)),
-                                            pos_weight.read(flat, label, acc_t(1))) *
-                        grad_loss.read(flat, label, uniform_scale);
-    sum += value;
-    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(value);
+    const ElementResult<acc_t> result = evaluate_element<pass>(
+        args.cfg, static_cast<acc_t>(args.logits[flat]), static_cast<acc_t>(target[flat]),
+        weight.read(flat, label, acc_t(1)), pos_weight.read(flat, label, acc_t(1)),
+        grad_loss.read(flat, label, scale_all));
+    sum += result.summed;
+    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
   store_partial_sum(args, sum);
 }
@@ -157,19 +189,19 @@ template <Pass pass, typename scalar_t, typename target_t>
 __global__ void __launch_bounds__(kBlockThreads)
     strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, BceLayout layout) {
   using acc_t = acc_type<scalar_t>;
+  if (keeps_forward_gradient<pass>(args)) return;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
-  const acc_t uniform_scale = args.uniform_scale();
+  const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
   for (int64_t flat = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x; flat < args.numel; flat += num_threads) {
     int64_t offsets[kNumBceOperands];
     layout.offsets(flat, offsets);
-    const acc_t value = element_value<pass>(args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]),
-                                            static_cast<acc_t>(target[offsets[kTarget]]),
-                                            read_or(args.weight, offsets[kWeight], acc_t(1)),
-                                            read_or(args.pos_weight, offsets[kPosWeight], acc_t(1))) *
-                        read_or(args.grad_loss, offsets[kGradLoss], uniform_scale);
-    sum += value;
-    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(value);
+    const ElementResult<acc_t> result = evaluate_element<pass>(
+        args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]), static_cast<acc_t>(target[offsets[kTarget]]),
+        read_or(args.weight, offsets[kWeight], acc_t(1)), read_or(args.pos_weight, offsets[kPosWeight], acc_t(1)),
+        read_or(args.grad_loss, offsets[kGradLoss], scale_all));
+    sum += result.summed;
+    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
   store_partial_sum(args, sum);
 }
@@ -187,6 +219,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                        BceLayout layout, bool vectorized) {
   using acc_t = acc_type<scalar_t>;
   constexpr int vec = kVecSize<scalar_t>;
+  if (keeps_forward_gradient<pass>(args)) return;
   __shared__ uint32_t bitmaps[kWarpsPerBlock][kChunkWords];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   uint32_t* bitmap = bitmaps[warp];
@@ -194,7 +227,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const auto offset = [&](BceOperand operand, int64_t row, int64_t label) {
     return row * layout.strides[operand][0] + label * layout.strides[operand][1];
   };
-  const acc_t uniform_scale = args.uniform_scale();
+  const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
   // The row and chunk loops are uniform over the warp, so every lane reaches every vote and __syncwarp.
   for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
@@ -216,13 +249,14 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
       const bool row_invalid = __any_sync(0xffffffffu, invalid);  // every chunk scans all K indices
       __syncwarp();  // the bitmap is complete and visible to every lane
-      const auto element = [&](int64_t label, acc_t z) -> acc_t {
-        if (row_invalid) return std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
+      const auto element = [&](int64_t label, acc_t z) -> ElementResult<acc_t> {
+        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+        if (row_invalid) return {kNaN, kNaN};  // never a silent number
         const int64_t bit = label - chunk;
         const acc_t y = (bitmap[bit / 32] >> (bit % 32)) & 1u ? acc_t(1) : acc_t(0);
-        return element_value<pass>(args.cfg, z, y, read_or(args.weight, offset(kWeight, row, label), acc_t(1)),
-                                   read_or(args.pos_weight, offset(kPosWeight, row, label), acc_t(1))) *
-               read_or(args.grad_loss, offset(kGradLoss, row, label), uniform_scale);
+        return evaluate_element<pass>(args.cfg, z, y, read_or(args.weight, offset(kWeight, row, label), acc_t(1)),
+                                      read_or(args.pos_weight, offset(kPosWeight, row, label), acc_t(1)),
+                                      read_or(args.grad_loss, offset(kGradLoss, row, label), scale_all));
       };
       scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
       if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
@@ -231,16 +265,18 @@ __global__ void __launch_bounds__(kBlockThreads)
           load_packs<vec>(row_logits + first, z);
 #pragma unroll
           for (int k = 0; k < vec; ++k) {
-            value[k] = element(first + k, z[k]);
-            sum += value[k];
+            const ElementResult<acc_t> result = element(first + k, z[k]);
+            sum += result.summed;
+            value[k] = result.stored;
           }
           if (row_out != nullptr) store_packs<vec>(row_out + first, value);
         }
       } else {
         for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
-          const acc_t value = element(label, static_cast<acc_t>(row_logits[label * layout.strides[kLogits][1]]));
-          sum += value;
-          if (row_out != nullptr) row_out[label] = static_cast<scalar_t>(value);
+          const ElementResult<acc_t> result =
+              element(label, static_cast<acc_t>(row_logits[label * layout.strides[kLogits][1]]));
+          sum += result.summed;
+          if (row_out != nullptr) row_out[label] = static_cast<scalar_t>(result.stored);
         }
       }
       __syncwarp();  // every lane is done with the bitmap before the next chunk clears it
@@ -338,35 +374,57 @@ PassArgs<scalar_t> make_pass_args(const BceProblem& p) {
   return args;
 }
 
-at::Tensor forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>& target,
-                        const std::optional<at::Tensor>& positive_indices, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& pos_weight, c10::string_view reduction, double gamma_pos,
-                        double gamma_neg, double clip) {
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                                                const std::optional<at::Tensor>& positive_indices,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, c10::string_view reduction,
+                                                double gamma_pos, double gamma_neg, double clip, bool write_gradient) {
   const c10::cuda::CUDAGuard guard(input.device());
   const BceProblem p =
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
   at::Tensor loss = allocate_bce_loss(p);
+  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
   const bool reduced = p.reduction != Reduction::None;
   if (p.numel == 0) {
     fill_empty_reduction(loss, p.reduction);
-    return loss;
+    return {loss, gradient};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits", [&] {
     using acc_t = acc_type<scalar_t>;
     PassArgs<scalar_t> args = make_pass_args<scalar_t>(p);
-    args.out = reduced ? nullptr : loss.data_ptr<scalar_t>();
+    args.out = write_gradient ? gradient.data_ptr<scalar_t>() : reduced ? nullptr : loss.data_ptr<scalar_t>();
     dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+      using target_t = decltype(target_tag);
       at::Tensor partials;
+      at::Tensor* reduced_partials = reduced ? &partials : nullptr;
       const int64_t blocks =
-          launch_pass<Pass::Forward, scalar_t, decltype(target_tag)>(p, args, reduced ? &partials : nullptr, stream);
+          write_gradient
+              ? launch_pass<Pass::ForwardWithGradient, scalar_t, target_t>(p, args, reduced_partials, stream)
+              : launch_pass<Pass::Forward, scalar_t, target_t>(p, args, reduced_partials, stream);
       if (!reduced) return;
       launch_reduce_partials<acc_t, 1>(partials.const_data_ptr<acc_t>(), blocks,
                                        FixedDivisorLossEpilogue<scalar_t>{loss.data_ptr<scalar_t>(), args.divisor},
                                        stream);
     });
   });
-  return loss;
+  return {loss, gradient};
+}
+
+// Writes the gradient for grad_loss into `grad_input`; with `skip_unit_grad_loss`, nothing when grad_loss is 1.
+void backward_into(const BceProblem& p, at::Tensor& grad_input, bool skip_unit_grad_loss) {
+  if (p.numel == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits_backward",
+                                  [&] {
+                                    PassArgs<scalar_t> args = make_pass_args<scalar_t>(p);
+                                    args.out = grad_input.data_ptr<scalar_t>();
+                                    args.skip_unit_grad_loss = skip_unit_grad_loss;
+                                    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
+                                      launch_pass<Pass::Backward, scalar_t, decltype(target_tag)>(p, args, nullptr,
+                                                                                                  stream);
+                                    });
+                                  });
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const std::optional<at::Tensor>& target,
@@ -377,18 +435,19 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, c
   const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                         gamma_neg, clip, grad_loss);
   at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
-  if (p.numel == 0) return grad_input;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits_backward",
-                                  [&] {
-                                    PassArgs<scalar_t> args = make_pass_args<scalar_t>(p);
-                                    args.out = grad_input.data_ptr<scalar_t>();
-                                    dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
-                                      launch_pass<Pass::Backward, scalar_t, decltype(target_tag)>(p, args, nullptr,
-                                                                                                  stream);
-                                    });
-                                  });
+  backward_into(p, grad_input, /*skip_unit_grad_loss=*/false);
   return grad_input;
+}
+
+void backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& gradient, const at::Tensor& input,
+                           const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& positive_indices,
+                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                           c10::string_view reduction, double gamma_pos, double gamma_neg, double clip) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
+                                        gamma_neg, clip, grad_loss);
+  check_forward_gradient(gradient, p.input, p.reduction);
+  backward_into(p, gradient, /*skip_unit_grad_loss=*/true);
 }
 
 }  // namespace
@@ -396,6 +455,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, c
 TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
   m.impl("weighted_bce_with_logits", &forward_cuda);
   m.impl("weighted_bce_with_logits_backward", &backward_cuda);
+  m.impl("weighted_bce_with_logits_backward_inplace", &backward_inplace_cuda);
 }
 
 }  // namespace fused_losses::cuda
