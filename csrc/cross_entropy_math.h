@@ -30,6 +30,7 @@ enum class CostMode : int { Argmax = 0, Expected = 1 };
 C10_HOST_DEVICE inline int num_row_stats(bool has_cost, CostMode mode) {
   return 2 + (has_cost ? 1 : 0) + (has_cost && mode == CostMode::Expected ? 1 : 0);
 }
+constexpr int kMaxRowStats = 4;  // the most num_row_stats gives
 
 // Running state of one pass over (part of) a row: an online softmax (max, sum of exp(z - max)) with the
 // expected-cost numerator rescaled alongside, the first argmax, and sum_j w_j z_j for label smoothing.
@@ -185,6 +186,14 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   c.d = scale * f * eps / acc_t(cfg.num_classes);
   c.e = scale * f * (acc_t(1) - eps) * w_y;
   return c;
+}
+
+// The scale of every row's gradient for a reduced loss: grad_loss, divided by the total weight for 'mean'.
+// The forward that also writes the gradient calls it with grad_loss = 1, the backward with its grad_loss:
+// one formula, so both schedules give the same bits.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t reduced_gradient_scale(acc_t grad_loss, bool mean, acc_t total_weight) {
+  return mean ? grad_loss / total_weight : grad_loss;
 }
 
 // d loss / d z_j for one element (the CUDA kernels; the CPU kernel evaluates the same formula in vectors).

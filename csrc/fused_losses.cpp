@@ -13,16 +13,24 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_losses, m) {
-  // Returns (loss, row_stats, total_weight): loss has the target's shape for reduction='none', else it is a
-  // scalar; row_stats (rows, k) and total_weight (the sum of the class weights of non-ignored rows) are
-  // what the backward needs.
+  // Returns (loss, row_stats, total_weight, gradient): loss has the target's shape for reduction='none', else
+  // it is a scalar; row_stats (rows, k) and total_weight (the sum of the class weights of non-ignored rows)
+  // are what the backward needs; with write_gradient (a reduced loss only) gradient is d loss / d input for
+  // grad_loss = 1, written in the same pass, else an empty (0,) tensor (common.h: schedules).
   m.def(
       "cost_sensitive_cross_entropy(Tensor input, Tensor target, Tensor? cost_matrix, Tensor? weight, "
-      "int ignore_index, str reduction, float label_smoothing, str cost_mode) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, str reduction, float label_smoothing, str cost_mode, bool write_gradient) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cost_sensitive_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? cost_matrix, "
       "Tensor? weight, Tensor row_stats, Tensor total_weight, int ignore_index, str reduction, "
       "float label_smoothing, str cost_mode) -> Tensor");
+  // Turns the forward's gradient (grad_loss = 1) into the gradient for grad_loss, in place: nothing to do when
+  // grad_loss is 1, else recomputed from the inputs.
+  m.def(
+      "cost_sensitive_cross_entropy_backward_inplace(Tensor grad_loss, Tensor(a!) gradient, Tensor input, "
+      "Tensor target, Tensor? cost_matrix, Tensor? weight, Tensor row_stats, Tensor total_weight, "
+      "int ignore_index, str reduction, float label_smoothing, str cost_mode) -> ()");
 
   // Correlation losses of (batch, time, channels) sequences over the time axis, kind 'pearson' or 'concordance'.
   // Returns (loss, stats, total_weight): loss is (batch, channels) for reduction='none', the input's shape with

@@ -43,6 +43,17 @@ def _take_forward_gradient(ctx):
     return None if isinstance(gradient, FunctionalTensor) else gradient
 
 
+def _input_gradient(ctx, grad_loss, backward_inplace, backward):
+    """d loss / d input for grad_loss: the forward's gradient brought to grad_loss by `backward_inplace` when
+    there is one to take, else recomputed by the 3-pass `backward`. Both ops take the saved tensors and
+    ctx.options after grad_loss (and the gradient)."""
+    gradient = _take_forward_gradient(ctx)
+    if gradient is None:
+        return backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+    backward_inplace(grad_loss, gradient, *ctx.saved_tensors, *ctx.options)
+    return gradient
+
+
 # ----------------------------------------------------------------------------- cost-sensitive cross-entropy
 
 
@@ -53,11 +64,11 @@ def _num_row_stats(cost_matrix, cost_mode: str) -> int:
 
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy")
 def _cost_sensitive_cross_entropy_fake(input, target, cost_matrix, weight, ignore_index, reduction,
-                                       label_smoothing, cost_mode):
+                                       label_smoothing, cost_mode, write_gradient):
     acc = accumulation_dtype(input.dtype)
     loss = input.new_empty(target.shape) if reduction == "none" else input.new_empty(())
     row_stats = input.new_empty((target.numel(), _num_row_stats(cost_matrix, cost_mode)), dtype=acc)
-    return loss, row_stats, input.new_empty((), dtype=acc)
+    return loss, row_stats, input.new_empty((), dtype=acc), _forward_gradient_fake(input, write_gradient)
 
 
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy_backward")
@@ -66,20 +77,27 @@ def _cost_sensitive_cross_entropy_backward_fake(grad_loss, input, target, cost_m
     return input.new_empty(input.shape)
 
 
+@torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy_backward_inplace")
+def _cost_sensitive_cross_entropy_backward_inplace_fake(grad_loss, gradient, input, target, cost_matrix, weight,
+                                                        row_stats, total_weight, ignore_index, reduction,
+                                                        label_smoothing, cost_mode):
+    return None
+
+
 def _cost_sensitive_cross_entropy_setup(ctx, inputs, output):
-    input, target, cost_matrix, weight, ignore_index, reduction, label_smoothing, cost_mode = inputs
-    _, row_stats, total_weight = output
+    input, target, cost_matrix, weight, *options, write_gradient = inputs
+    _, row_stats, total_weight, gradient = output
     ctx.save_for_backward(input, target, cost_matrix, weight, row_stats, total_weight)
-    ctx.options = (ignore_index, reduction, label_smoothing, cost_mode)
+    ctx.options = tuple(options)  # ignore_index, reduction, label_smoothing, cost_mode
+    _keep_forward_gradient(ctx, gradient, write_gradient)
 
 
-def _cost_sensitive_cross_entropy_backward(ctx, grad_loss, _grad_row_stats, _grad_total_weight):
-    input, target, cost_matrix, weight, row_stats, total_weight = ctx.saved_tensors
+def _cost_sensitive_cross_entropy_backward(ctx, grad_loss, _grad_row_stats, _grad_total_weight, _grad_gradient):
     grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ops.cost_sensitive_cross_entropy_backward(
-            grad_loss, input, target, cost_matrix, weight, row_stats, total_weight, *ctx.options)
-    return grad_input, None, None, None, None, None, None, None
+        grad_input = _input_gradient(ctx, grad_loss, _ops.cost_sensitive_cross_entropy_backward_inplace,
+                                     _ops.cost_sensitive_cross_entropy_backward)
+    return grad_input, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -175,12 +193,8 @@ def _weighted_bce_with_logits_setup(ctx, inputs, output):
 def _weighted_bce_with_logits_backward(ctx, grad_loss, _grad_gradient):
     grad_input = None
     if ctx.needs_input_grad[0]:
-        gradient = _take_forward_gradient(ctx)
-        if gradient is not None:
-            _ops.weighted_bce_with_logits_backward_inplace(grad_loss, gradient, *ctx.saved_tensors, *ctx.options)
-            grad_input = gradient
-        else:
-            grad_input = _ops.weighted_bce_with_logits_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+        grad_input = _input_gradient(ctx, grad_loss, _ops.weighted_bce_with_logits_backward_inplace,
+                                     _ops.weighted_bce_with_logits_backward)
     return grad_input, None, None, None, None, None, None, None, None, None
 
 

@@ -93,8 +93,9 @@ def cost_sensitive_cross_entropy(
         _check_class_indices(target, input.shape[1], ignore_index)
         if cost_matrix is not None:
             check_cost_matrix_values(cost_matrix)
-    loss, _, _ = _ops.cost_sensitive_cross_entropy(input, target, cost_matrix, weight, int(ignore_index),
-                                                    reduction, float(label_smoothing), cost_mode)
+    loss, _, _, _ = _ops.cost_sensitive_cross_entropy(input, target, cost_matrix, weight, int(ignore_index),
+                                                       reduction, float(label_smoothing), cost_mode,
+                                                       _writes_gradient(input, reduction))
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
 
 

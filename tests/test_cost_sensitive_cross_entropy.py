@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fused_losses
 from fused_losses import reference
-from conftest import FLOAT_DTYPES, TOLERANCES
+from conftest import FLOAT_DTYPES, TOLERANCES, assert_gradient_schedules_agree
 
 ops = torch.ops.fused_losses
 csce = fused_losses.cost_sensitive_cross_entropy
@@ -244,7 +244,7 @@ def test_errors_name_the_argument(device):
     with pytest.raises(ValueError, match="weight must not require grad"):
         csce(x, y, weight=torch.ones(4, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="input must have shape"):
-        ops.cost_sensitive_cross_entropy(x[0], y[0], None, None, -100, "mean", 0.0, "argmax")
+        ops.cost_sensitive_cross_entropy(x[0], y[0], None, None, -100, "mean", 0.0, "argmax", False)
     # The process stays usable after the errors.
     torch.testing.assert_close(csce(x, y), F.cross_entropy(x, y))
 
@@ -312,15 +312,61 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("write_gradient", [False, True])
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_opcheck(device, case):
+def test_opcheck(device, case, write_gradient):
+    reduction = case.get("reduction", "mean")
+    if write_gradient and reduction == "none":
+        pytest.skip("the forward writes the gradient for reduced losses only")
     extra = (3,) if case.get("spatial") else ()
     x, y = make_problem(12, 5, device, ignore_fraction=0.2, extra_dims=extra)
     cost = torch.rand(5, 5, device=device) if case.get("cost") else None
     weight = torch.rand(5, device=device) + 0.1 if case.get("weight") else None
-    args = (x.requires_grad_(True), y, cost, weight, -100, case.get("reduction", "mean"), case.get("smoothing", 0.0),
-            case.get("mode", "argmax"))
-    torch.library.opcheck(ops.cost_sensitive_cross_entropy, args)
+    options = (-100, reduction, case.get("smoothing", 0.0), case.get("mode", "argmax"))
+    args = (x.requires_grad_(True), y, cost, weight, *options)
+    torch.library.opcheck(ops.cost_sensitive_cross_entropy, (*args, write_gradient))
+    if write_gradient:
+        _, row_stats, total_weight, gradient = ops.cost_sensitive_cross_entropy(*args, True)
+        grad_loss = torch.tensor(0.5, device=device)
+        torch.library.opcheck(ops.cost_sensitive_cross_entropy_backward_inplace,
+                              (grad_loss, gradient, x.detach(), y, cost, weight, row_stats, total_weight, *options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("num_classes", [10, 1000])
+@pytest.mark.parametrize("cost_mode", ["argmax", "expected"])
+@pytest.mark.parametrize("variant", ["cost", "cost_weight_smoothing", "spatial", "weight_smoothing_no_cost"])
+def test_forward_written_gradient(device, dtype, reduction, num_classes, cost_mode, variant, monkeypatch):
+    """The gradient written by the forward (2-pass) is bitwise the 3-pass backward's, for any grad_output and
+    repeated backwards: tiles and rows of many classes, ignored rows, odd sizes for the vector tails."""
+    extra = (3,) if variant == "spatial" else ()
+    x, y = make_problem(301 if num_classes == 10 else 37, num_classes, device, dtype, ignore_fraction=0.2,
+                        extra_dims=extra)
+    cost = None if variant == "weight_smoothing_no_cost" else torch.rand(num_classes, num_classes, device=device)
+    weight = torch.rand(num_classes, device=device) + 0.1 if variant != "cost" else None
+    smoothing = 0.1 if "smoothing" in variant else 0.0
+
+    def loss(x):
+        return csce(x, y, cost, weight, reduction=reduction, label_smoothing=smoothing, cost_mode=cost_mode)
+
+    assert_gradient_schedules_agree(loss, [x], monkeypatch)
+    # Writing the gradient leaves the other outputs bitwise as they were (the pre-pass's total weight too).
+    args = (x, y, cost, weight, -100, reduction, smoothing, cost_mode)
+    for without, with_gradient in zip(ops.cost_sensitive_cross_entropy(*args, False)[:3],
+                                      ops.cost_sensitive_cross_entropy(*args, True)[:3]):
+        torch.testing.assert_close(with_gradient, without, rtol=0, atol=0, equal_nan=True)
+
+
+def test_forward_written_gradient_errors():
+    x, y = make_problem(8, 4, "cpu")
+    with pytest.raises(ValueError, match="write_gradient needs a reduced loss"):
+        ops.cost_sensitive_cross_entropy(x, y, None, None, -100, "none", 0.0, "argmax", True)
+    _, row_stats, total_weight, _ = ops.cost_sensitive_cross_entropy(x, y, None, None, -100, "mean", 0.0, "argmax",
+                                                                     False)
+    with pytest.raises(ValueError, match=r"gradient must be a contiguous tensor of the input's shape \[8, 4\]"):
+        ops.cost_sensitive_cross_entropy_backward_inplace(torch.tensor(2.0), torch.empty(0), x, y, None, None,
+                                                          row_stats, total_weight, -100, "mean", 0.0, "argmax")
 
 
 @pytest.mark.parametrize("cost_mode", ["argmax", "expected"])

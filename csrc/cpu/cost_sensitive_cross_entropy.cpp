@@ -4,6 +4,12 @@
 // Within a block, rows of many classes are vectorised over the classes, one row at a time; rows of few
 // classes (C <= kTileMaxClasses) are vectorised over rows: a tile of Vec::size() rows is transposed into C
 // vectors, one per class, so every exp and comparison works on Vec::size() rows at once.
+//
+// Schedules (common.h): the 3-pass backward re-reads each row (or tile) and writes its gradient. With
+// write_gradient the forward first sums the class weights of the targets (a deterministic pre-pass over N
+// int64, the same blocks and order as the row pass, so the same total weight), then after scanning each row
+// (or tile) writes its gradient for grad_loss = 1 from the row or tile buffer it has just scanned, with the
+// coefficients and vector code of the backward: both schedules give the same bits.
 #include "cost_sensitive_cross_entropy.h"
 #include "cpu/cpu_rows.h"
 
@@ -40,15 +46,14 @@ class CrossEntropyKernel {
 
   // Fills scans[k] for the valid rows among [first, first + count) and returns their target logits.
   void scan_rows(int64_t first, int count, RowScan<acc_t>* scans, acc_t* target_logits) {
+    load_rows(first, count);
     if (!tiled_) {
       const int64_t y = target_[first];
       if (kind(y) != TargetKind::Valid) return;
-      const acc_t* z = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
-      scans[0] = scan_row(z, y);
-      target_logits[0] = z[y];
+      scans[0] = scan_row(row_, y);
+      target_logits[0] = row_[y];
       return;
     }
-    load_tile(first, count);
     for (int k = 0; k < count; ++k) {
       const int64_t y = target_[first + k];
       if (kind(y) == TargetKind::Valid) target_logits[k] = tile_[y * kTileRows + k];
@@ -68,20 +73,26 @@ class CrossEntropyKernel {
   // Writes the gradient rows [first, first + count) given each row's coefficients (valid rows only).
   void gradient_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs, scalar_t* grad,
                      const RowLayout& grad_layout) {
+    load_rows(first, count);
+    gradient_of_loaded_rows(first, count, coefs, grad, grad_layout);
+  }
+
+  // The same for the rows the last scan_rows read (the forward that also writes the gradient): they are
+  // still in the row or tile buffer.
+  void gradient_of_loaded_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs, scalar_t* grad,
+                               const RowLayout& grad_layout) {
     if (!tiled_) {
       const int64_t y = target_[first];
       scalar_t* grad_row = grad + grad_layout.row_offset(first);
       acc_t* g = row_output<acc_t>(grad_row, grad_layout.class_stride, C_, out_buffer_);
       if (kind(y) == TargetKind::Valid) {
-        const acc_t* z = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
-        gradient_row(z, coefs[0], y, g);
+        gradient_row(row_, coefs[0], y, g);
       } else {
         std::fill(g, g + C_, invalid_row_gradient(y));
       }
       store_row(g, grad_row, grad_layout.class_stride, C_);
       return;
     }
-    load_tile(first, count);
     gradient_tile(first, count, coefs);
     for (int k = 0; k < count; ++k) {
       scalar_t* grad_row = grad + grad_layout.row_offset(first + k);
@@ -93,6 +104,15 @@ class CrossEntropyKernel {
 
  private:
   const scalar_t* row_ptr(int64_t row) const { return input_ + p_.layout.row_offset(row); }
+
+  // Reads rows [first, first + count) as the accumulation type: the tile, or row_ (valid rows only).
+  void load_rows(int64_t first, int count) {
+    if (tiled_) {
+      load_tile(first, count);
+    } else if (kind(target_[first]) == TargetKind::Valid) {
+      row_ = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
+    }
+  }
   bool expected_cost() const { return cfg_.cost != nullptr && cfg_.mode == CostMode::Expected; }
   acc_t invalid_row_gradient(int64_t y) const {
     return kind(y) == TargetKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
@@ -256,26 +276,52 @@ class CrossEntropyKernel {
   const scalar_t* input_;
   const int64_t* target_;
   const bool tiled_;
+  const acc_t* row_ = nullptr;  // the row load_rows read (one row of many classes)
   std::vector<acc_t> row_buffer_, out_buffer_, tile_, cost_tile_, out_tile_;
 };
 
+// The rows of one deterministic_parallel_sum block in the forward: the same for the pre-pass and the row pass.
+inline int64_t forward_rows_per_block(const CrossEntropyProblem& p) { return items_per_block(p.num_classes); }
+
+// The sum of the class weights of the valid rows, added exactly as forward_rows adds them: its total weight.
+template <typename acc_t>
+acc_t sum_target_weights(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg) {
+  const int64_t* target = p.target.const_data_ptr<int64_t>();
+  return deterministic_parallel_sum<acc_t, 1>(p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
+    std::array<acc_t, 1> weight{};
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t y = target[row];
+      if (classify_target(y, p.num_classes, cfg.ignore_index) == TargetKind::Valid) weight[0] += class_weight_of(cfg, y);
+    }
+    return weight;
+  })[0];
+}
+
+// The forward: per-row statistics and losses ('none') or their sum, and with a non-empty `gradient` (a
+// reduced loss) the gradient for grad_loss = 1, scaled exactly as backward_rows would scale it.
 template <typename scalar_t>
 void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_type<scalar_t>>& cfg, at::Tensor& loss,
-                  at::Tensor& row_stats, at::Tensor& total_weight) {
+                  at::Tensor& row_stats, at::Tensor& total_weight, at::Tensor& gradient) {
   using acc_t = acc_type<scalar_t>;
   using Kernel = CrossEntropyKernel<scalar_t>;
   const int64_t* target = p.target.const_data_ptr<int64_t>();
   acc_t* stats = row_stats.data_ptr<acc_t>();
   scalar_t* row_losses = p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr;
+  scalar_t* grad = gradient.numel() > 0 ? gradient.data_ptr<scalar_t>() : nullptr;
+  const RowLayout grad_layout = grad != nullptr ? contiguous_row_layout(gradient) : RowLayout{};
+  const acc_t gradient_scale =
+      grad != nullptr ? reduced_gradient_scale(acc_t(1), p.reduction == Reduction::Mean, sum_target_weights(p, cfg))
+                      : acc_t(0);
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
-      p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
+      p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
         Kernel kernel(p, cfg);
         std::array<acc_t, 2> loss_and_weight{};
         for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
           const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
           RowScan<acc_t> scans[Kernel::kTileRows];
           acc_t target_logits[Kernel::kTileRows];
+          GradientCoefficients<acc_t> coefs[Kernel::kTileRows];
           kernel.scan_rows(first, count, scans, target_logits);
           for (int k = 0; k < count; ++k) {
             const int64_t row = first + k, y = target[row];
@@ -291,9 +337,14 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
                 loss_and_weight[1] += class_weight_of(cfg, y);
                 break;
             }
-            store_row_stats(stats + row * p.num_stats, p.num_stats, result);
+            acc_t* row_stats_out = stats + row * p.num_stats;
+            store_row_stats(row_stats_out, p.num_stats, result);
             if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(result.loss());
+            if (grad != nullptr && kernel.kind(y) == TargetKind::Valid) {
+              coefs[k] = make_gradient_coefficients(cfg, row_stats_out, p.num_stats, y, gradient_scale);
+            }
           }
+          if (grad != nullptr) kernel.gradient_of_loaded_rows(first, count, coefs, grad, grad_layout);
         }
         return loss_and_weight;
       });
@@ -313,11 +364,10 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
   scalar_t* grad = grad_input.data_ptr<scalar_t>();
   const RowLayout grad_layout = contiguous_row_layout(grad_input);
   const scalar_t* per_row_grad = p.reduction == Reduction::None ? grad_loss.const_data_ptr<scalar_t>() : nullptr;
-  acc_t uniform_scale = 0;
-  if (per_row_grad == nullptr) {
-    uniform_scale = static_cast<acc_t>(grad_loss.item<double>());
-    if (p.reduction == Reduction::Mean) uniform_scale /= total_weight.item<acc_t>();
-  }
+  const acc_t uniform_scale =
+      per_row_grad != nullptr ? acc_t(0)
+                              : reduced_gradient_scale(static_cast<acc_t>(grad_loss.item<double>()),
+                                                       p.reduction == Reduction::Mean, total_weight.item<acc_t>());
 
   at::parallel_for(0, p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
     Kernel kernel(p, cfg);
@@ -335,22 +385,36 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& cost_matrix,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index, c10::string_view reduction,
-                                                           double label_smoothing, c10::string_view cost_mode) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& cost_matrix,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
+    double label_smoothing, c10::string_view cost_mode, bool write_gradient) {
   const CrossEntropyProblem p =
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
   check_cost_values(p);
   at::Tensor loss = allocate_loss(p);
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
+  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cost_sensitive_cross_entropy", [&] {
     const auto cfg = make_config<acc_type<scalar_t>>(p, ignore_index, label_smoothing);
-    forward_rows<scalar_t>(p, cfg, loss, row_stats, total_weight);
+    forward_rows<scalar_t>(p, cfg, loss, row_stats, total_weight, gradient);
   });
-  return {loss, row_stats, total_weight};
+  return {loss, row_stats, total_weight, gradient};
+}
+
+// Writes the gradient for grad_loss into `grad_input` (contiguous, the input's shape).
+void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                   const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
+                   at::Tensor& grad_input) {
+  if (grad_input.numel() == 0) return;
+  const at::Tensor grad = grad_loss.to(p.input.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(),
+                                  "cost_sensitive_cross_entropy_backward", [&] {
+                                    const auto cfg = make_config<acc_type<scalar_t>>(p, ignore_index, label_smoothing);
+                                    backward_rows<scalar_t>(p, cfg, grad, row_stats.contiguous(), total_weight,
+                                                            grad_input);
+                                  });
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
@@ -361,15 +425,21 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
   check_backward_arguments(p, grad_loss, row_stats, total_weight);
   at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
-  if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor grad = grad_loss.to(p.input.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(),
-                                  "cost_sensitive_cross_entropy_backward", [&] {
-                                    const auto cfg = make_config<acc_type<scalar_t>>(p, ignore_index, label_smoothing);
-                                    backward_rows<scalar_t>(p, cfg, grad, row_stats.contiguous(), total_weight,
-                                                            grad_input);
-                                  });
+  backward_into(p, grad_loss, row_stats, total_weight, ignore_index, label_smoothing, grad_input);
   return grad_input;
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& gradient, const at::Tensor& input,
+                          const at::Tensor& target, const std::optional<at::Tensor>& cost_matrix,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& row_stats,
+                          const at::Tensor& total_weight, int64_t ignore_index, c10::string_view reduction,
+                          double label_smoothing, c10::string_view cost_mode) {
+  const CrossEntropyProblem p =
+      make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
+  check_backward_arguments(p, grad_loss, row_stats, total_weight);
+  check_forward_gradient(gradient, p.input, p.reduction);
+  if (is_unit_grad_loss_cpu(grad_loss)) return;
+  backward_into(p, grad_loss, row_stats, total_weight, ignore_index, label_smoothing, gradient);
 }
 
 }  // namespace
@@ -377,6 +447,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("cost_sensitive_cross_entropy", &forward_cpu);
   m.impl("cost_sensitive_cross_entropy_backward", &backward_cpu);
+  m.impl("cost_sensitive_cross_entropy_backward_inplace", &backward_inplace_cpu);
 }
 
 }  // namespace fused_losses::cpu

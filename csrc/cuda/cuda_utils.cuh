@@ -43,6 +43,12 @@ __device__ __forceinline__ T group_xor(T value, int offset) {
   return __shfl_xor_sync(0xffffffffu, value, offset, Group);
 }
 
+// The value of the group's first lane, in every lane of the group; every lane of the warp must call it.
+template <int Group, typename T>
+__device__ __forceinline__ T group_broadcast(T value) {
+  return __shfl_sync(0xffffffffu, value, 0, Group);
+}
+
 // Sum of `Width` values over the block, in a fixed order (bitwise reproducible); valid in thread 0.
 // Every thread of the block must call it.
 template <typename acc_t, int Width>
@@ -122,6 +128,13 @@ struct FixedDivisorLossEpilogue {
   scalar_t* loss;
   acc_t divisor;
   __device__ void operator()(const acc_t (&totals)[1]) const { *loss = static_cast<scalar_t>(totals[0] / divisor); }
+};
+
+// Epilogue for partials whose total is the result itself (e.g. a sum of weights): writes it.
+template <typename acc_t>
+struct StoreTotalEpilogue {
+  acc_t* total;
+  __device__ void operator()(const acc_t (&totals)[1]) const { *total = totals[0]; }
 };
 
 // ----------------------------------------------------------------------------- mergeable states across lanes
