@@ -194,6 +194,21 @@ def test_all_ignored_and_empty_follow_cross_entropy(device):
     assert grad.shape == (0, 3)
 
 
+def test_no_classes(device):
+    """C = 0 (once a crash of the CPU tile scan): all-ignored rows follow F.cross_entropy, a class index is
+    out of range."""
+    x = torch.randn(3, 0, device=device)
+    ignored = torch.full((3,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        torch.testing.assert_close(csce(x, ignored, reduction=reduction),
+                                   F.cross_entropy(x, ignored, reduction=reduction), equal_nan=True)
+    _, grad = loss_and_grad(csce, x, ignored, torch.ones(0, 0, device=device), reduction="sum", cost_mode="expected")
+    assert grad.shape == (3, 0)
+    if device == "cpu":  # CUDA reports bad labels as NaN (test_cuda_invalid_target_gives_nan_and_check_mode_raises)
+        with pytest.raises(ValueError, match=r"target contains class index 0, outside \[0, 0\)"):
+            csce(x, torch.zeros(3, dtype=torch.long, device=device))
+
+
 def test_grad_output_scaling_and_retain_graph(device):
     x, y = make_problem(30, 7, device)
     cost = torch.rand(7, 7, device=device)

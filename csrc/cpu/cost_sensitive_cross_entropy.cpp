@@ -46,6 +46,7 @@ class CrossEntropyKernel {
 
   // Fills scans[k] for the valid rows among [first, first + count) and returns their target logits.
   void scan_rows(int64_t first, int count, RowScan<acc_t>* scans, acc_t* target_logits) {
+    if (C_ == 0) return;  // no class: every row is ignored or invalid, which the caller handles
     load_rows(first, count);
     if (!tiled_) {
       const int64_t y = target_[first];
