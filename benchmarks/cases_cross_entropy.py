@@ -20,13 +20,15 @@ def _liger_cross_entropy():
 
 
 def _bytes(n: int, c: int, dtype: torch.dtype, has_cost: bool):
-    """Bytes the 3-pass schedule moves: the forward reads logits + targets and writes per-row statistics;
-    the backward re-reads logits + targets + statistics and writes the gradient."""
+    """Bytes moved. Forward alone: it reads logits + targets and writes per-row statistics. Forward + backward
+    with the 2-pass schedule that runs whenever the logits require grad (csrc/common.h): a pre-pass reads the
+    targets (the total weight of 'mean'), the forward reads logits + targets and writes the statistics and
+    the gradient; the backward reads only grad_output."""
     logits = n * c * dtype.itemsize
     targets = n * 8
     stats = n * (3 if has_cost else 2) * (8 if dtype == torch.float64 else 4)  # max, log-sum(, cost factor)
     forward = logits + targets + stats
-    return forward, forward + logits + targets + stats + logits
+    return forward, targets + forward + logits
 
 
 def _case(n, c, dtype, device, with_cost, smoke=False, target_vs_compiled=None):
