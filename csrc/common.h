@@ -50,31 +50,35 @@ inline void fill_empty_reduction(at::Tensor& loss, at::Tensor& total_weight, Red
 // Schedules of a reduced loss (shared/LOSS_MATH.md §5).
 //
 // 3-pass: the forward reads the inputs and saves O(rows); the backward re-reads them and writes the gradient.
-// 2-pass: when the input requires grad (Python passes write_gradient), the forward also writes the gradient
-// for grad_loss = 1 into a tensor of the input's shape. The backward's in-place op then leaves that tensor
-// as it is when grad_loss is 1 (compared where grad_loss lives: on the device for CUDA, no host
-// synchronisation) and otherwise recomputes it from the inputs for the actual grad_loss, exactly as the
-// 3-pass backward would. Autograd hands that tensor out once; a second backward (retain_graph) takes the
-// 3-pass backward (fused_losses/_registrations.py).
+// 2-pass: when an input requires grad (Python passes write_gradient, or one flag per differentiable input),
+// the forward also writes its gradient for grad_loss = 1 into a tensor of that input's shape. The backward's
+// in-place op then leaves that tensor as it is when grad_loss is 1 (compared where grad_loss lives: on the
+// device for CUDA, no host synchronisation) and otherwise recomputes it from the inputs for the actual
+// grad_loss, exactly as the 3-pass backward would. Autograd hands that tensor out once; a second backward
+// (retain_graph) takes the 3-pass backward (fused_losses/_registrations.py).
 
-// The forward's gradient output: the input's shape (contiguous) when written, else an empty (0,) tensor.
-inline at::Tensor allocate_forward_gradient(const at::Tensor& input, bool write_gradient, Reduction reduction) {
-  TORCH_CHECK_VALUE(!write_gradient || reduction != Reduction::None,
-                    "write_gradient needs a reduced loss (reduction='mean' or 'sum'): with reduction='none' the "
-                    "backward must read grad_loss for every element anyway");
-  return write_gradient ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+// A forward's gradient output for `like` (the tensor it differentiates): like's shape (contiguous) when the
+// flag named `flag_name` asks for it, else an empty (0,) tensor.
+inline at::Tensor allocate_forward_gradient(const at::Tensor& like, const char* flag_name, bool write_gradient,
+                                            Reduction reduction) {
+  TORCH_CHECK_VALUE(!write_gradient || reduction != Reduction::None, flag_name,
+                    " needs a reduced loss (reduction='mean' or 'sum'): with reduction='none' the backward must read "
+                    "grad_loss for every element anyway");
+  return write_gradient ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
 }
 
-// The `gradient` argument of an in-place backward: what allocate_forward_gradient wrote for `input`.
-inline void check_forward_gradient(const at::Tensor& gradient, const at::Tensor& input, Reduction reduction) {
+// The gradient argument `name` of an in-place backward: what allocate_forward_gradient wrote for `like` (the
+// argument `like_name`).
+inline void check_forward_gradient(const at::Tensor& gradient, const char* name, const at::Tensor& like,
+                                   const char* like_name, Reduction reduction) {
   TORCH_CHECK_VALUE(reduction != Reduction::None, "the in-place backward needs a reduced loss, got reduction='none'");
-  TORCH_CHECK_VALUE(gradient.sizes() == input.sizes() && gradient.is_contiguous(),
-                    "gradient must be a contiguous tensor of the input's shape ", input.sizes(), ", got shape ",
+  TORCH_CHECK_VALUE(gradient.sizes() == like.sizes() && gradient.is_contiguous(), name,
+                    " must be a contiguous tensor of the ", like_name, "'s shape ", like.sizes(), ", got shape ",
                     gradient.sizes());
-  TORCH_CHECK_TYPE(gradient.scalar_type() == input.scalar_type(), "gradient must have the input's dtype ",
-                   input.scalar_type(), ", got ", gradient.scalar_type());
-  TORCH_CHECK_VALUE(gradient.device() == input.device(), "gradient must be on the input's device ", input.device(),
-                    ", got ", gradient.device());
+  TORCH_CHECK_TYPE(gradient.scalar_type() == like.scalar_type(), name, " must have the ", like_name, "'s dtype ",
+                   like.scalar_type(), ", got ", gradient.scalar_type());
+  TORCH_CHECK_VALUE(gradient.device() == like.device(), name, " must be on the ", like_name, "'s device ",
+                    like.device(), ", got ", gradient.device());
 }
 
 // Whether the in-place backward keeps the forward's gradient: grad_loss (a CPU scalar) is 1.

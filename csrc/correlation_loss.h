@@ -127,6 +127,37 @@ inline void check_correlation_backward_arguments(const CorrelationProblem& p, co
                     "total_weight must be the scalar saved by the forward");
 }
 
+// One side (input or target) of the in-place backward: the forward's gradient `gradient` (the argument `name`)
+// when that side is requested, else an empty tensor, which the kernels skip.
+inline at::Tensor requested_forward_gradient(const at::Tensor& gradient, const char* name, const at::Tensor& like,
+                                             const char* like_name, bool requested, Reduction reduction) {
+  if (!requested) return at::empty({0}, like.options());
+  check_forward_gradient(gradient, name, like, like_name, reduction);
+  return gradient;
+}
+
+// The checked arguments of the in-place backward: the problem, and the gradients to recompute (sharing the
+// storage of the forward's, empty for a side not requested).
+struct InplaceBackwardArguments {
+  CorrelationProblem problem;
+  at::Tensor grad_input, grad_target;
+};
+
+inline InplaceBackwardArguments check_inplace_backward_arguments(
+    const at::Tensor& grad_loss, const at::Tensor& grad_input, const at::Tensor& grad_target, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& mask, const at::Tensor& stats,
+    const at::Tensor& total_weight, std::string_view kind, std::string_view reduction, bool per_timestep, double eps,
+    bool input_requires_grad, bool target_requires_grad) {
+  InplaceBackwardArguments args{make_correlation_problem(input, target, mask, kind, reduction, per_timestep, eps)};
+  const CorrelationProblem& p = args.problem;
+  check_correlation_backward_arguments(p, grad_loss, stats, total_weight);
+  args.grad_input = requested_forward_gradient(grad_input, "grad_input", p.input, "input", input_requires_grad,
+                                               p.reduction);
+  args.grad_target = requested_forward_gradient(grad_target, "grad_target", p.target, "target",
+                                                target_requires_grad, p.reduction);
+  return args;
+}
+
 // grad_loss in the input's dtype: per sequence it is small and made contiguous; per step it keeps its strides
 // (an expanded gradient is read in place).
 inline at::Tensor upstream_gradient(const CorrelationProblem& p, const at::Tensor& grad_loss) {

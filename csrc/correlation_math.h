@@ -318,4 +318,17 @@ C10_HOST_DEVICE inline acc_t sequence_gradient_scale(bool per_sequence_upstream,
   return mean ? scaled / total_weight : scaled;
 }
 
+// The coefficients of a per-sequence upstream (sequence_gradient_scale's arguments, the sequence's weight
+// aside): one expression for the backward and for the forward that writes the gradient (upstream = 1), so
+// both give the same bits.
+template <typename acc_t>
+C10_HOST_DEVICE inline GradientCoefficients<acc_t> sequence_gradient_coefficients(const CorrelationConfig<acc_t>& cfg,
+                                                                                 const Moments<acc_t>& m,
+                                                                                 bool per_sequence_upstream, bool mean,
+                                                                                 acc_t upstream, acc_t total_weight) {
+  const acc_t scale =
+      sequence_gradient_scale(per_sequence_upstream, mean, upstream, total_weight, sequence_weight(cfg, m));
+  return make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
+}
+
 }  // namespace fused_losses

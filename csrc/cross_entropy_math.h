@@ -157,11 +157,13 @@ C10_HOST_DEVICE inline void store_row_stats(acc_t* stats, int num_stats, const R
   if (num_stats > 3) stats[3] = row.cross_entropy;
 }
 
-// Coefficients of d loss / d z_j = p_j (A + B W[y, j]) - D w_j - [j == y] E for one row,
-// with `scale` = grad_output (divided by the total weight for 'mean').
+// Coefficients of d loss / d z_j = p_j (A + B (W[y, j] - F)) - D w_j - [j == y] E for one row,
+// with `scale` = grad_output (divided by the total weight for 'mean'). B and F are 0 but in expected mode,
+// where F is the row's cost factor: W[y, j] - F is formed first because A - B F and B W[y, j] nearly cancel
+// when the cross-entropy is large.
 template <typename acc_t>
 struct GradientCoefficients {
-  acc_t max = 0, log_sum = 0, a = 0, b = 0, d = 0, e = 0;  // p_j = exp((z_j - max) - log_sum)
+  acc_t max = 0, log_sum = 0, a = 0, b = 0, cost_factor = 0, d = 0, e = 0;  // p_j = exp((z_j - max) - log_sum)
 };
 
 template <typename acc_t>
@@ -177,11 +179,9 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   c.max = stats[0];
   c.log_sum = stats[1];
   c.a = scale * f * prob_coefficient;
-  c.b = acc_t(0);
   if (num_stats > 3) {  // expected mode: + ce * d f / d z_j = ce * p_j (W[y, j] - f)
-    const acc_t ce = stats[3];
-    c.a -= scale * ce * f;
-    c.b = scale * ce;
+    c.b = scale * stats[3];
+    c.cost_factor = f;
   }
   c.d = scale * f * eps / acc_t(cfg.num_classes);
   c.e = scale * f * (acc_t(1) - eps) * w_y;
@@ -201,7 +201,7 @@ template <typename acc_t>
 C10_HOST_DEVICE inline acc_t gradient_element(const GradientCoefficients<acc_t>& k, const CrossEntropyConfig<acc_t>& cfg,
                                               const acc_t* cost_row, acc_t z, int64_t j, int64_t target) {
   const acc_t prob = std::exp((z - k.max) - k.log_sum);
-  acc_t g = prob * (cost_row != nullptr ? k.a + k.b * cost_row[j] : k.a);
+  acc_t g = prob * (cost_row != nullptr ? k.a + k.b * (cost_row[j] - k.cost_factor) : k.a);
   if (k.d != acc_t(0)) g -= k.d * class_weight_of(cfg, j);
   if (j == target) g -= k.e;
   return g;

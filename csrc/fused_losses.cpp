@@ -33,17 +33,28 @@ TORCH_LIBRARY(fused_losses, m) {
       "int ignore_index, str reduction, float label_smoothing, str cost_mode) -> ()");
 
   // Correlation losses of (batch, time, channels) sequences over the time axis, kind 'pearson' or 'concordance'.
-  // Returns (loss, stats, total_weight): loss is (batch, channels) for reduction='none', the input's shape with
-  // per_timestep, else a scalar; stats (batch, channels, 8) holds each sequence's count, means (as shift +
-  // remainder) and centred sums (what the backward needs); total_weight is the divisor of reduction='mean'.
+  // Returns (loss, stats, total_weight, grad_input, grad_target): loss is (batch, channels) for
+  // reduction='none', the input's shape with per_timestep, else a scalar; stats (batch, channels, 8) holds each
+  // sequence's count, means (as shift + remainder) and centred sums (what the backward needs); total_weight is
+  // the divisor of reduction='mean'. With write_input_gradient / write_target_gradient (a reduced loss only)
+  // grad_input / grad_target is d loss / d input / target for grad_loss = 1, written by the forward, else an
+  // empty (0,) tensor (common.h: schedules).
   m.def(
       "correlation_loss(Tensor input, Tensor target, Tensor? mask, str kind, str reduction, bool per_timestep, "
-      "float eps) -> (Tensor, Tensor, Tensor)");
+      "float eps, bool write_input_gradient, bool write_target_gradient) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_target); a gradient not requested is an empty tensor.
   m.def(
       "correlation_loss_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
       "Tensor total_weight, str kind, str reduction, bool per_timestep, float eps, bool input_requires_grad, "
       "bool target_requires_grad) -> (Tensor, Tensor)");
+  // Turns the forward's gradients (grad_loss = 1) of the requested sides into the gradients for grad_loss, in
+  // place: nothing to do when grad_loss is 1, else recomputed from the inputs. A side not requested is not
+  // read (it may be an empty tensor).
+  m.def(
+      "correlation_loss_backward_inplace(Tensor grad_loss, Tensor(a!) grad_input, Tensor(b!) grad_target, "
+      "Tensor input, Tensor target, Tensor? mask, Tensor stats, Tensor total_weight, str kind, str reduction, "
+      "bool per_timestep, float eps, bool input_requires_grad, bool target_requires_grad) -> ()");
   // Exactly one of target (dense, the input's shape: float, bool or uint8) and positive_indices (sparse,
   // (N, K) int64 padded with -1, input (N, L)). Returns (loss, gradient): the loss has the input's shape for
   // reduction='none', else it is a scalar; with write_gradient (a reduced loss only) gradient is d loss / d

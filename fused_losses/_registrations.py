@@ -17,37 +17,42 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ----------------------------------------------------------------------------- the gradient written by the forward
-# With write_gradient (a reduced loss whose input requires grad) an op's forward also writes d loss / d input
-# for grad_loss = 1, and its in-place backward op leaves it as it is when grad_loss is 1 (compared on the
-# device: no host synchronisation) or recomputes it from the inputs otherwise (csrc/common.h: schedules).
-# Autograd hands that tensor out once: it is held on ctx (not saved, since the backward writes to it) and
-# dropped when taken, so its memory goes with the first backward; a second backward (retain_graph) finds
-# none and recomputes the gradient from the saved inputs, as the 3-pass schedule does. AOTAutograd (under
-# torch.compile, opcheck) traces with functional tensors, where writing to a forward output from the
-# backward cannot be expressed: there the backward recomputes too (the functional API does not even ask for
-# the forward's gradient while compiling, see functional._writes_gradient).
+# ----------------------------------------------------------------------------- the gradients written by the forward
+# With write_gradient (a reduced loss whose input requires grad; one flag per differentiable input where an op
+# has several) an op's forward also writes d loss / d input for grad_loss = 1, and its in-place backward op
+# leaves it as it is when grad_loss is 1 (compared on the device: no host synchronisation) or recomputes it
+# from the inputs otherwise (csrc/common.h: schedules). Autograd hands that tensor out once: it is held on
+# ctx (not saved, since the backward writes to it) and dropped when taken, so its memory goes with the first
+# backward; a second backward (retain_graph) finds none and recomputes the gradient from the saved inputs, as
+# the 3-pass schedule does. AOTAutograd (under torch.compile, opcheck) traces with functional tensors, where
+# writing to a forward output from the backward cannot be expressed: there the backward recomputes too (the
+# functional API does not even ask for the forward's gradient while compiling, see
+# functional._writes_gradient).
 
 
 def _forward_gradient_fake(input, write_gradient: bool):
     return torch.empty_like(input, memory_format=torch.contiguous_format) if write_gradient else input.new_empty((0,))
 
 
-def _keep_forward_gradient(ctx, gradient, write_gradient: bool) -> None:
-    ctx.mark_non_differentiable(gradient)
-    ctx.forward_gradient = gradient if write_gradient else None
+def _keep_forward_gradients(ctx, gradients, written, *other_non_differentiable) -> None:
+    """Holds the forward's `gradients` (those `written`) for _take_forward_gradients; they and the op's
+    `other_non_differentiable` outputs are marked in one call, since each call replaces the previous one."""
+    ctx.mark_non_differentiable(*other_non_differentiable, *gradients)
+    ctx.forward_gradients = [gradient if write else None for gradient, write in zip(gradients, written)]
 
 
-def _take_forward_gradient(ctx):
-    gradient, ctx.forward_gradient = ctx.forward_gradient, None
-    return None if isinstance(gradient, FunctionalTensor) else gradient
+def _take_forward_gradients(ctx):
+    """The forward's gradients, each None where it was not written or was already taken (or is functional)."""
+    gradients = ctx.forward_gradients
+    ctx.forward_gradients = [None] * len(gradients)
+    return [None if isinstance(gradient, FunctionalTensor) else gradient for gradient in gradients]
 
 
 def _input_gradient(ctx, grad_loss, backward_inplace, backward):
     """d loss / d input for grad_loss: the forward's gradient brought to grad_loss by `backward_inplace` when
     there is one to take, else recomputed by the 3-pass `backward`. Both ops take the saved tensors and
     ctx.options after grad_loss (and the gradient)."""
-    gradient = _take_forward_gradient(ctx)
+    gradient, = _take_forward_gradients(ctx)
     if gradient is None:
         return backward(grad_loss, *ctx.saved_tensors, *ctx.options)
     backward_inplace(grad_loss, gradient, *ctx.saved_tensors, *ctx.options)
@@ -89,7 +94,7 @@ def _cost_sensitive_cross_entropy_setup(ctx, inputs, output):
     _, row_stats, total_weight, gradient = output
     ctx.save_for_backward(input, target, cost_matrix, weight, row_stats, total_weight)
     ctx.options = tuple(options)  # ignore_index, reduction, label_smoothing, cost_mode
-    _keep_forward_gradient(ctx, gradient, write_gradient)
+    _keep_forward_gradients(ctx, [gradient], [write_gradient], row_stats, total_weight)
 
 
 def _cost_sensitive_cross_entropy_backward(ctx, grad_loss, _grad_row_stats, _grad_total_weight, _grad_gradient):
@@ -113,7 +118,8 @@ _MOMENTS_WIDTH = 8  # count, shifts and means of x and y, Cxx, Cyy, Cxy per sequ
 
 
 @torch.library.register_fake("fused_losses::correlation_loss")
-def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, eps):
+def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, eps, write_input_gradient,
+                           write_target_gradient):
     acc = accumulation_dtype(input.dtype)
     batch, _, channels = input.shape
     if reduction != "none":
@@ -123,7 +129,8 @@ def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, e
     else:
         loss = input.new_empty((batch, channels))
     stats = input.new_empty((batch, channels, _MOMENTS_WIDTH), dtype=acc)
-    return loss, stats, input.new_empty((), dtype=acc)
+    return (loss, stats, input.new_empty((), dtype=acc), _forward_gradient_fake(input, write_input_gradient),
+            _forward_gradient_fake(target, write_target_gradient))
 
 
 @torch.library.register_fake("fused_losses::correlation_loss_backward")
@@ -135,23 +142,39 @@ def _correlation_loss_backward_fake(grad_loss, input, target, mask, stats, total
     return gradient(input, input_requires_grad), gradient(target, target_requires_grad)
 
 
+@torch.library.register_fake("fused_losses::correlation_loss_backward_inplace")
+def _correlation_loss_backward_inplace_fake(grad_loss, grad_input, grad_target, input, target, mask, stats,
+                                            total_weight, kind, reduction, per_timestep, eps, input_requires_grad,
+                                            target_requires_grad):
+    return None
+
+
 def _correlation_loss_setup(ctx, inputs, output):
-    input, target, mask, kind, reduction, per_timestep, eps = inputs
-    _, stats, total_weight = output
-    ctx.mark_non_differentiable(stats, total_weight)
+    input, target, mask, kind, reduction, per_timestep, eps, write_input_gradient, write_target_gradient = inputs
+    _, stats, total_weight, grad_input, grad_target = output
+    _keep_forward_gradients(ctx, [grad_input, grad_target], [write_input_gradient, write_target_gradient], stats,
+                            total_weight)
     ctx.save_for_backward(input, target, mask, stats, total_weight)
     ctx.options = (kind, reduction, per_timestep, eps)
 
 
-def _correlation_loss_backward(ctx, grad_loss, _grad_stats, _grad_total_weight):
+def _correlation_loss_backward(ctx, grad_loss, _grad_stats, _grad_total_weight, _grad_grad_input,
+                               _grad_grad_target):
     input, target, mask, stats, total_weight = ctx.saved_tensors
-    want_input, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    wanted = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_input = grad_target = None
-    if want_input or want_target:
-        grad_input, grad_target = _ops.correlation_loss_backward(
-            grad_loss, input, target, mask, stats, total_weight, *ctx.options, want_input, want_target)
-    return (grad_input if want_input else None, grad_target if want_target else None,
-            None, None, None, None, None)
+    if any(wanted):
+        written = _take_forward_gradients(ctx)
+        if all(gradient is not None for gradient, want in zip(written, wanted) if want):
+            grad_input, grad_target = (input.new_empty((0,)) if gradient is None else gradient
+                                       for gradient in written)
+            _ops.correlation_loss_backward_inplace(grad_loss, grad_input, grad_target, input, target, mask, stats,
+                                                   total_weight, *ctx.options, *wanted)
+        else:
+            grad_input, grad_target = _ops.correlation_loss_backward(
+                grad_loss, input, target, mask, stats, total_weight, *ctx.options, *wanted)
+    return (grad_input if wanted[0] else None, grad_target if wanted[1] else None,
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -187,7 +210,7 @@ def _weighted_bce_with_logits_setup(ctx, inputs, output):
     input, target, positive_indices, weight, pos_weight, *options, write_gradient = inputs
     ctx.save_for_backward(input, target, positive_indices, weight, pos_weight)
     ctx.options = tuple(options)  # reduction, gamma_pos, gamma_neg, clip
-    _keep_forward_gradient(ctx, output[1], write_gradient)
+    _keep_forward_gradients(ctx, [output[1]], [write_gradient])
 
 
 def _weighted_bce_with_logits_backward(ctx, grad_loss, _grad_gradient):

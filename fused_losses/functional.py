@@ -20,10 +20,10 @@ COST_MODES = ("argmax", "expected")
 
 
 def _writes_gradient(input: Tensor, reduction: str) -> bool:
-    """Whether the forward should also write the input's gradient (the 2-pass schedule, csrc/common.h): when a
-    backward to the input is coming and its grad_loss is one scalar, so that the backward is free in eager
-    mode. Not while torch.compile traces: its functionalised backward cannot reuse that tensor
-    (_registrations._take_forward_gradient), so the 3-pass schedule moves fewer bytes there."""
+    """Whether the forward should also write the gradient of `input` (any tensor it differentiates; the 2-pass
+    schedule, csrc/common.h): when a backward to it is coming and its grad_loss is one scalar, so that the
+    backward is free in eager mode. Not while torch.compile traces: its functionalised backward cannot reuse
+    that tensor (_registrations._take_forward_gradients), so the 3-pass schedule moves fewer bytes there."""
     return (reduction != "none" and input.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
@@ -113,8 +113,9 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
     batch = as_sequence_batch(input, target, mask, dim, lengths)
-    loss, _, _ = _ops.correlation_loss(batch.input, batch.target, batch.mask, kind, reduction, bool(per_timestep),
-                                       float(eps))
+    loss, *_ = _ops.correlation_loss(batch.input, batch.target, batch.mask, kind, reduction, bool(per_timestep),
+                                     float(eps), _writes_gradient(batch.input, reduction),
+                                     _writes_gradient(batch.target, reduction))
     return batch.restore_layout(loss, per_timestep) if reduction == "none" else loss
 
 

@@ -43,7 +43,7 @@ def assert_gradient_schedules_agree(fn, inputs, monkeypatch):
     of the 3-pass schedule, for grad_output 1, for another grad_output (the in-place backward recomputes)
     and for a second backward through the same graph (retain_graph): repeated backwards agree exactly, as
     gradcheck's reentrancy test demands. `fn(*leaves)` returns a reduced loss; `inputs` are the tensors that
-    require grad."""
+    require grad (fn may close over others that do not)."""
     import fused_losses.functional as functional
 
     def gradients(loss, leaves, grad_output, retain_graph=False):
@@ -53,9 +53,16 @@ def assert_gradient_schedules_agree(fn, inputs, monkeypatch):
     def leaves():
         return [t.detach().clone().requires_grad_() for t in inputs]
 
-    asked = []  # what the functional API decided: the first half of the test must take the 2-pass schedule
-    decide = functional._writes_gradient
-    monkeypatch.setattr(functional, "_writes_gradient", lambda *args: asked.append(decide(*args)) or asked[-1])
+    asked = []  # what the functional API decided for the tensors that require grad: the first half of the test
+    decide = functional._writes_gradient  # must take the 2-pass schedule for each of them
+
+    def decide_and_record(tensor, reduction):
+        decision = decide(tensor, reduction)
+        if tensor.requires_grad:
+            asked.append(decision)
+        return decision
+
+    monkeypatch.setattr(functional, "_writes_gradient", decide_and_record)
     two_pass = leaves()
     loss = fn(*two_pass)
     unit = gradients(loss, two_pass, 1.0, retain_graph=True)

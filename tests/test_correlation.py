@@ -8,7 +8,7 @@ import torch
 
 import fused_losses
 from fused_losses import reference
-from conftest import FLOAT_DTYPES, TOLERANCES
+from conftest import FLOAT_DTYPES, TOLERANCES, assert_gradient_schedules_agree
 
 KINDS = {
     "pearson": (fused_losses.pearson_correlation_loss, reference.pearson_correlation_loss),
@@ -345,19 +345,26 @@ def op_args(device, masked, kind="pearson", reduction="mean", per_timestep=False
     return x, y, mask, kind, reduction, per_timestep, 1e-8
 
 
+@pytest.mark.parametrize("write_gradients", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("reduction,per_timestep", [("mean", False), ("none", False), ("none", True),
                                                     ("sum", True)])
-def test_opcheck(device, masked, reduction, per_timestep):
-    args = op_args(device, masked, "concordance" if masked else "pearson", reduction, per_timestep)
+def test_opcheck(device, masked, reduction, per_timestep, write_gradients):
+    if reduction == "none" and any(write_gradients):
+        pytest.skip("the forward writes the gradients of reduced losses only")
+    args = (*op_args(device, masked, "concordance" if masked else "pearson", reduction, per_timestep),
+            *write_gradients)
     torch.library.opcheck(torch.ops.fused_losses.correlation_loss.default, args)
-    loss, stats, total_weight = torch.ops.fused_losses.correlation_loss(*args)
-    x, y, mask, kind, reduction, per_timestep, eps = args
+    loss, stats, total_weight, grad_x, grad_y = torch.ops.fused_losses.correlation_loss(*args)
+    x, y, mask, kind, reduction, per_timestep, eps, *_ = args
     grad = torch.randn_like(loss)
     for want_x, want_y in ((True, True), (True, False), (False, True)):
-        backward_args = (grad, x.detach(), y.detach(), mask, stats, total_weight, kind, reduction, per_timestep, eps,
+        backward_args = (x.detach(), y.detach(), mask, stats, total_weight, kind, reduction, per_timestep, eps,
                          want_x, want_y)
-        torch.library.opcheck(torch.ops.fused_losses.correlation_loss_backward.default, backward_args)
+        torch.library.opcheck(torch.ops.fused_losses.correlation_loss_backward.default, (grad, *backward_args))
+        if (want_x, want_y) == write_gradients or write_gradients == (True, True):
+            torch.library.opcheck(torch.ops.fused_losses.correlation_loss_backward_inplace.default,
+                                  (grad, grad_x.clone(), grad_y.clone(), *backward_args))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -389,6 +396,93 @@ def test_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- the gradient written by the forward
+
+
+def edge_case_batch(shape, dim, device, dtype, masked):
+    """x, y and mask (or None) in the layout (shape, dim) whose sequences include a flat one and, masked, one
+    with a single valid step and one with none."""
+    x, y, _ = make_case(shape, dim, device, dtype, masking="none")
+    x = x.movedim(dim, 1)
+    x[0, :, 0] = 0.75  # flat input
+    x = x.movedim(1, dim)
+    if not masked:
+        return x, y, None
+    m_shape, *_ = mask_shape(shape, dim)
+    mask = torch.rand(m_shape, device=device) > 0.3
+    mask[1] = False
+    mask[1, 3] = True  # one valid step
+    mask[2] = False    # none
+    return x, y, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["BTD", "BDT"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction,per_timestep", [("mean", False), ("sum", False), ("mean", True)])
+@pytest.mark.parametrize("sides", ["input", "both"])
+def test_forward_written_gradient(device, kind, layout, masked, dtype, reduction, per_timestep, sides,
+                                  monkeypatch):
+    """The gradients written by the forward (2-pass) are bitwise the 3-pass backward's, for any grad_output and
+    repeated backwards; 37 steps reach the vector tails."""
+    fused, _ = KINDS[kind]
+    shape, dim = {"BTD": ((5, 37, 3), 1), "BDT": ((5, 3, 37), -1)}[layout]
+    x, y, mask = edge_case_batch(shape, dim, device, dtype, masked)
+
+    def loss(*leaves):
+        return fused(*leaves, *([y] if sides == "input" else []), mask, dim=dim, reduction=reduction,
+                     per_timestep=per_timestep)
+
+    assert_gradient_schedules_agree(loss, [x] if sides == "input" else [x, y], monkeypatch)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("steps", [7, 1000, 70000])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("reduction,per_timestep", [("mean", True), ("sum", False)])
+def test_forward_written_gradient_lengths(device, kind, steps, offset, reduction, per_timestep):
+    """At the operator: the forward's loss and statistics are bitwise those it gives without writing the
+    gradients, and the gradients are bitwise the backward's for grad_loss 1, over sequence lengths and
+    alignments (on CUDA: every group size, and several chunks per sequence, where the gradient gets a kernel of
+    its own)."""
+    x = torch.randn(3, steps + offset, 1, device=device)[:, offset:]
+    y = 0.5 * x + torch.randn_like(x)
+    mask = torch.rand(3, steps, device=device) > 0.2
+    args = (x, y, mask, kind, reduction, per_timestep, 1e-8)
+    loss, stats, total_weight, grad_x, grad_y = torch.ops.fused_losses.correlation_loss(*args, True, True)
+    plain = torch.ops.fused_losses.correlation_loss(*args, False, False)
+    for written, expected in zip((loss, stats, total_weight), plain):
+        assert torch.equal(written, expected)
+    expected = torch.ops.fused_losses.correlation_loss_backward(torch.ones((), device=device), x, y, mask, stats,
+                                                                total_weight, *args[3:], True, True)
+    for written, backward in zip((grad_x, grad_y), expected):
+        assert written.is_contiguous() and torch.equal(written, backward)
+
+
+def test_forward_written_gradient_errors():
+    x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    op, inplace = torch.ops.fused_losses.correlation_loss, torch.ops.fused_losses.correlation_loss_backward_inplace
+    with pytest.raises(ValueError, match="write_input_gradient needs a reduced loss"):
+        op(x, y, None, "pearson", "none", False, 0.0, True, False)
+    with pytest.raises(ValueError, match="write_target_gradient needs a reduced loss"):
+        op(x, y, None, "pearson", "none", False, 0.0, False, True)
+    _, stats, total_weight, grad_x, grad_y = op(x, y, None, "pearson", "mean", False, 0.0, True, False)
+    assert grad_y.shape == (0,)
+    rest = (x, y, None, stats, total_weight, "pearson", "mean", False, 0.0)
+    two = torch.tensor(2.0)
+    with pytest.raises(ValueError, match=r"grad_target must be a contiguous tensor of the target's shape \[2, 5, 3\]"
+                                         r", got shape \[0\]"):
+        inplace(two, grad_x, grad_y, *rest, True, True)  # the forward did not write grad_target
+    with pytest.raises(ValueError, match=r"grad_input must be a contiguous tensor of the input's shape"):
+        inplace(two, torch.empty(2, 3, 5).transpose(1, 2), grad_y, *rest, True, False)
+    with pytest.raises(TypeError, match=r"grad_input must have the input's dtype Float, got Double"):
+        inplace(two, grad_x.double(), grad_y, *rest, True, False)
+    with pytest.raises(ValueError, match=r"the in-place backward needs a reduced loss, got reduction='none'"):
+        inplace(torch.ones(2, 3), grad_x, grad_y, x, y, None, stats, total_weight, "pearson", "none", False, 0.0,
+                True, False)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -415,7 +509,7 @@ def test_errors(device):
         f(x, y, torch.ones(2, 5, dtype=torch.bool, device=device), lengths=torch.tensor([1, 2], device=device))
     with pytest.raises(TypeError, match=r"target must have the input's dtype \(Float\), got Double"):
         torch.ops.fused_losses.correlation_loss(x.unsqueeze(-1), y.double().unsqueeze(-1), None, "pearson", "mean",
-                                                False, 1e-8)
+                                                False, 1e-8, False, False)
     # The functional form promotes mixed floating dtypes, as torch's elementwise losses do.
     promoted = f(x, y.double())
     assert promoted.dtype == torch.float64
@@ -429,9 +523,10 @@ def test_errors(device):
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         fused_losses.ConcordanceCorrelationLoss(reduction="mean ")
     with pytest.raises(ValueError, match=r"kind must be 'pearson' or 'concordance'"):
-        torch.ops.fused_losses.correlation_loss(x[..., None], y[..., None], None, "spearman", "mean", False, 0.0)
+        torch.ops.fused_losses.correlation_loss(x[..., None], y[..., None], None, "spearman", "mean", False, 0.0,
+                                                False, False)
     with pytest.raises(ValueError, match=r"input must have shape \(batch, time, channels\)"):
-        torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "mean", False, 0.0)
+        torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "mean", False, 0.0, False, False)
 
 
 def test_device_mismatch_errors():

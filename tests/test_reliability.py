@@ -140,6 +140,10 @@ def test_fuzz_cost_sensitive_cross_entropy(device, problem):
     tolerance = dict(TOLERANCES[dtype])
     if problem["scale"] >= 1e4 and dtype != torch.float64:
         tolerance["atol"] = max(tolerance["atol"], 2e-2)  # logits of 1e4 carry about 1e-3 of rounding
+    elif mode == "expected" and y.ne(-100).any():
+        # d(ce f)/dz_j holds ce * p_j (W[y, j] - f): the rounding of f (relative eps) comes back multiplied by
+        # the row's cross-entropy, tens of units for logits of scale 10.
+        tolerance["atol"] *= 1 + F.cross_entropy(x.double(), y, reduction="none").max().item()
     _assert_same_loss_and_grad(fused, expected, x, **tolerance)
 
 

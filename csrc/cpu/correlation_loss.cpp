@@ -1,6 +1,10 @@
 // CPU kernels of fused_losses::correlation_loss (Pearson and CCC): sequences in parallel, each read once.
 // A sequence is processed in blocks of kBlockSteps steps that stay in L1: two vectorised passes over a block
 // give its exact moments, and Chan merges combine the blocks (stable in float32 far from zero).
+// Schedules (common.h): with write_input_gradient / write_target_gradient (a reduced loss) the forward also
+// writes the gradient for grad_loss = 1, sweeping each sequence's rows a second time right after its moments,
+// while they are in cache; for 'mean' a cheap pre-pass over the mask gives the divisor first. The in-place
+// backward keeps that gradient for grad_loss = 1 and otherwise recomputes it exactly as the 3-pass backward.
 #include "correlation_loss.h"
 #include "cpu/cpu_rows.h"
 
@@ -214,10 +218,73 @@ scalar_t* data_or_null(at::Tensor& t, bool wanted) {
   return wanted ? t.data_ptr<scalar_t>() : nullptr;
 }
 
+// The gradient rows of one thread's sequences, written into grad_input and / or grad_target (an empty tensor is
+// not wanted); shared by the forward that writes the gradient and the backward, so both give the same bits.
 template <typename scalar_t>
-void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor& moments, at::Tensor& total_weight) {
+class GradientOutputs {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  GradientOutputs(const CorrelationProblem& p, at::Tensor& grad_input, at::Tensor& grad_target)
+      : steps_(p.time), x_(output_row(p, grad_input)), y_(output_row(p, grad_target)) {}
+
+  // g: the per-step upstream gradient of the sequence, or nullptr.
+  void write(const SequenceRows<scalar_t>& rows, int64_t seq, const GradientCoefficients<acc_t>& coef,
+             const acc_t* g) {
+    gradient_rows(rows, steps_, coef, g, x_.begin(seq), y_.begin(seq));
+    x_.finish();
+    y_.finish();
+  }
+
+ private:
+  static OutputRow<scalar_t> output_row(const CorrelationProblem& p, at::Tensor& gradient) {
+    const bool wanted = gradient.numel() > 0;
+    return {data_or_null<scalar_t>(gradient, wanted), wanted ? sequence_layout(gradient, p.channels) : RowLayout{},
+            p.time};
+  }
+
+  int64_t steps_;
+  OutputRow<scalar_t> x_, y_;
+};
+
+// The total weight of the reduction before any moments are known, for the forward that writes the gradient of
+// 'mean': a sequence's weight (sequence_weight) needs only its count of valid steps, which the mask alone
+// decides. Summed in the blocks and order of forward_sequences' total, so it has the same bits.
+template <typename acc_t>
+acc_t total_weight_before_moments(const CorrelationProblem& p, const CorrelationConfig<acc_t>& cfg) {
+  const bool* mask = p.mask.has_value() ? p.mask->const_data_ptr<bool>() : nullptr;
+  const bool counts_steps = cfg.per_timestep && mask != nullptr;
+  const auto total = deterministic_parallel_sum<acc_t, 1>(
+      p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
+        Moments<acc_t> counted;  // only its count n enters sequence_weight
+        counted.n = static_cast<acc_t>(p.time);
+        int64_t counted_batch = -1;
+        acc_t weight_sum = 0;
+        for (int64_t seq = begin; seq < end; ++seq) {
+          const int64_t b = seq / p.channels;  // the D channels of a batch entry share its mask row
+          if (counts_steps && b != counted_batch) {
+            const bool* row = mask + b * p.mask_layout.outer_stride;
+            int64_t valid_steps = 0;
+            for (int64_t t = 0; t < p.time; ++t) valid_steps += row[t * p.mask_layout.class_stride] ? 1 : 0;
+            counted.n = static_cast<acc_t>(valid_steps);
+            counted_batch = b;
+          }
+          weight_sum += sequence_weight(cfg, counted);
+        }
+        return std::array<acc_t, 1>{weight_sum};
+      });
+  return total[0];
+}
+
+// The forward; with a non-empty grad_input and / or grad_target (a reduced loss) it also writes the gradient
+// for grad_loss = 1, scaled exactly as backward_sequences would scale it.
+template <typename scalar_t>
+void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor& moments, at::Tensor& total_weight,
+                       at::Tensor& grad_input, at::Tensor& grad_target) {
   using acc_t = acc_type<scalar_t>;
   const auto cfg = p.config<acc_t>();
+  const bool write_gradient = grad_input.numel() > 0 || grad_target.numel() > 0;
+  const bool mean = p.reduction == Reduction::Mean;
+  const acc_t gradient_total_weight = write_gradient && mean ? total_weight_before_moments(p, cfg) : acc_t(1);
   acc_t* stats = moments.data_ptr<acc_t>();
   scalar_t* sequence_losses = data_or_null<scalar_t>(loss, p.reduction == Reduction::None && !p.per_timestep);
   scalar_t* step_losses = data_or_null<scalar_t>(loss, p.per_step_output());
@@ -228,6 +295,7 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
         acc_t weighted_loss_and_weight[2] = {0, 0};
         SequenceRows<scalar_t> rows(p);
         OutputRow<scalar_t> out(step_losses, step_layout, p.time);
+        GradientOutputs<scalar_t> gradients(p, grad_input, grad_target);
         for (int64_t seq = begin; seq < end; ++seq) {
           rows.read(seq);
           const Moments<acc_t> m = sequence_moments(rows, p.time);
@@ -236,6 +304,11 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
           if (acc_t* row = out.begin(seq)) {
             per_timestep_losses(rows, p.time, m, correlation_scale(cfg, m) * m.n, row);
             out.finish();
+          }
+          if (write_gradient) {
+            const GradientCoefficients<acc_t> coef = sequence_gradient_coefficients(
+                cfg, m, /*per_sequence_upstream=*/false, mean, acc_t(1), gradient_total_weight);
+            gradients.write(rows, seq, coef, nullptr);
           }
         }
         return std::array<acc_t, 2>{weighted_loss_and_weight[0], weighted_loss_and_weight[1]};
@@ -261,14 +334,10 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
     uniform_grad = static_cast<acc_t>(grad_loss.item<double>());
     weight_total = total_weight.item<acc_t>();
   }
-  const bool want_x = grad_input.numel() > 0, want_y = grad_target.numel() > 0;
-  const RowLayout grad_x_layout = want_x ? sequence_layout(grad_input, p.channels) : RowLayout{};
-  const RowLayout grad_y_layout = want_y ? sequence_layout(grad_target, p.channels) : RowLayout{};
 
   at::parallel_for(0, p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
     SequenceRows<scalar_t> rows(p);
-    OutputRow<scalar_t> out_x(data_or_null<scalar_t>(grad_input, want_x), grad_x_layout, p.time);
-    OutputRow<scalar_t> out_y(data_or_null<scalar_t>(grad_target, want_y), grad_y_layout, p.time);
+    GradientOutputs<scalar_t> gradients(p, grad_input, grad_target);
     std::vector<acc_t> upstream_buffer;
     for (int64_t seq = begin; seq < end; ++seq) {
       rows.read(seq);
@@ -282,28 +351,39 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
         coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
       } else {
         const acc_t upstream = per_sequence_upstream ? static_cast<acc_t>(grad[seq]) : uniform_grad;
-        const acc_t scale = sequence_gradient_scale(per_sequence_upstream, p.reduction == Reduction::Mean, upstream,
-                                                    weight_total, sequence_weight(cfg, m));
-        coef = make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
+        coef = sequence_gradient_coefficients(cfg, m, per_sequence_upstream, p.reduction == Reduction::Mean, upstream,
+                                              weight_total);
       }
-      gradient_rows(rows, p.time, coef, g, out_x.begin(seq), out_y.begin(seq));
-      out_x.finish();
-      out_y.finish();
+      gradients.write(rows, seq, coef, g);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& mask,
-                                                           c10::string_view kind, c10::string_view reduction,
-                                                           bool per_timestep, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& mask, c10::string_view kind,
+    c10::string_view reduction, bool per_timestep, double eps, bool write_input_gradient,
+    bool write_target_gradient) {
   const CorrelationProblem p = make_correlation_problem(input, target, mask, kind, reduction, per_timestep, eps);
   at::Tensor loss = allocate_correlation_loss(p);
   at::Tensor moments = allocate_moments(p);
   at::Tensor total_weight = at::empty({}, moments.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss",
-                                  [&] { forward_sequences<scalar_t>(p, loss, moments, total_weight); });
-  return {loss, moments, total_weight};
+  at::Tensor grad_input = allocate_forward_gradient(p.input, "write_input_gradient", write_input_gradient, p.reduction);
+  at::Tensor grad_target =
+      allocate_forward_gradient(p.target, "write_target_gradient", write_target_gradient, p.reduction);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss", [&] {
+    forward_sequences<scalar_t>(p, loss, moments, total_weight, grad_input, grad_target);
+  });
+  return {loss, moments, total_weight, grad_input, grad_target};
+}
+
+// Writes the gradients for grad_loss into the non-empty ones of grad_input and grad_target.
+void backward_into(const CorrelationProblem& p, const at::Tensor& grad_loss, const at::Tensor& stats,
+                   const at::Tensor& total_weight, at::Tensor& grad_input, at::Tensor& grad_target) {
+  if (grad_input.numel() == 0 && grad_target.numel() == 0) return;
+  const at::Tensor grad = upstream_gradient(p, grad_loss);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
+    backward_sequences<scalar_t>(p, grad, stats.contiguous(), total_weight, grad_input, grad_target);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -315,12 +395,20 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, con
   check_correlation_backward_arguments(p, grad_loss, stats, total_weight);
   at::Tensor grad_input = allocate_gradient(p.input, input_requires_grad);
   at::Tensor grad_target = allocate_gradient(p.target, target_requires_grad);
-  if (grad_input.numel() == 0 && grad_target.numel() == 0) return {grad_input, grad_target};
-  const at::Tensor grad = upstream_gradient(p, grad_loss);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
-    backward_sequences<scalar_t>(p, grad, stats.contiguous(), total_weight, grad_input, grad_target);
-  });
+  backward_into(p, grad_loss, stats, total_weight, grad_input, grad_target);
   return {grad_input, grad_target};
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& grad_input, at::Tensor& grad_target,
+                          const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& mask,
+                          const at::Tensor& stats, const at::Tensor& total_weight, c10::string_view kind,
+                          c10::string_view reduction, bool per_timestep, double eps, bool input_requires_grad,
+                          bool target_requires_grad) {
+  InplaceBackwardArguments args =
+      check_inplace_backward_arguments(grad_loss, grad_input, grad_target, input, target, mask, stats, total_weight,
+                                       kind, reduction, per_timestep, eps, input_requires_grad, target_requires_grad);
+  if (is_unit_grad_loss_cpu(grad_loss)) return;
+  backward_into(args.problem, grad_loss, stats, total_weight, args.grad_input, args.grad_target);
 }
 
 }  // namespace
@@ -328,6 +416,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, con
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("correlation_loss", &forward_cpu);
   m.impl("correlation_loss_backward", &backward_cpu);
+  m.impl("correlation_loss_backward_inplace", &backward_inplace_cpu);
 }
 
 }  // namespace fused_losses::cpu

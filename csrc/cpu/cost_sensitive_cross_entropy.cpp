@@ -167,11 +167,11 @@ class CrossEntropyKernel {
 
   void gradient_row(const acc_t* z, const GradientCoefficients<acc_t>& k, int64_t y, acc_t* g) const {
     const acc_t* cost_row = k.b != acc_t(0) ? cfg_.cost + y * C_ : nullptr;
-    const Vec max(k.max), log_sum(k.log_sum), a(k.a), b(k.b), d(k.d);
+    const Vec max(k.max), log_sum(k.log_sum), a(k.a), b(k.b), cost_factor(k.cost_factor), d(k.d);
     for (int64_t j = 0; j < C_; j += Vec::size()) {
       const int64_t n = std::min<int64_t>(Vec::size(), C_ - j);
       const Vec prob = ((Vec::loadu(z + j, n) - max) - log_sum).exp();
-      Vec value = cost_row != nullptr ? prob * (a + b * Vec::loadu(cost_row + j, n)) : prob * a;
+      Vec value = cost_row != nullptr ? prob * (a + b * (Vec::loadu(cost_row + j, n) - cost_factor)) : prob * a;
       if (k.d != acc_t(0)) value = value - (cfg_.class_weight != nullptr ? d * Vec::loadu(cfg_.class_weight + j, n) : d);
       value.store(g + j, n);
     }
@@ -241,23 +241,26 @@ class CrossEntropyKernel {
 
   // out_tile_ = gradient of the tile's rows, one vector lane per row.
   void gradient_tile(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
-    acc_t lanes[5][kTileRows] = {};
+    acc_t lanes[6][kTileRows] = {};
     bool any_cost = false;
     for (int k = 0; k < count; ++k) {
       lanes[0][k] = coefs[k].max;
       lanes[1][k] = coefs[k].log_sum;
       lanes[2][k] = coefs[k].a;
       lanes[3][k] = coefs[k].b;
-      lanes[4][k] = coefs[k].d;
+      lanes[4][k] = coefs[k].cost_factor;
+      lanes[5][k] = coefs[k].d;
       any_cost |= coefs[k].b != acc_t(0);
     }
     if (any_cost) load_cost_tile(first, count);
     const Vec max = Vec::loadu(lanes[0]), log_sum = Vec::loadu(lanes[1]);
-    const Vec a = Vec::loadu(lanes[2]), b = Vec::loadu(lanes[3]), d = Vec::loadu(lanes[4]);
+    const Vec a = Vec::loadu(lanes[2]), b = Vec::loadu(lanes[3]), cost_factor = Vec::loadu(lanes[4]);
+    const Vec d = Vec::loadu(lanes[5]);
     out_tile_.resize(C_ * kTileRows);
     for (int64_t j = 0; j < C_; ++j) {
       const Vec prob = ((Vec::loadu(tile_.data() + j * kTileRows) - max) - log_sum).exp();
-      Vec value = any_cost ? prob * (a + b * Vec::loadu(cost_tile_.data() + j * kTileRows)) : prob * a;
+      Vec value = any_cost ? prob * (a + b * (Vec::loadu(cost_tile_.data() + j * kTileRows) - cost_factor))
+                           : prob * a;
       value = value - d * Vec(class_weight_of(cfg_, j));
       value.store(out_tile_.data() + j * kTileRows);
     }
@@ -396,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   at::Tensor loss = allocate_loss(p);
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
-  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
+  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cost_sensitive_cross_entropy", [&] {
     const auto cfg = make_config<acc_type<scalar_t>>(p, ignore_index, label_smoothing);
     forward_rows<scalar_t>(p, cfg, loss, row_stats, total_weight, gradient);
@@ -438,7 +441,7 @@ void backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& gradient, con
   const CrossEntropyProblem p =
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
   check_backward_arguments(p, grad_loss, row_stats, total_weight);
-  check_forward_gradient(gradient, p.input, p.reduction);
+  check_forward_gradient(gradient, "gradient", p.input, "input", p.reduction);
   if (is_unit_grad_loss_cpu(grad_loss)) return;
   backward_into(p, grad_loss, row_stats, total_weight, ignore_index, label_smoothing, gradient);
 }

@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const st
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
   check_positive_index_values(p);
   at::Tensor loss = allocate_bce_loss(p);
-  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
+  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits", [&] {
     dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
       forward_tiles<scalar_t, decltype(target_tag)>(p, loss, gradient);
@@ -286,7 +286,7 @@ void backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& gradient, con
                           c10::string_view reduction, double gamma_pos, double gamma_neg, double clip) {
   const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                         gamma_neg, clip, grad_loss);
-  check_forward_gradient(gradient, p.input, p.reduction);
+  check_forward_gradient(gradient, "gradient", p.input, "input", p.reduction);
   if (is_unit_grad_loss_cpu(*p.grad_loss_scalar)) return;
   check_positive_index_values(p);
   backward_into(p, gradient);

@@ -1,8 +1,16 @@
 // CUDA kernels of fused_losses::correlation_loss (Pearson and CCC).
 //
-// Schedule (3 passes per input): the forward reads x, y (and the mask) once and saves O(B D) Moments per
-// sequence; the backward re-reads x, y and writes the gradient(s). Nothing is written in place, so the op is
-// correct for any grad_output, retain_graph, torch.compile and CUDA graphs, with no host synchronisation.
+// Schedules (common.h), with no host synchronisation anywhere (CUDA graphs capture every path):
+// - 3-pass: the forward reads x, y (and the mask) once and saves O(B D) Moments per sequence; the backward
+//   re-reads x, y and writes the gradient(s).
+// - 2-pass, with write_input_gradient / write_target_gradient (a reduced loss): the forward also writes the
+//   gradient for grad_loss = 1. When each sequence is one chunk, the group that computed a sequence's moments
+//   sweeps it again right away (the rows come back from L1/L2) and writes the gradient; for 'mean' a pre-pass
+//   over the mask first gives the divisor, summed exactly as the forward sums it. When sequences are cut into
+//   chunks, the moments need the cross-chunk merge first, so the forward runs the backward's gradient kernel
+//   after them. The in-place backward returns at once when grad_loss (read on the device) is 1, else it
+//   recomputes the gradient exactly as the 3-pass backward.
+// Both schedules evaluate the same coefficient code (correlation_math.h), so they give the same bits.
 //
 // Work is split into items = (sequence, chunk of steps), each owned by a group of G lanes:
 //   G = 1 when steps are strided (consecutive threads read consecutive sequences) or very short,
@@ -272,7 +280,9 @@ __device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool v
 
 // Reduces every item into a Task::State: the group sweeps its item, merges across its lanes, and the first
 // lane either finishes the sequence (one chunk per sequence; the task may add to the block's (weighted loss,
-// weight) sums) or stores the chunk's partial state for combine_chunks_kernel.
+// weight) sums) or stores the chunk's partial state for combine_chunks_kernel. A task with kSecondSweep may
+// then sweep each finished sequence again with the whole group (task.sweeps_again, set by the host for
+// one-chunk plans only), from a visitor built on the sequence's state.
 template <int Group, typename Task>
 __global__ void __launch_bounds__(kBlockThreads)
     reduce_items_kernel(Task task, ChunkPlan plan, bool vectorized, typename Task::State::value_type* chunk_states,
@@ -294,11 +304,22 @@ __global__ void __launch_bounds__(kBlockThreads)
       state = visitor.state;
     }
     merge_group<Group>(state);
-    if (lane != 0 || !in_range) continue;
-    if (plan.chunks == 1) {
-      task.finish(plan.sequence(item), state, sums);
-    } else {
-      state.store(chunk_states + item * State::kWidth);
+    if (lane == 0 && in_range) {
+      if (plan.chunks == 1) {
+        task.finish(plan.sequence(item), state, sums);
+      } else {
+        state.store(chunk_states + item * State::kWidth);
+      }
+    }
+    if constexpr (Task::kSecondSweep) {
+      if (task.sweeps_again) {  // a kernel argument: uniform, so every thread broadcasts
+        broadcast_group<Group>(state);
+        if (in_range) {
+          auto visitor = task.second_visitor(plan.sequence(item), state);
+          sweep_chunk<Group, Task::kPack>(visitor, plan.chunk_begin(item), plan.chunk_end(item),
+                                          task.second_sweep_vectorized, lane);
+        }
+      }
     }
   }
   if (block_sums != nullptr) {
@@ -335,9 +356,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Element-wise pass: every group sweeps its item, the visitor writes the outputs.
+// Element-wise pass: every group sweeps its item, the visitor writes the outputs; nothing when the task says
+// its outputs already hold the result.
 template <int Group, typename Task>
 __global__ void __launch_bounds__(kBlockThreads) map_items_kernel(Task task, ChunkPlan plan, bool vectorized) {
+  if (task.done_already()) return;
   constexpr int kItemsPerIteration = kBlockThreads / Group;
   const int lane = threadIdx.x % Group;
   for (int64_t item = int64_t(blockIdx.x) * kItemsPerIteration + threadIdx.x / Group; item < plan.items();
@@ -391,16 +414,88 @@ void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStrea
 
 // ----------------------------------------------------------------------------- correlation tasks
 
-// Forward statistics: Moments of every sequence; finishing stores them and the per-sequence loss.
+// Gradient: d loss / d x and / or d loss / d y of every step, for the backward's grad_loss or, in the forward
+// that writes the gradient, for grad_loss = 1.
+template <typename scalar_t>
+struct GradientTask {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr int kPack = kVecSize<scalar_t>;
+  Inputs<scalar_t> in;
+  CorrelationConfig<acc_t> cfg;
+  const acc_t* stats;
+  const scalar_t* grad_loss;  // (B, D) contiguous, or a scalar; nullptr: 1 (the forward); unused per step
+  bool per_sequence_upstream, mean;
+  bool keeps_unit_gradient;          // in-place backward: the forward's gradient stands when grad_loss is 1
+  const acc_t* total_weight;         // read for 'mean' only
+  Operand<const scalar_t> upstream;  // per-step grad_output (data nullptr otherwise)
+  const acc_t* upstream_sums;        // (B D, 3) with a per-step upstream, else nullptr
+  Operand<scalar_t> grad_x, grad_y;  // data nullptr when not requested
+
+  struct Visitor : CentredSteps<scalar_t> {
+    Row<const scalar_t> g;  // ptr nullptr without a per-step upstream
+    Row<scalar_t> gx, gy;   // ptr nullptr when not requested
+    GradientCoefficients<acc_t> coef;
+    template <int N>
+    __device__ void at(int64_t t) {
+      acc_t dx[N], dy[N], cross[N], out[N];
+      bool valid[N];
+      this->template load_deviations<N>(t, dx, dy, valid);
+      if (g.ptr != nullptr) {
+        g.template load<N>(t, cross);
+#pragma unroll
+        for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) cross[i] = coef.b;
+      }
+      if (gx.ptr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+        gx.template store<N>(t, out);
+      }
+      if (gy.ptr != nullptr) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+        gy.template store<N>(t, out);
+      }
+    }
+  };
+
+  // Read on the device, so the in-place backward needs no host synchronisation.
+  __device__ bool done_already() const { return keeps_unit_gradient && static_cast<acc_t>(*grad_loss) == acc_t(1); }
+
+  __device__ Visitor visitor(int64_t seq) const { return visitor_for(seq, saved_moments(stats, seq)); }
+
+  // The visitor of sequence `seq` whose moments are `m` (saved, or just computed by the forward).
+  __device__ Visitor visitor_for(int64_t seq, const Moments<acc_t>& m) const {
+    GradientCoefficients<acc_t> coef;
+    if (upstream_sums != nullptr) {
+      const UpstreamSums<acc_t> sums = UpstreamSums<acc_t>::load(upstream_sums + seq * UpstreamSums<acc_t>::kWidth);
+      coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
+    } else {
+      const acc_t value =
+          grad_loss != nullptr ? static_cast<acc_t>(grad_loss[per_sequence_upstream ? seq : 0]) : acc_t(1);
+      coef = sequence_gradient_coefficients(cfg, m, per_sequence_upstream, mean, value,
+                                            mean ? *total_weight : acc_t(1));
+    }
+    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
+  }
+};
+
+// Forward statistics: Moments of every sequence; finishing stores them and the per-sequence loss. With
+// sweeps_again, the group then writes the sequence's gradient for grad_loss = 1 from those moments.
 template <typename scalar_t>
 struct MomentsTask {
   using acc_t = acc_type<scalar_t>;
   using State = Moments<acc_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  static constexpr bool kSecondSweep = true;
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   acc_t* stats;
   scalar_t* sequence_losses;  // (B, D) for reduction='none' without per_timestep, else nullptr
+  GradientTask<scalar_t> gradient;
+  bool sweeps_again, second_sweep_vectorized;
 
   struct Visitor {
     StepReader<scalar_t> steps;
@@ -421,6 +516,59 @@ struct MomentsTask {
     const acc_t loss = finish_sequence(cfg, m, stats + seq * State::kWidth, sums);
     if (sequence_losses != nullptr) sequence_losses[seq] = static_cast<scalar_t>(loss);
   }
+
+  __device__ typename GradientTask<scalar_t>::Visitor second_visitor(int64_t seq, const State& m) const {
+    return gradient.visitor_for(seq, m);
+  }
+};
+
+// Count of the valid steps of (part of) a sequence; counts of disjoint parts add.
+template <typename acc_t>
+struct StepCount {
+  using value_type = acc_t;
+  static constexpr int kWidth = 1;
+  acc_t n = 0;
+  __device__ void merge(const StepCount& other) { n += other.n; }
+  __device__ void store(acc_t* out) const { out[0] = n; }
+  __device__ static StepCount load(const acc_t* in) { return {in[0]}; }
+};
+
+// The pre-pass of a forward that writes the gradient of 'mean': the total weight (the divisor) before any
+// moments are known. A sequence's weight (sequence_weight) needs only its count of valid steps, which the mask
+// alone decides. Run with the moments' plan through the same kernels, its block sums, and so its total, have
+// the bits of the moments pass's.
+template <typename scalar_t>
+struct SequenceWeightTask {
+  using acc_t = acc_type<scalar_t>;
+  using State = StepCount<acc_t>;
+  static constexpr int kPack = 1;  // the mask is read step by step
+  static constexpr bool kSecondSweep = false;
+  Operand<const bool> mask;  // data nullptr: every step is valid
+  CorrelationConfig<acc_t> cfg;
+
+  struct Visitor {
+    MaskRow valid;
+    State state;
+    template <int N>
+    __device__ void at(int64_t t) {
+      bool ok[N];
+      valid.template load<N>(t, ok);
+#pragma unroll
+      for (int i = 0; i < N; ++i) state.n += ok[i] ? acc_t(1) : acc_t(0);
+    }
+    __device__ int misalignment() const { return 0; }
+  };
+
+  __device__ Visitor visitor(int64_t seq) const {
+    const Row<const bool> row = mask.row(seq);
+    return {MaskRow{row.ptr, row.stride}, State{}};
+  }
+
+  __device__ void finish(int64_t, const State& count, acc_t (&sums)[2]) const {
+    Moments<acc_t> counted;  // only its count n enters sequence_weight
+    counted.n = count.n;
+    sums[1] += sequence_weight(cfg, counted);
+  }
 };
 
 // Per-timestep backward: (P, Gx, Gy) of every sequence from the per-step upstream gradient.
@@ -429,6 +577,7 @@ struct UpstreamSumsTask {
   using acc_t = acc_type<scalar_t>;
   using State = UpstreamSums<acc_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  static constexpr bool kSecondSweep = false;
   Inputs<scalar_t> in;
   Operand<const scalar_t> upstream;
   const acc_t* stats;
@@ -488,83 +637,76 @@ struct PerStepLossTask {
     const Moments<acc_t> m = saved_moments(stats, seq);
     return {CentredSteps<scalar_t>(in, seq, m), out.row(seq), correlation_scale(cfg, m) * m.n};
   }
-};
 
-// Backward: d loss / d x and / or d loss / d y of every step.
-template <typename scalar_t>
-struct GradientTask {
-  using acc_t = acc_type<scalar_t>;
-  static constexpr int kPack = kVecSize<scalar_t>;
-  Inputs<scalar_t> in;
-  CorrelationConfig<acc_t> cfg;
-  const acc_t* stats;
-  const scalar_t* grad_loss;       // (B, D) contiguous, or a scalar; unused with a per-step upstream
-  bool per_sequence_upstream, mean;
-  const acc_t* total_weight;
-  Operand<const scalar_t> upstream;  // per-step grad_output (data nullptr otherwise)
-  const acc_t* upstream_sums;        // (B D, 3) with a per-step upstream, else nullptr
-  Operand<scalar_t> grad_x, grad_y;  // data nullptr when not requested
-
-  struct Visitor : CentredSteps<scalar_t> {
-    Row<const scalar_t> g;  // ptr nullptr without a per-step upstream
-    Row<scalar_t> gx, gy;   // ptr nullptr when not requested
-    GradientCoefficients<acc_t> coef;
-    template <int N>
-    __device__ void at(int64_t t) {
-      acc_t dx[N], dy[N], cross[N], out[N];
-      bool valid[N];
-      this->template load_deviations<N>(t, dx, dy, valid);
-      if (g.ptr != nullptr) {
-        g.template load<N>(t, cross);
-#pragma unroll
-        for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) cross[i] = coef.b;
-      }
-      if (gx.ptr != nullptr) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
-        gx.template store<N>(t, out);
-      }
-      if (gy.ptr != nullptr) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
-        gy.template store<N>(t, out);
-      }
-    }
-  };
-
-  __device__ Visitor visitor(int64_t seq) const {
-    const Moments<acc_t> m = saved_moments(stats, seq);
-    GradientCoefficients<acc_t> coef;
-    if (upstream_sums != nullptr) {
-      const UpstreamSums<acc_t> sums = UpstreamSums<acc_t>::load(upstream_sums + seq * UpstreamSums<acc_t>::kWidth);
-      coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
-    } else {
-      const acc_t value = static_cast<acc_t>(grad_loss[per_sequence_upstream ? seq : 0]);
-      const acc_t scale =
-          sequence_gradient_scale(per_sequence_upstream, mean, value, *total_weight, sequence_weight(cfg, m));
-      coef = make_gradient_coefficients<acc_t>(cfg, m, scale, nullptr);
-    }
-    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
-  }
+  __device__ bool done_already() const { return false; }
 };
 
 // ----------------------------------------------------------------------------- operators
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const at::Tensor& target,
-                                                            const std::optional<at::Tensor>& mask,
-                                                            c10::string_view kind, c10::string_view reduction,
-                                                            bool per_timestep, double eps) {
+// A GradientTask writing into the non-empty ones of grad_input and grad_target; grad_loss nullptr stands for
+// grad_loss = 1 (the forward).
+template <typename scalar_t>
+GradientTask<scalar_t> make_gradient_task(const CorrelationProblem& p, const Inputs<scalar_t>& in,
+                                          const acc_type<scalar_t>* stats, const scalar_t* grad_loss,
+                                          const acc_type<scalar_t>* total_weight, at::Tensor& grad_input,
+                                          at::Tensor& grad_target) {
+  GradientTask<scalar_t> task{};
+  task.in = in;
+  task.cfg = p.config<acc_type<scalar_t>>();
+  task.stats = stats;
+  task.grad_loss = grad_loss;
+  task.per_sequence_upstream = p.reduction == Reduction::None && !p.per_timestep;
+  task.mean = p.reduction == Reduction::Mean;
+  task.total_weight = total_weight;
+  if (grad_input.numel() > 0) task.grad_x = make_operand(grad_input.data_ptr<scalar_t>(), grad_input, p.channels);
+  if (grad_target.numel() > 0) task.grad_y = make_operand(grad_target.data_ptr<scalar_t>(), grad_target, p.channels);
+  return task;
+}
+
+// Whether a GradientTask's sweep may use packs: every operand it reads or writes lines up.
+template <typename scalar_t>
+bool gradient_packs_line_up(const GradientTask<scalar_t>& task) {
+  std::vector<OperandView> operands{view_of(task.in.x), view_of(task.in.y)};
+  for (const OperandView& operand : {view_of(task.upstream), view_of(task.grad_x), view_of(task.grad_y)}) {
+    if (operand.data != nullptr) operands.push_back(operand);
+  }
+  return packs_line_up<scalar_t>(operands);
+}
+
+template <typename scalar_t>
+void run_gradient(const CorrelationProblem& p, const GradientTask<scalar_t>& task, cudaStream_t stream) {
+  const bool vectorized = gradient_packs_line_up(task);
+  run_map(task, plan_sweep<scalar_t>(p, vectorized), vectorized, stream);
+}
+
+// The pre-pass of a forward that writes the gradient of 'mean' in its moments kernel: the total weight, in
+// `total_weight`, bitwise the one the moments pass will find (SequenceWeightTask).
+template <typename scalar_t>
+void total_weight_before_moments(const Inputs<scalar_t>& in, const CorrelationConfig<acc_type<scalar_t>>& cfg,
+                                 const ChunkPlan& moments_plan, at::Tensor& total_weight, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const at::Tensor sums = run_reduction(SequenceWeightTask<scalar_t>{in.mask, cfg}, moments_plan,
+                                        /*vectorized=*/false, /*with_sums=*/true, total_weight.options(), stream);
+  launch_reduce_partials<acc_t, 2>(sums.const_data_ptr<acc_t>(), sums.size(0),
+                                   ReducedLossEpilogue<scalar_t>{nullptr, total_weight.data_ptr<acc_t>(), false},
+                                   stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& mask, c10::string_view kind,
+    c10::string_view reduction, bool per_timestep, double eps, bool write_input_gradient,
+    bool write_target_gradient) {
   const c10::cuda::CUDAGuard guard(input.device());
   const CorrelationProblem p = make_correlation_problem(input, target, mask, kind, reduction, per_timestep, eps);
   at::Tensor loss = allocate_correlation_loss(p);
   at::Tensor moments = allocate_moments(p);
   at::Tensor total_weight = at::empty({}, moments.options());
+  at::Tensor grad_input = allocate_forward_gradient(p.input, "write_input_gradient", write_input_gradient, p.reduction);
+  at::Tensor grad_target =
+      allocate_forward_gradient(p.target, "write_target_gradient", write_target_gradient, p.reduction);
   if (p.sequences() == 0) {
     fill_empty_reduction(loss, total_weight, p.reduction);
-    return {loss, moments, total_weight};
+    return {loss, moments, total_weight, grad_input, grad_target};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss", [&] {
@@ -573,15 +715,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
     const auto cfg = p.config<acc_t>();
     const bool vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y)});
     const ChunkPlan plan = plan_sweep<scalar_t>(p, vectorized);
-    const MomentsTask<scalar_t> task{
-        in, cfg, moments.data_ptr<acc_t>(),
-        p.reduction == Reduction::None && !p.per_timestep ? loss.data_ptr<scalar_t>() : nullptr};
+    MomentsTask<scalar_t> task{};
+    task.in = in;
+    task.cfg = cfg;
+    task.stats = moments.data_ptr<acc_t>();
+    task.sequence_losses = p.reduction == Reduction::None && !p.per_timestep ? loss.data_ptr<scalar_t>() : nullptr;
+    task.gradient = make_gradient_task<scalar_t>(p, in, moments.const_data_ptr<acc_t>(), /*grad_loss=*/nullptr,
+                                                 total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
+    const bool writes_gradient = task.gradient.grad_x.data != nullptr || task.gradient.grad_y.data != nullptr;
+    // One chunk per sequence: the moments kernel writes the gradient too, while the rows are in cache.
+    task.sweeps_again = writes_gradient && plan.chunks == 1;
+    task.second_sweep_vectorized = gradient_packs_line_up(task.gradient);
+    at::Tensor total_weight_first;  // the divisor of 'mean' for that gradient, known before the moments
+    if (task.sweeps_again && p.reduction == Reduction::Mean) {
+      total_weight_first = at::empty({}, moments.options());
+      total_weight_before_moments(in, cfg, plan, total_weight_first, stream);
+      task.gradient.total_weight = total_weight_first.const_data_ptr<acc_t>();
+    }
     const at::Tensor sums = run_reduction(task, plan, vectorized, /*with_sums=*/true, moments.options(), stream);
     const ReducedLossEpilogue<scalar_t> epilogue{
         p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(), total_weight.data_ptr<acc_t>(),
         p.reduction == Reduction::Mean};
     launch_reduce_partials<acc_t, 2>(sums.const_data_ptr<acc_t>(), sums.size(0), epilogue, stream);
 
+    if (writes_gradient && !task.sweeps_again) {
+      // Sequences cut into chunks: the gradient needs their merged moments and the total weight, now stored.
+      run_gradient(p, task.gradient, stream);
+    }
     if (p.per_step_output()) {
       const PerStepLossTask<scalar_t> step_task{in, cfg, moments.const_data_ptr<acc_t>(),
                                                 make_operand(loss.data_ptr<scalar_t>(), loss, p.channels)};
@@ -591,7 +751,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& in
       run_map(step_task, step_plan, step_vectorized, stream);
     }
   });
-  return {loss, moments, total_weight};
+  return {loss, moments, total_weight, grad_input, grad_target};
+}
+
+// Writes the gradients for grad_loss into the non-empty ones of grad_input and grad_target; with
+// keeps_unit_gradient (the in-place backward), nothing when grad_loss is 1.
+void backward_into(const CorrelationProblem& p, const at::Tensor& grad_loss, const at::Tensor& stats,
+                   const at::Tensor& total_weight, at::Tensor& grad_input, at::Tensor& grad_target,
+                   bool keeps_unit_gradient) {
+  if ((grad_input.numel() == 0 && grad_target.numel() == 0) || p.sequences() == 0 || p.time == 0) return;
+  const at::Tensor grad = upstream_gradient(p, grad_loss);
+  const at::Tensor moments = stats.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
+    GradientTask<scalar_t> task =
+        make_gradient_task<scalar_t>(p, in, moments.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(),
+                                     total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
+    task.keeps_unit_gradient = keeps_unit_gradient;
+    at::Tensor upstream_sums;
+    if (p.per_step_output()) {
+      task.upstream = make_operand(grad.const_data_ptr<scalar_t>(), grad, p.channels);
+      upstream_sums = at::empty({p.sequences(), UpstreamSums<acc_t>::kWidth}, moments.options());
+      const UpstreamSumsTask<scalar_t> sums_task{in, task.upstream, task.stats, upstream_sums.data_ptr<acc_t>()};
+      const bool sums_vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(task.upstream)});
+      const ChunkPlan sums_plan = plan_sweep<scalar_t>(p, sums_vectorized);
+      run_reduction(sums_task, sums_plan, sums_vectorized, /*with_sums=*/false, moments.options(), stream);
+      task.upstream_sums = upstream_sums.const_data_ptr<acc_t>();
+    }
+    run_gradient(p, task, stream);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -605,46 +795,21 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, co
   check_correlation_backward_arguments(p, grad_loss, stats, total_weight);
   at::Tensor grad_input = allocate_gradient(p.input, input_requires_grad);
   at::Tensor grad_target = allocate_gradient(p.target, target_requires_grad);
-  if ((grad_input.numel() == 0 && grad_target.numel() == 0) || p.sequences() == 0 || p.time == 0) {
-    return {grad_input, grad_target};
-  }
-  const at::Tensor grad = upstream_gradient(p, grad_loss);
-  const at::Tensor moments = stats.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
-    const auto cfg = p.config<acc_t>();
-    GradientTask<scalar_t> task{};
-    task.in = in;
-    task.cfg = cfg;
-    task.stats = moments.const_data_ptr<acc_t>();
-    task.grad_loss = grad.const_data_ptr<scalar_t>();
-    task.per_sequence_upstream = p.reduction == Reduction::None && !p.per_timestep;
-    task.mean = p.reduction == Reduction::Mean;
-    task.total_weight = total_weight.const_data_ptr<acc_t>();
-    if (grad_input.numel() > 0) task.grad_x = make_operand(grad_input.data_ptr<scalar_t>(), grad_input, p.channels);
-    if (grad_target.numel() > 0) task.grad_y = make_operand(grad_target.data_ptr<scalar_t>(), grad_target, p.channels);
-
-    at::Tensor upstream_sums;
-    std::vector<OperandView> operands{view_of(in.x), view_of(in.y)};
-    if (p.per_step_output()) {
-      task.upstream = make_operand(grad.const_data_ptr<scalar_t>(), grad, p.channels);
-      operands.push_back(view_of(task.upstream));
-      upstream_sums = at::empty({p.sequences(), UpstreamSums<acc_t>::kWidth}, moments.options());
-      const UpstreamSumsTask<scalar_t> sums_task{in, task.upstream, task.stats, upstream_sums.data_ptr<acc_t>()};
-      const bool sums_vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(task.upstream)});
-      const ChunkPlan sums_plan = plan_sweep<scalar_t>(p, sums_vectorized);
-      run_reduction(sums_task, sums_plan, sums_vectorized, /*with_sums=*/false, moments.options(), stream);
-      task.upstream_sums = upstream_sums.const_data_ptr<acc_t>();
-    }
-    if (task.grad_x.data != nullptr) operands.push_back(view_of(task.grad_x));
-    if (task.grad_y.data != nullptr) operands.push_back(view_of(task.grad_y));
-    const bool vectorized = packs_line_up<scalar_t>(operands);
-    const ChunkPlan plan = plan_sweep<scalar_t>(p, vectorized);
-    run_map(task, plan, vectorized, stream);
-  });
+  backward_into(p, grad_loss, stats, total_weight, grad_input, grad_target, /*keeps_unit_gradient=*/false);
   return {grad_input, grad_target};
+}
+
+void backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& grad_input, at::Tensor& grad_target,
+                           const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& mask,
+                           const at::Tensor& stats, const at::Tensor& total_weight, c10::string_view kind,
+                           c10::string_view reduction, bool per_timestep, double eps, bool input_requires_grad,
+                           bool target_requires_grad) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  InplaceBackwardArguments args =
+      check_inplace_backward_arguments(grad_loss, grad_input, grad_target, input, target, mask, stats, total_weight,
+                                       kind, reduction, per_timestep, eps, input_requires_grad, target_requires_grad);
+  backward_into(args.problem, grad_loss, stats, total_weight, args.grad_input, args.grad_target,
+                /*keeps_unit_gradient=*/true);
 }
 
 }  // namespace
@@ -652,6 +817,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss, co
 TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
   m.impl("correlation_loss", &forward_cuda);
   m.impl("correlation_loss_backward", &backward_cuda);
+  m.impl("correlation_loss_backward_inplace", &backward_inplace_cuda);
 }
 
 }  // namespace fused_losses::cuda

@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   at::Tensor loss = allocate_loss(p);
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
-  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
+  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
   if (p.num_rows == 0) {
     fill_empty_reduction(loss, total_weight, p.reduction);
     return {loss, row_stats, total_weight, gradient};
@@ -366,7 +366,7 @@ void backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& gradient, co
   const CrossEntropyProblem p =
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
   check_backward_arguments(p, grad_loss, row_stats, total_weight);
-  check_forward_gradient(gradient, p.input, p.reduction);
+  check_forward_gradient(gradient, "gradient", p.input, "input", p.reduction);
   backward_into(p, grad_loss, row_stats, total_weight, ignore_index, label_smoothing,
                 /*skip_unit_grad_loss=*/true, gradient);
 }

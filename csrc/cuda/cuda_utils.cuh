@@ -171,6 +171,32 @@ __device__ void merge_group(State& state) {
   }
 }
 
+// Copies the state of each aligned group's first lane (where merge_group leaves the result) to every lane of
+// the group. Every thread of the block must call it.
+template <int Group, typename State>
+__device__ void broadcast_group(State& state) {
+  static_assert(Group <= kWarpSize || Group == kBlockThreads, "a group is at most a warp, or the whole block");
+  if constexpr (Group > 1) {
+    typename State::value_type values[State::kWidth];
+    state.store(values);
+    if constexpr (Group <= kWarpSize) {
+#pragma unroll
+      for (int k = 0; k < State::kWidth; ++k) values[k] = __shfl_sync(0xffffffffu, values[k], 0, Group);
+    } else {
+      __shared__ typename State::value_type first_state[State::kWidth];
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < State::kWidth; ++k) first_state[k] = values[k];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < State::kWidth; ++k) values[k] = first_state[k];
+      __syncthreads();  // first_state is reused by the next call
+    }
+    state = State::load(values);
+  }
+}
+
 // ----------------------------------------------------------------------------- launch helpers
 
 // Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time. It depends on the

@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const s
   const BceProblem p =
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
   at::Tensor loss = allocate_bce_loss(p);
-  at::Tensor gradient = allocate_forward_gradient(p.input, write_gradient, p.reduction);
+  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
   const bool reduced = p.reduction != Reduction::None;
   if (p.numel == 0) {
     fill_empty_reduction(loss, p.reduction);
@@ -446,7 +446,7 @@ void backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& gradient, co
   const c10::cuda::CUDAGuard guard(input.device());
   const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                         gamma_neg, clip, grad_loss);
-  check_forward_gradient(gradient, p.input, p.reduction);
+  check_forward_gradient(gradient, "gradient", p.input, "input", p.reduction);
   backward_into(p, gradient, /*skip_unit_grad_loss=*/true);
 }
 
