@@ -1,9 +1,11 @@
 """Benchmark rows of the correlation losses: fused Pearson against the pure-PyTorch reference
 (fused_losses.reference, timed eagerly and under torch.compile by the harness), at the issue's shapes.
 
-Bytes are those the 3-pass schedule must move, with U the bytes of one (B, T) input: the forward reads x and
-y (2U) and writes the per-sequence statistics; the backward re-reads x, y and the statistics and writes the
-input's gradient (5U in all, plus the statistics twice)."""
+Bytes moved, with U the bytes of one (B, T) input. Forward alone: it reads x and y (2U) and writes the
+per-sequence statistics. Forward + backward with the 2-pass schedule that runs whenever the input requires
+grad (csrc/common.h): the forward also writes the input's gradient and the backward reads only grad_output
+(3U plus the statistics). On CUDA, sequences long enough to be split over several blocks (T = 262144) need the
+cross-block merge of their moments before any gradient: the forward then re-reads x and y (5U)."""
 
 from typing import List, Tuple
 
@@ -34,15 +36,19 @@ def _inputs(shape: Tuple[int, int], dtype: torch.dtype, device: str):
 STATS_PER_SEQUENCE = 8  # count, shifts, means and centred sums (float32)
 
 
-def _bytes(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[int, int]:
+SPLIT_SEQUENCE_STEPS = 65536  # CUDA_SHAPES' sequences this long are split over several blocks
+
+
+def _bytes(shape: Tuple[int, int], dtype: torch.dtype, device: str) -> Tuple[int, int]:
     one_input = shape[0] * shape[1] * dtype.itemsize
     stats = shape[0] * STATS_PER_SEQUENCE * 4
     forward = 2 * one_input + stats
-    return forward, forward + 2 * one_input + stats + one_input
+    rereads = 2 * one_input if device.startswith("cuda") and shape[1] >= SPLIT_SEQUENCE_STEPS else 0
+    return forward, forward + rereads + one_input
 
 
 def _case(shape: Tuple[int, int], dtype: torch.dtype, device: str, smoke: bool = False) -> BenchCase:
-    bytes_forward, bytes_forward_backward = _bytes(shape, dtype)
+    bytes_forward, bytes_forward_backward = _bytes(shape, dtype, device)
     return BenchCase(
         op="pearson_correlation_loss",
         label=f"({shape[0]}, {shape[1]}) {_DTYPE_NAMES[dtype]}",

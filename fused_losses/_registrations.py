@@ -38,6 +38,10 @@ def _keep_forward_gradients(ctx, gradients, written, *other_non_differentiable) 
     """Holds the forward's `gradients` (those `written`) for _take_forward_gradients; they and the op's
     `other_non_differentiable` outputs are marked in one call, since each call replaces the previous one."""
     ctx.mark_non_differentiable(*other_non_differentiable, *gradients)
+    # Autograd would otherwise hand the backward a zero-filled grad_output for every unused output: a pass
+    # over memory of the input's size for each gradient. The backwards accept grad_loss None (the loss
+    # itself unused): no gradient.
+    ctx.set_materialize_grads(False)
     ctx.forward_gradients = [gradient if write else None for gradient, write in zip(gradients, written)]
 
 
@@ -52,6 +56,8 @@ def _input_gradient(ctx, grad_loss, backward_inplace, backward):
     """d loss / d input for grad_loss: the forward's gradient brought to grad_loss by `backward_inplace` when
     there is one to take, else recomputed by the 3-pass `backward`. Both ops take the saved tensors and
     ctx.options after grad_loss (and the gradient)."""
+    if grad_loss is None:
+        return None
     gradient, = _take_forward_gradients(ctx)
     if gradient is None:
         return backward(grad_loss, *ctx.saved_tensors, *ctx.options)
@@ -163,7 +169,7 @@ def _correlation_loss_backward(ctx, grad_loss, _grad_stats, _grad_total_weight, 
     input, target, mask, stats, total_weight = ctx.saved_tensors
     wanted = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_input = grad_target = None
-    if any(wanted):
+    if any(wanted) and grad_loss is not None:
         written = _take_forward_gradients(ctx)
         if all(gradient is not None for gradient, want in zip(written, wanted) if want):
             grad_input, grad_target = (input.new_empty((0,)) if gradient is None else gradient

@@ -176,6 +176,20 @@ def test_lengths_equal_prefix_mask(device, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_mask_reads_any_nonzero_byte_as_valid(device, kind):
+    """A bool mask viewed from uint8 may hold bytes other than 0 / 1: every non-zero byte is a valid step."""
+    fused, _ = KINDS[kind]
+    x, y = torch.randn(4, 30, device=device), torch.randn(4, 30, device=device)
+    bytes_ = torch.tensor([0, 2, 255, 1, 7], dtype=torch.uint8).repeat(4, 6).to(device)
+    for transpose in (False, True):
+        raw = bytes_.t().contiguous().view(torch.bool).t() if transpose else bytes_.view(torch.bool)
+        for reduction, per_timestep in (("mean", False), ("none", True)):
+            actual = fused(x, y, mask=raw, reduction=reduction, per_timestep=per_timestep)
+            expected = fused(x, y, mask=bytes_ != 0, reduction=reduction, per_timestep=per_timestep)
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_modules_match_functional(device, kind):
     fused, _ = KINDS[kind]
     module = MODULES[kind](dim=0, reduction="sum", per_timestep=True, eps=1e-6)

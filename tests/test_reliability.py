@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_losses
 from fused_losses import reference
@@ -229,6 +230,44 @@ def test_fuzz_weighted_bce(device, problem):
         tolerance["rtol"] = max(tolerance["rtol"], 1e-4)  # sums of terms of 1e4
     _assert_same_loss_and_grad(lambda z: fused_losses.weighted_bce_with_logits(z, target, **kwargs), expected, x,
                                **tolerance)
+
+
+# ------------------------------------------------------------------------------ the 2-pass backward's cost
+
+
+class _RecordLargeOutputs(TorchDispatchMode):
+    """Records the ops, views aside, that produce a tensor of at least `numel` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        large = any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in torch.utils._pytree.tree_leaves(out))
+        if large and not func.is_view:
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("loss_name", ["cost_sensitive_cross_entropy", "pearson_correlation_loss",
+                                       "weighted_bce_with_logits"])
+def test_unit_grad_output_backward_does_no_input_sized_work(device, loss_name):
+    """With the 2-pass schedule and grad_output 1 the backward hands out the forward's gradient: no op in it
+    may produce an input-sized tensor (as autograd's zero-filled grad_outputs of unused outputs once did)."""
+    x = torch.randn(64, 50, device=device, requires_grad=True)
+    losses = {
+        "cost_sensitive_cross_entropy": lambda: fused_losses.cost_sensitive_cross_entropy(
+            x, torch.randint(0, 50, (64,), device=device), torch.rand(50, 50, device=device), cost_mode="expected"),
+        "pearson_correlation_loss": lambda: fused_losses.pearson_correlation_loss(
+            x, torch.randn(64, 50, device=device), mask=torch.rand(64, 50, device=device) < 0.9),
+        "weighted_bce_with_logits": lambda: fused_losses.weighted_bce_with_logits(
+            x, torch.rand(64, 50, device=device) < 0.1, gamma_neg=2.0),
+    }
+    loss = losses[loss_name]()
+    with _RecordLargeOutputs(x.numel()) as recorder:
+        (grad,) = torch.autograd.grad(loss, x)
+    assert recorder.ops == [] and grad.shape == x.shape
 
 
 # ------------------------------------------------------------------------------------------ concurrency

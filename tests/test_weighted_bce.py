@@ -155,6 +155,22 @@ def test_target_forms_agree(device, dtype, num_labels, focusing):
             torch.testing.assert_close(other_grad, grad, **exact, msg=lambda m: f"{name} grad: {m}")
 
 
+def test_bool_target_reads_any_nonzero_byte_as_true(device):
+    """A bool target viewed from uint8 may hold bytes other than 0 / 1: every non-zero byte is a positive, as
+    PyTorch reads bools (contiguous and strided kernels)."""
+    bytes_ = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).repeat(8, 17)[:, :67].to(device)
+    x = torch.randn(8, 67, device=device)
+    for transpose in (False, True):
+        raw, clean, logits = bytes_.view(torch.bool), bytes_ != 0, x
+        if transpose:
+            raw, clean, logits = raw.t(), clean.t(), logits.t()
+        for reduction in REDUCTIONS:
+            expected = loss_and_grad(lambda z: weighted_bce_with_logits(z, clean, reduction=reduction), logits)
+            actual = loss_and_grad(lambda z: weighted_bce_with_logits(z, raw, reduction=reduction), logits)
+            for a, e in zip(actual, expected):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_sparse_rows_are_sets_and_padding_anywhere(device):
     x = torch.randn(3, 12, device=device)
     with_duplicates = torch.tensor([[2, 2, -1, 5, -1], [-1, -1, -1, -1, -1], [11, 0, 11, 0, 3]], device=device)

@@ -20,6 +20,12 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlockSteps = 512;
 
+// 1 for a valid step of a mask row, 0 for padding. Read through the byte: any non-zero byte is valid (a
+// uint8 tensor viewed as bool may hold other values than 0 / 1, which a bool read would pass through).
+inline int is_valid_step(const bool* mask_row, int64_t offset) {
+  return reinterpret_cast<const uint8_t*>(mask_row)[offset] != 0 ? 1 : 0;
+}
+
 // The rows of one sequence as accumulation-type arrays (views of the tensors when they already are
 // contiguous acc_t rows), with the conversion buffers of one thread.
 template <typename scalar_t>
@@ -51,7 +57,7 @@ class SequenceRows {
     if (b != mask_row_) {
       valid_buffer_.resize(p_.time);
       const bool* row = mask_ + b * p_.mask_layout.outer_stride;
-      for (int64_t t = 0; t < p_.time; ++t) valid_buffer_[t] = row[t * p_.mask_layout.class_stride] ? 1 : 0;
+      for (int64_t t = 0; t < p_.time; ++t) valid_buffer_[t] = is_valid_step(row, t * p_.mask_layout.class_stride);
       mask_row_ = b;
     }
     return valid_buffer_.data();
@@ -264,7 +270,7 @@ acc_t total_weight_before_moments(const CorrelationProblem& p, const Correlation
           if (counts_steps && b != counted_batch) {
             const bool* row = mask + b * p.mask_layout.outer_stride;
             int64_t valid_steps = 0;
-            for (int64_t t = 0; t < p.time; ++t) valid_steps += row[t * p.mask_layout.class_stride] ? 1 : 0;
+            for (int64_t t = 0; t < p.time; ++t) valid_steps += is_valid_step(row, t * p.mask_layout.class_stride);
             counted.n = static_cast<acc_t>(valid_steps);
             counted_batch = b;
           }

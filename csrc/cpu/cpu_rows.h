@@ -23,14 +23,14 @@ const acc_t* row_as_acc(const scalar_t* src, int64_t stride, int64_t count, std:
   buffer.resize(count);
   if constexpr (sizeof(scalar_t) == 1) {
     // bool / uint8: a plain loop the compiler vectorises (at::vec::convert loads bools one by one). A bool
-    // is read as its byte, any non-zero byte being true.
-    if (stride == 1) {
-      const auto* bytes = reinterpret_cast<const uint8_t*>(src);
-      for (int64_t j = 0; j < count; ++j) {
-        buffer[j] = std::is_same_v<scalar_t, bool> ? acc_t(bytes[j] != 0) : static_cast<acc_t>(bytes[j]);
-      }
-      return buffer.data();
+    // is read as its byte, any non-zero byte being true (a bool whose byte is not 0 / 1, from a uint8 tensor
+    // viewed as bool, must not convert as its raw value).
+    const auto* bytes = reinterpret_cast<const uint8_t*>(src);
+    for (int64_t j = 0; j < count; ++j) {
+      const uint8_t byte = bytes[j * stride];
+      buffer[j] = std::is_same_v<scalar_t, bool> ? acc_t(byte != 0) : static_cast<acc_t>(byte);
     }
+    return buffer.data();
   }
   if (stride == 1) {
     at::vec::convert(src, buffer.data(), count);

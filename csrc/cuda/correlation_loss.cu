@@ -68,7 +68,8 @@ struct Row {
   }
 };
 
-// The mask row of a sequence (nullptr: every step is valid). Read byte by byte at its own stride.
+// The mask row of a sequence (nullptr: every step is valid). Read byte by byte at its own stride, through
+// element_as: any non-zero byte is a valid step.
 struct MaskRow {
   const bool* ptr;
   int64_t stride;
@@ -76,7 +77,7 @@ struct MaskRow {
   template <int N>
   __device__ void load(int64_t t, bool (&out)[N]) const {
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || ptr[(t + i) * stride];
+    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || element_as<int>(ptr[(t + i) * stride]) != 0;
   }
 };
 

@@ -70,6 +70,7 @@ __device__ void block_sum(acc_t (&values)[Width]) {
       for (int offset = kWarpSize / 2; offset > 0; offset /= 2) values[k] += group_xor<kWarpSize>(values[k], offset);
     }
   }
+  __syncthreads();  // warp_sums is read before a later call may overwrite it
 }
 
 // Block sums of `values` stored as row blockIdx.x of the (gridDim.x, Width) partials that
@@ -206,6 +207,18 @@ inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks));
 }
 
+// A stored element as the accumulation type. A bool is read through its byte, any non-zero byte being true
+// as in PyTorch: a bool object whose byte is not 0 / 1 (a uint8 tensor viewed as bool) would otherwise convert
+// as a signed byte (0xFF to -1).
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t element_as(const T& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return reinterpret_cast<const uint8_t&>(value) != 0 ? acc_t(1) : acc_t(0);
+  } else {
+    return static_cast<acc_t>(value);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // Multi-pack loads and stores: `Count` consecutive elements of one type through 16-byte accesses, converted
 // to or from the accumulation type. Elementwise kernels that read operands of different widths (bf16 logits
@@ -220,7 +233,7 @@ __device__ __forceinline__ void load_packs(const T* ptr, acc_t (&out)[Count]) {
   for (int v = 0; v < Count / vec; ++v) {
     const auto pack = load_pack(ptr + v * vec);
 #pragma unroll
-    for (int k = 0; k < vec; ++k) out[v * vec + k] = static_cast<acc_t>(pack.values[k]);
+    for (int k = 0; k < vec; ++k) out[v * vec + k] = element_as<acc_t>(pack.values[k]);
   }
 }
 

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t flat = steps * E + thread; flat < args.numel; flat += num_threads) {
     const int64_t label = flat % period;
     const ElementResult<acc_t> result = evaluate_element<pass>(
-        args.cfg, static_cast<acc_t>(args.logits[flat]), static_cast<acc_t>(target[flat]),
+        args.cfg, static_cast<acc_t>(args.logits[flat]), element_as<acc_t>(target[flat]),
         weight.read(flat, label, acc_t(1)), pos_weight.read(flat, label, acc_t(1)),
         grad_loss.read(flat, label, scale_all));
     sum += result.summed;
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     int64_t offsets[kNumBceOperands];
     layout.offsets(flat, offsets);
     const ElementResult<acc_t> result = evaluate_element<pass>(
-        args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]), static_cast<acc_t>(target[offsets[kTarget]]),
+        args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]), element_as<acc_t>(target[offsets[kTarget]]),
         read_or(args.weight, offsets[kWeight], acc_t(1)), read_or(args.pos_weight, offsets[kPosWeight], acc_t(1)),
         read_or(args.grad_loss, offsets[kGradLoss], scale_all));
     sum += result.summed;
