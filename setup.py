@@ -2,7 +2,8 @@
 
 A CUDA extension is built when torch was built with CUDA and nvcc is found (CUDA_HOME, else
 /usr/local/cuda); `FUSED_LOSSES_CPU_ONLY=1` forces a C++-only build. TORCH_CUDA_ARCH_LIST and MAX_JOBS
-are honoured by torch.utils.cpp_extension. Install with `pip install --no-build-isolation -e .`.
+are honoured by torch.utils.cpp_extension (without a visible GPU and TORCH_CUDA_ARCH_LIST the CUDA
+sources are compiled for sm_90). Install with `pip install --no-build-isolation -e .`.
 """
 
 import glob
@@ -37,6 +38,13 @@ def _want_cuda() -> bool:
     return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
+def _default_cuda_arch_list() -> None:
+    """Without a visible GPU, torch.utils.cpp_extension finds no architecture to compile for and fails: build
+    for sm_90 (H100 / H200) unless TORCH_CUDA_ARCH_LIST says otherwise."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+
 def _extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -56,6 +64,7 @@ def _extension():
         link_args.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
+        _default_cuda_arch_list()
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA", "--fmad=false"]
         return CUDAExtension(
             "fused_losses._C",
