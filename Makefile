@@ -7,7 +7,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 BENCH_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: all build test bench clean
+.PHONY: all build test fuzz bench clean
 
 all: test
 
@@ -27,6 +27,11 @@ build: $(VENV)/.build-stamp
 
 test: build
 	$(PY) -m pytest tests $(TEST_ARGS)
+
+# The property tests with fresh random examples (the "fuzz" hypothesis profile, tests/conftest.py), 1000 per
+# test unless FUSED_LOSSES_FUZZ_EXAMPLES says otherwise; `make test` runs a fixed set of them.
+fuzz: build
+	FUSED_LOSSES_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -k fuzz $(TEST_ARGS)
 
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)

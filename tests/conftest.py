@@ -5,9 +5,21 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # A fresh torch.compile cache per test session: a cached graph would keep a fake kernel's old output shapes.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fused_losses_inductor_"))
+
+# Property tests (hypothesis). `make test` / CI use the "ci" profile: derandomised (each test draws the same
+# examples on every run, no example database), so a run passes or fails for the code alone and never for a new
+# random draw. `make fuzz` uses "fuzz": fresh random examples, many more of them, failures remembered in
+# .hypothesis/ and replayed first; a counterexample it finds becomes an explicit @example of its test.
+_HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, database=None, max_examples=40, **_HYPOTHESIS_COMMON)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUSED_LOSSES_FUZZ_EXAMPLES", "1000")),
+                          **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("FUSED_LOSSES_HYPOTHESIS_PROFILE", "ci"))
 
 CUDA_SKIP_REASON = "no CUDA device on this machine: the CUDA kernels are compiled here but run only on a GPU"
 

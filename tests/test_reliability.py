@@ -1,23 +1,22 @@
 """Reliability across ops: PyTorch's own OpInfo samples, differential fuzzing against the references,
 concurrency, and a 2-process DDP step matching the single-process gradient."""
 
+import datetime
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_losses
 from fused_losses import reference
 from conftest import TOLERANCES
-
-FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("FUSED_LOSSES_FUZZ_EXAMPLES", "40")), deadline=None,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def _opinfo_samples(name, device, dtype):
@@ -120,7 +119,6 @@ def _make_logits(p, device):
     return x, y.to(device), gen
 
 
-@FUZZ_SETTINGS
 @given(problem=cross_entropy_problems())
 def test_fuzz_cost_sensitive_cross_entropy(device, problem):
     x, y, gen = _make_logits(problem, device)
@@ -159,8 +157,11 @@ def correlation_problems(draw):
                 per_timestep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
-@FUZZ_SETTINGS
 @given(problem=correlation_problems())
+# Found by fuzzing: a float16 sequence of 2 steps at offset 100 whose two predictions round to one value (a flat
+# sequence: the gradient was +-inf before eps moved inside the variances).
+@example(problem=dict(b=17, t=2, d=None, dtype=torch.float16, kind="pearson", masked=False, transposed=False,
+                      offset=100.0, reduction="mean", per_timestep=False, seed=0))
 def test_fuzz_correlation_losses(device, problem):
     gen = torch.Generator().manual_seed(problem["seed"])
     b, t, d = problem["b"], problem["t"], problem["d"]
@@ -198,7 +199,6 @@ def bce_problems(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
-@FUZZ_SETTINGS
 @given(problem=bce_problems())
 def test_fuzz_weighted_bce(device, problem):
     gen = torch.Generator().manual_seed(problem["seed"])
@@ -290,12 +290,16 @@ def test_ops_from_several_python_threads():
 # ------------------------------------------------------------------------------------------------- DDP
 
 
+DDP_TIMEOUT_S = 120  # a collective that waits longer fails its worker; the test fails after this too
+
+
 def _ddp_worker(rank, world_size, init_file, loss_name, result_file):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
     try:
         model, inputs, loss_fn = _ddp_problem(loss_name)
         ddp = DistributedDataParallel(model)
@@ -303,6 +307,10 @@ def _ddp_worker(rank, world_size, init_file, loss_name, result_file):
         loss_fn(ddp(shard[0]), *shard[1:]).backward()
         if rank == 0:
             torch.save([p.grad for p in model.parameters()], result_file)
+        # No rank tears gloo down while the other may still talk to it: its pair threads were destroyed
+        # mid-connection ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
@@ -340,7 +348,13 @@ def test_ddp_two_processes_match_single_process(loss_name):
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "grads.pt")
-        mp.spawn(_ddp_worker, args=(2, init_file, loss_name, result_file), nprocs=2, join=True)
+        workers = mp.spawn(_ddp_worker, args=(2, init_file, loss_name, result_file), nprocs=2, join=False)
+        deadline = time.monotonic() + DDP_TIMEOUT_S
+        while not workers.join(timeout=max(0.0, deadline - time.monotonic())):  # raises if a worker failed
+            if time.monotonic() >= deadline:
+                for process in workers.processes:
+                    process.kill()
+                pytest.fail(f"the DDP workers did not finish within {DDP_TIMEOUT_S} s")
         ddp_grads = torch.load(result_file)
     model, inputs, loss_fn = _ddp_problem(loss_name)
     loss_fn(model(inputs[0]), *inputs[1:]).backward()
