@@ -2,16 +2,20 @@
 //
 // A sequence is one (batch, channel) pair of a (B, T, D) input; its statistics are taken over the valid steps
 // (mask true). With n valid steps, means mx, my and centred sums Cxx = sum (x - mx)^2, Cyy, Cxy:
-//   Pearson: loss = 1 - cov / (sqrt(var_x var_y) + eps)                 = 1 - Cxy / (sqrt(Cxx) sqrt(Cyy) + n eps)
+//   Pearson: loss = 1 - cov / sqrt((var_x + eps)(var_y + eps))          = 1 - Cxy / (sqrt(Cxx + n eps) sqrt(Cyy + n eps))
 //   CCC:     loss = 1 - 2 cov / (var_x + var_y + (mx - my)^2 + eps)     = 1 - 2 Cxy / (Cxx + Cyy + n (mx - my)^2 + n eps)
 // (population moments). Both read loss = 1 - q Cxy; a zero denominator (no valid step, or eps = 0 on a flat
 // sequence, where Cxy = 0 too) gives q = 0, so the loss is always finite for finite inputs.
+// Pearson's eps sits inside each variance so that its gradient is bounded: |d loss / d x_i| <= 1.5 / sqrt(n eps)
+// for any input (a flat prediction included; with eps outside the square root it was ~ y~_i / (n eps)). CCC's
+// is bounded by (2 sqrt(2n) + 2) / (n sqrt(eps)) as it stands. README: "Bounded gradients".
 // Per-timestep form: c_t = 1 - k x~_t y~_t with k = q n, whose mean over the valid steps is the loss.
 //
 // Gradient of J = sum_t g_t c_t over the valid steps of a sequence (per-sequence losses are the case
 // g_t = G / n): with P = sum g_t x~_t y~_t, Gx = sum g_t x~_t, Gy = sum g_t y~_t,
 //   dJ/dx_i = -P dk/dx_i - k (g_i y~_i - Gy / n),
-//   Pearson: dk/dx_i = -(k^2 / n) sqrt(Cyy / Cxx) x~_i          (taken as 0 when Cxx = 0, the limit of -P dk/dx_i)
+//   Pearson: dk/dx_i = -(k^2 / n) sqrt((Cyy + n eps) / (Cxx + n eps)) x~_i       (0 when Cxx + n eps = 0: eps = 0
+//            on a flat sequence, the limit of -P dk/dx_i)
 //   CCC:     dk/dx_i = -(k^2 / n) (x~_i + mx - my)
 // and symmetrically for y. make_gradient_coefficients folds this into
 //   dJ/dx_i = ax x~_i + (b + c g_i) y~_i + ex,   dJ/dy_i = ay y~_i + (b + c g_i) x~_i + ey.
@@ -201,7 +205,7 @@ C10_HOST_DEVICE inline acc_t correlation_scale(const CorrelationConfig<acc_t>& c
   acc_t numerator, denominator;
   if (cfg.kind == CorrelationKind::Pearson) {
     numerator = acc_t(1);
-    denominator = std::sqrt(m.cxx) * std::sqrt(m.cyy) + m.n * cfg.eps;
+    denominator = std::sqrt(m.cxx + m.n * cfg.eps) * std::sqrt(m.cyy + m.n * cfg.eps);
   } else {
     const acc_t mean_gap = m.mean_gap();
     numerator = acc_t(2);
@@ -261,7 +265,7 @@ struct GradientCoefficients {
   }
 };
 
-// sqrt(a / b), taken as 0 when b = 0 (Pearson's dk/dx at a flat sequence, see the top of the file).
+// sqrt(a / b), taken as 0 when b = 0 (Pearson's dk/dx at a flat sequence with eps = 0, see the top of the file).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t safe_sqrt_ratio(acc_t a, acc_t b) {
   return b > acc_t(0) ? std::sqrt(a) / std::sqrt(b) : acc_t(0);
@@ -296,8 +300,9 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   c.ex = k * gy * inv_n;
   c.ey = k * gx * inv_n;
   if (cfg.kind == CorrelationKind::Pearson) {
-    c.ax = t * safe_sqrt_ratio(m.cyy, m.cxx);
-    c.ay = t * safe_sqrt_ratio(m.cxx, m.cyy);
+    const acc_t floor = m.n * cfg.eps;
+    c.ax = t * safe_sqrt_ratio(m.cyy + floor, m.cxx + floor);
+    c.ay = t * safe_sqrt_ratio(m.cxx + floor, m.cyy + floor);
   } else {
     const acc_t mean_gap = m.mean_gap();
     c.ax = c.ay = t;

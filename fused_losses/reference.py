@@ -58,7 +58,12 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
     dx, dy = torch.where(valid, x - mean_x, 0), torch.where(valid, y - mean_y, 0)
     cxx, cyy, cxy = (dx * dx).sum(1), (dy * dy).sum(1), (dx * dy).sum(1)   # centred sums, (B, D)
     if kind == "pearson":
-        numerator, denominator = 1.0, cxx.sqrt() * cyy.sqrt() + n * eps
+        # eps inside each variance bounds the gradient (csrc/correlation_math.h); sqrt is differentiated only
+        # where its argument is positive (a flat sequence with eps = 0 has scale 0, below).
+        def safe_sqrt(v):
+            return torch.where(v > 0, v, 1).sqrt().where(v > 0, 0)
+
+        numerator, denominator = 1.0, safe_sqrt(cxx + n * eps) * safe_sqrt(cyy + n * eps)
     else:
         gap = (mean_x - mean_y).squeeze(1)
         numerator, denominator = 2.0, cxx + cyy + n * (gap * gap + eps)
@@ -79,8 +84,8 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
 def pearson_correlation_loss(input: Tensor, target: Tensor, mask: Optional[Tensor] = None, dim: int = 1,
                              reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8,
                              lengths: Optional[Tensor] = None) -> Tensor:
-    """``1 - cov / (sqrt(var_x var_y) + eps)`` per sequence, as written by hand (its gradient is NaN at a flat
-    sequence, where sqrt(0) is differentiated)."""
+    """``1 - cov / sqrt((var_x + eps)(var_y + eps))`` per sequence (eps inside each variance: a bounded
+    gradient, also at a flat sequence)."""
     return _correlation_loss("pearson", input, target, mask, dim, reduction, per_timestep, eps, lengths)
 
 

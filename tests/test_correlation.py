@@ -261,11 +261,13 @@ def test_flat_short_and_empty_sequences_are_finite(device, kind, dtype):
         assert per_sequence[4] == (0 if per_timestep else 1)
         assert (gx[4] == 0).all() and (gy[4] == 0).all() and (gx[3] == 0).all() and (gy[3] == 0).all()
     if kind == "pearson":
-        # Flat x: d loss / d x_i = -(y_i - mean y) / (n eps), d loss / d y = 0 (the eps-regularised limit).
+        # Flat x: d loss / d x_i = -(y_i - mean y) / (n sqrt(eps (var y + eps))), d loss / d y = 0.
         x_, y_ = x[:1].clone().requires_grad_(), y[:1].clone().requires_grad_()
         eps = 1e-3
         gx, gy = torch.autograd.grad(fused(x_, y_, reduction="sum", eps=eps), (x_, y_))
-        torch.testing.assert_close(gx, -(y[:1] - y[:1].mean()) / (T * eps), rtol=1e-4, atol=1e-4)
+        var_y = y[:1].var(unbiased=False)
+        torch.testing.assert_close(gx, -(y[:1] - y[:1].mean()) / (T * (eps * (var_y + eps)).sqrt()), rtol=1e-4,
+                                   atol=1e-4)
         assert gy.abs().max() <= 1e-6 * gx.abs().max()  # 0 up to the rounding of the flat mean
     else:
         # CCC is smooth at a flat sequence: the reference (no sqrt) gives the same gradient.
@@ -274,6 +276,85 @@ def test_flat_short_and_empty_sequences_are_finite(device, kind, dtype):
         expected = loss_and_grads(ref, x[:3], y[:3], torch.ones(3, dtype=dtype, device=device), reduction="none")
         for a, e in zip(actual[:3], expected[:3]):
             torch.testing.assert_close(a, e, **TOLERANCES[dtype])
+
+
+def gradient_bound(kind, steps, eps=1e-8):
+    """The bound on |d loss / d x_t| and |d loss / d y_t| of one sequence's loss over `steps` valid steps
+    (csrc/correlation_math.h, README "Bounded gradients")."""
+    if kind == "pearson":
+        return 1.5 / (steps * eps) ** 0.5
+    return (2 * (2 * steps) ** 0.5 + 2) / (steps * eps ** 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-3])
+@pytest.mark.parametrize("steps,offset", [(64, 0.3), (2, 100.0)])
+def test_gradient_bounded_for_flat_and_nearly_flat_predictions(device, kind, dtype, noise, steps, offset):
+    """A flat or nearly flat prediction (an untrained model's output) gets a finite gradient within the stated
+    bound, in every dtype, and the same loss and gradient as the float64 reference of the same formula."""
+    fused, ref = KINDS[kind]
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(16, steps, generator=gen, dtype=torch.float64) + offset
+    x = offset + noise * torch.randn(16, steps, generator=gen, dtype=torch.float64)
+    x, y = x.to(dtype).to(device), y.to(dtype).to(device)  # the rounded values both implementations see
+    loss, gx, gy, _ = loss_and_grads(lambda a, b: fused(a, b, reduction="sum"), x, y, torch.tensor(1.0))
+    assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    bound = gradient_bound(kind, steps)
+    assert gx.abs().max() <= bound and gy.abs().max() <= bound
+    expected = loss_and_grads(lambda a, b: ref(a, b, reduction="sum"), x.double(), y.double(), torch.tensor(1.0))
+    tolerance = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), expected[0], **tolerance)
+    # atol relative to the largest gradient of either side: one side's may be rounding-sized (a flat x
+    # leaves d loss / d y at the rounding of its mean).
+    scale = max(expected[1].abs().max().item(), expected[2].abs().max().item())
+    for actual, wanted in zip((gx, gy), expected[1:3]):
+        torch.testing.assert_close(actual.double(), wanted, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_bound_holds_for_random_sequences(kind):
+    """The bound is not only for flat sequences: random scales, lengths and correlations stay under it."""
+    gen = torch.Generator().manual_seed(1)
+    fused, _ = KINDS[kind]
+    for steps in (2, 3, 10, 200):
+        scale = 10.0 ** torch.randint(-6, 3, (64, 1), generator=gen)
+        x = torch.randn(64, steps, generator=gen, dtype=torch.float64) * scale
+        y = 0.3 * x + torch.randn(64, steps, generator=gen, dtype=torch.float64) * scale.flip(0)
+        _, gx, gy, _ = loss_and_grads(lambda a, b: fused(a, b, reduction="sum"), x, y, torch.tensor(1.0))
+        assert gx.abs().max() <= gradient_bound(kind, steps) and gy.abs().max() <= gradient_bound(kind, steps)
+
+
+def test_pearson_value_is_one_minus_r_for_variances_far_above_eps(device):
+    """eps inside the variances moves the loss by about eps / var: below float32 rounding for unit variances."""
+    x, y, _ = make_case((6, 80), 1, device, masking="none")
+    loss = fused_losses.pearson_correlation_loss(x, y, reduction="none")
+    for i in range(6):
+        r = np.corrcoef(x[i].cpu().numpy(), y[i].cpu().numpy())[0, 1]
+        np.testing.assert_allclose(loss[i].item(), 1 - r, rtol=0, atol=6e-8)
+    loss32 = fused_losses.pearson_correlation_loss(x.float(), y.float(), reduction="none")
+    torch.testing.assert_close(loss32.double(), loss, rtol=0, atol=2 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_model_from_constant_output_trains_with_pearson(dtype):
+    """A linear model started with zero weights (a constant output: every prediction sequence flat) trains
+    with plain SGD: the first gradient is bounded, and the loss falls."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 100, 5, generator=gen)
+    target = features @ torch.tensor([1.0, -2.0, 0.5, 0.0, 1.0]) + 0.5 * torch.randn(8, 100, generator=gen)
+    model = torch.nn.Linear(5, 1).to(dtype)
+    torch.nn.init.zeros_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = fused_losses.pearson_correlation_loss(model(features.to(dtype)).squeeze(-1), target.to(dtype))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(1.0) and losses[-1] < 0.2
 
 
 @pytest.mark.parametrize("kind", KINDS)
