@@ -8,13 +8,95 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _C  # noqa: F401  (loads the library, registering the operators)
+from . import reference
 
 _ops = torch.ops.fused_losses
+_lib = torch.library.Library("fused_losses", "IMPL")  # noqa: TOR901  (the autograd and vmap kernels below)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for double inputs, float32 otherwise: the dtype the kernels accumulate and save statistics in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- autograd, higher orders, torch.func
+# Each forward operator gets its autograd formula from _register_autograd. First-order backwards run the fused
+# backward kernels. A backward that must itself be differentiable (grad mode on inside it: create_graph=True,
+# torch.func.grad / jacrev / hessian) instead takes the vector-Jacobian product of the operator's pure-PyTorch
+# reference (fused_losses.reference, the same formula), which autograd and torch.func differentiate to any
+# order. torch.func cannot transform torch.library's autograd formulas, so under its transforms the functional
+# API applies the same formulas as a torch.autograd.Function in the form torch.func accepts (call_operator);
+# under vmap the forward operators run once per batch entry (_vmap_by_loop).
+
+
+def _register_autograd(name: str, setup_context, fused_backward, composite_backward, vmap_outputs: int):
+    """Registers the autograd formula of operator `name` (`setup_context(ctx, inputs, output)` as
+    torch.library's, and two backwards with the same signature: `fused_backward`, the kernels, and
+    `composite_backward`, differentiable) and its vmap rule; returns the autograd.Function for torch.func."""
+    op = getattr(_ops, name).default
+
+    def backward(ctx, *grads):
+        return (composite_backward if torch.is_grad_enabled() else fused_backward)(ctx, *grads)
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"fused_losses.{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported; use reverse "
+            "mode: torch.func.grad, vjp, jacrev, and jacrev(jacrev(f)) for Hessians")
+
+    torch.library.register_autograd(f"fused_losses::{name}", backward, setup_context=setup_context)
+    torch.library.register_vmap(op, _vmap_by_loop(op, vmap_outputs))
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp),
+    })
+
+
+_FUNCTIONS = {}  # operator name -> its autograd.Function for torch.func
+
+
+def call_operator(name: str, *args):
+    """torch.ops.fused_losses.<name>(*args), through the autograd.Function form while torch.func transforms
+    are active (where torch.library's autograd formulas are refused)."""
+    if torch._C._are_functorch_transforms_active():
+        return _FUNCTIONS[name].apply(*args)
+    return getattr(_ops, name)(*args)
+
+
+def _vmap_by_loop(op, num_outputs: int):
+    """A vmap rule that runs `op` once per entry of the vmapped dimension and stacks the outputs (the ops'
+    kernels take whole batches already; per-sample use of a loss is what vmap serves here)."""
+
+    def rule(info, in_dims, *args):
+        def entry(i):
+            return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+
+        results = [op(*entry(i)) for i in range(info.batch_size)]
+        return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * num_outputs
+
+    return rule
+
+
+def _vjp_of_reference(loss_fn, primals, wanted, grad_loss):
+    """Gradients of loss_fn(*primals) for grad_loss, for the primals that are `wanted` (None for the others),
+    as a differentiable expression; loss_fn computes in the accumulation dtype, the gradients come back in each
+    primal's dtype."""
+    acc = accumulation_dtype(primals[0].dtype)
+    chosen = [p for p, w in zip(primals, wanted) if w]
+
+    def loss_of_chosen(*values):
+        it = iter(values)
+        return loss_fn(*[next(it).to(acc) if w else p for p, w in zip(primals, wanted)])
+
+    loss, vjp = torch.func.vjp(loss_of_chosen, *chosen)
+    gradients = iter(vjp(grad_loss.to(loss.dtype)))
+    return [next(gradients).to(p.dtype) if w else None for p, w in zip(primals, wanted)]
 
 
 # ----------------------------------------------------------------------------- the gradients written by the forward
@@ -111,11 +193,23 @@ def _cost_sensitive_cross_entropy_backward(ctx, grad_loss, _grad_row_stats, _gra
     return grad_input, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "fused_losses::cost_sensitive_cross_entropy",
-    _cost_sensitive_cross_entropy_backward,
-    setup_context=_cost_sensitive_cross_entropy_setup,
-)
+def _cost_sensitive_cross_entropy_composite_backward(ctx, grad_loss, *_unused_grads):
+    grad_input = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        input, target, cost_matrix, weight, _, _ = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, cost_mode = ctx.options
+
+        def loss(z):
+            return reference.cost_sensitive_cross_entropy(z, target, cost_matrix, weight, ignore_index, reduction,
+                                                          label_smoothing, cost_mode)
+
+        grad_input, = _vjp_of_reference(loss, [input], [True], grad_loss)
+    return grad_input, None, None, None, None, None, None, None, None
+
+
+_FUNCTIONS["cost_sensitive_cross_entropy"] = _register_autograd("cost_sensitive_cross_entropy", _cost_sensitive_cross_entropy_setup,
+                   _cost_sensitive_cross_entropy_backward, _cost_sensitive_cross_entropy_composite_backward,
+                   vmap_outputs=4)
 
 
 # ----------------------------------------------------------------------------- correlation losses
@@ -183,11 +277,21 @@ def _correlation_loss_backward(ctx, grad_loss, _grad_stats, _grad_total_weight, 
             None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "fused_losses::correlation_loss",
-    _correlation_loss_backward,
-    setup_context=_correlation_loss_setup,
-)
+def _correlation_loss_composite_backward(ctx, grad_loss, *_unused_grads):
+    input, target, mask, _, _ = ctx.saved_tensors
+    kind, reduction, per_timestep, eps = ctx.options
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    grad_input = grad_target = None
+    if any(wanted) and grad_loss is not None:
+        def loss(x, y):
+            return reference._correlation_loss(kind, x, y, mask, 1, reduction, per_timestep, eps, None)
+
+        grad_input, grad_target = _vjp_of_reference(loss, [input, target], wanted, grad_loss)
+    return grad_input, grad_target, None, None, None, None, None, None, None
+
+
+_FUNCTIONS["correlation_loss"] = _register_autograd("correlation_loss", _correlation_loss_setup, _correlation_loss_backward,
+                   _correlation_loss_composite_backward, vmap_outputs=5)
 
 
 # ----------------------------------------------------------------------------- weighted / focal / ASL BCE
@@ -219,16 +323,36 @@ def _weighted_bce_with_logits_setup(ctx, inputs, output):
     _keep_forward_gradients(ctx, [output[1]], [write_gradient])
 
 
+def _weighted_bce_with_logits_reference_gradients(ctx, grad_loss, wanted):
+    input, target, positive_indices, weight, pos_weight = ctx.saved_tensors
+    reduction, gamma_pos, gamma_neg, clip = ctx.options
+
+    def loss(z, t):
+        return reference.weighted_bce_with_logits(z, t, weight, pos_weight, reduction,
+                                                  positive_indices=positive_indices, gamma_pos=gamma_pos,
+                                                  gamma_neg=gamma_neg, clip=clip)
+
+    return _vjp_of_reference(loss, [input, target], wanted, grad_loss)
+
+
 def _weighted_bce_with_logits_backward(ctx, grad_loss, _grad_gradient):
-    grad_input = None
-    if ctx.needs_input_grad[0]:
+    grad_input = grad_target = None
+    if grad_loss is not None and ctx.needs_input_grad[0]:
         grad_input = _input_gradient(ctx, grad_loss, _ops.weighted_bce_with_logits_backward_inplace,
                                      _ops.weighted_bce_with_logits_backward)
-    return grad_input, None, None, None, None, None, None, None, None, None
+    if grad_loss is not None and ctx.needs_input_grad[1]:
+        # d loss / d target = weight (pos_weight l_pos - l_neg), elementwise: from the reference's formula.
+        _, grad_target = _weighted_bce_with_logits_reference_gradients(ctx, grad_loss, [False, True])
+    return grad_input, grad_target, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "fused_losses::weighted_bce_with_logits",
-    _weighted_bce_with_logits_backward,
-    setup_context=_weighted_bce_with_logits_setup,
-)
+def _weighted_bce_with_logits_composite_backward(ctx, grad_loss, _grad_gradient):
+    grad_input = grad_target = None
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    if grad_loss is not None and any(wanted):
+        grad_input, grad_target = _weighted_bce_with_logits_reference_gradients(ctx, grad_loss, wanted)
+    return grad_input, grad_target, None, None, None, None, None, None, None, None
+
+
+_FUNCTIONS["weighted_bce_with_logits"] = _register_autograd("weighted_bce_with_logits", _weighted_bce_with_logits_setup, _weighted_bce_with_logits_backward,
+                   _weighted_bce_with_logits_composite_backward, vmap_outputs=2)

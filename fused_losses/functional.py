@@ -6,15 +6,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _registrations  # noqa: F401  (operators, fake kernels, autograd)
+from ._registrations import call_operator
 from ._sequences import as_sequence_batch
 from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing, \
     check_no_grad, check_tensor, needs_data_checks
 
 __all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
            "weighted_bce_with_logits"]
-
-_ops = torch.ops.fused_losses
 
 COST_MODES = ("argmax", "expected")
 
@@ -23,9 +21,10 @@ def _writes_gradient(input: Tensor, reduction: str) -> bool:
     """Whether the forward should also write the gradient of `input` (any tensor it differentiates; the 2-pass
     schedule, csrc/common.h): when a backward to it is coming and its grad_loss is one scalar, so that the
     backward is free in eager mode. Not while torch.compile traces: its functionalised backward cannot reuse
-    that tensor (_registrations._take_forward_gradients), so the 3-pass schedule moves fewer bytes there."""
+    that tensor (_registrations._take_forward_gradients), so the 3-pass schedule moves fewer bytes there; nor
+    under torch.func transforms, whose backward is the differentiable one (_registrations._register_autograd)."""
     return (reduction != "none" and input.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
 
 
 def _check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -93,9 +92,9 @@ def cost_sensitive_cross_entropy(
         _check_class_indices(target, input.shape[1], ignore_index)
         if cost_matrix is not None:
             check_cost_matrix_values(cost_matrix)
-    loss, _, _, _ = _ops.cost_sensitive_cross_entropy(input, target, cost_matrix, weight, int(ignore_index),
-                                                       reduction, float(label_smoothing), cost_mode,
-                                                       _writes_gradient(input, reduction))
+    loss, _, _, _ = call_operator("cost_sensitive_cross_entropy", input, target, cost_matrix, weight,
+                                  int(ignore_index), reduction, float(label_smoothing), cost_mode,
+                                  _writes_gradient(input, reduction))
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
 
 
@@ -113,9 +112,9 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
     batch = as_sequence_batch(input, target, mask, dim, lengths)
-    loss, *_ = _ops.correlation_loss(batch.input, batch.target, batch.mask, kind, reduction, bool(per_timestep),
-                                     float(eps), _writes_gradient(batch.input, reduction),
-                                     _writes_gradient(batch.target, reduction))
+    loss, *_ = call_operator("correlation_loss", batch.input, batch.target, batch.mask, kind, reduction,
+                             bool(per_timestep), float(eps), _writes_gradient(batch.input, reduction),
+                             _writes_gradient(batch.target, reduction))
     return batch.restore_layout(loss, per_timestep) if reduction == "none" else loss
 
 
@@ -139,9 +138,10 @@ _CORRELATION_ARGS = r"""
 
     Moments are population moments over the valid steps, accumulated in float32 (float64 for double input)
     as shifted sums over short blocks merged with Chan's formulas, so data far from zero keeps its precision.
-    A flat sequence or one with fewer than 2 valid steps has covariance 0: its loss is 1, finite, with finite
-    gradients (they scale like 1/eps for a flat Pearson input, which overflows float16). A sequence without
-    valid steps has loss 1, no gradient, and still counts in ``"mean"``. NaN in a valid step propagates to
+    A flat sequence or one with fewer than 2 valid steps has covariance 0: its loss is 1, finite, with
+    gradients bounded by ``1.5 / sqrt(n eps)`` (Pearson) and ``(2 sqrt(2 n) + 2) / (n sqrt(eps))`` (CCC) in
+    every dtype (with ``eps = 0`` neither bound holds). A sequence without valid steps has loss 1, no
+    gradient, and still counts in ``"mean"``. NaN in a valid step propagates to
     its sequence; padding is never read into the result.
 """
 
@@ -160,8 +160,12 @@ def concordance_correlation_loss(input: Tensor, target: Tensor, mask: Optional[T
 
 pearson_correlation_loss.__doc__ = r"""Pearson correlation loss per sequence, over the time axis.
 
-    ``loss = 1 - cov(x, y) / (sqrt(var(x) var(y)) + eps)`` for each sequence (and channel); per step
-    ``c_t = 1 - (x_t - mean x)(y_t - mean y) / (sqrt(var(x) var(y)) + eps)``.
+    ``loss = 1 - cov(x, y) / sqrt((var(x) + eps) (var(y) + eps))`` for each sequence (and channel); per step
+    ``c_t = 1 - (x_t - mean x)(y_t - mean y) / sqrt((var(x) + eps) (var(y) + eps))``. With eps inside each
+    variance the gradient is bounded, ``|d loss / d x_t| <= 1.5 / sqrt(n eps)`` over the ``n`` valid steps
+    (1500 for ``n = 100`` and the default eps; at a flat prediction it is ``z_t / (n sqrt(eps))``, ``z_t``
+    the target's standardised value), also for a flat or nearly flat prediction; for variances far above eps
+    the value is ``1 - r`` to float32 rounding.
 """ + _CORRELATION_ARGS + r"""
     Example:
         >>> pred, true = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
@@ -216,7 +220,8 @@ def weighted_bce_with_logits(
     ``[0, 1]`` mix the positive and negative terms linearly, as above. Everything is computed in float32
     (float64 for double input) from log-sigmoid, so logits up to ``|1e4|`` give finite losses and gradients
     in every dtype; ``0 ** 0`` is 1. Gradients with respect to ``input`` include the derivative of the
-    focusing factors (nothing is detached); no gradient flows to the target or the weights.
+    focusing factors (nothing is detached); a floating-point ``target`` that requires grad gets its gradient
+    ``weight (pos_weight l_pos - l_neg)``; no gradient flows to the weights.
 
     Args:
         input: logits of any shape (``(N, L)`` with ``positive_indices``); float32, float16, bfloat16 or
@@ -256,7 +261,6 @@ def weighted_bce_with_logits(
     check_no_grad("pos_weight", pos_weight)
     if target is not None:
         check_tensor("target", target)
-        check_no_grad("target", target)
         if target.dtype.is_floating_point and target.dtype not in (input.dtype, torch.float32):
             target = target.float()
     else:
@@ -265,7 +269,7 @@ def weighted_bce_with_logits(
             positive_indices = positive_indices.long()
         if input.dim() == 2 and positive_indices.dtype == torch.int64 and needs_data_checks(input):
             _check_positive_index_values(positive_indices, input.shape[1])
-    loss, _ = _ops.weighted_bce_with_logits(input, target, positive_indices, weight, pos_weight, reduction,
-                                            float(gamma_pos), float(gamma_neg), float(clip),
-                                            _writes_gradient(input, reduction))
+    loss, _ = call_operator("weighted_bce_with_logits", input, target, positive_indices, weight, pos_weight,
+                            reduction, float(gamma_pos), float(gamma_neg), float(clip),
+                            _writes_gradient(input, reduction))
     return loss
