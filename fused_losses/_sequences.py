@@ -39,6 +39,11 @@ def _lengths_to_mask(lengths: Tensor, batch: int, steps: int, input: Tensor) -> 
         bad = (lengths < 0) | (lengths > steps)
         if bool(bad.any()):
             raise ValueError(f"lengths must be in [0, {steps}] (the number of time steps), got {int(lengths[bad][0])}")
+    elif torch.compiler.is_compiling() and lengths.device.type == "cpu":
+        # Inside a compiled graph: an assertion the graph keeps (RuntimeError), no graph break. Not on CUDA,
+        # where it would be a device-side assert that leaves the context unusable.
+        torch._assert_async(((lengths >= 0) & (lengths <= steps)).all(),
+                            f"lengths must be in [0, {steps}] (the number of time steps)")
     return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
 
 

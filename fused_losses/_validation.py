@@ -3,6 +3,8 @@ host synchronisation that is only paid when FUSED_LOSSES_CHECK=1 asks for it."""
 
 import math
 import os
+import warnings
+from typing import Optional
 
 import torch
 
@@ -61,3 +63,29 @@ def can_check_values(tensor: torch.Tensor) -> bool:
 def check_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -> Optional[torch.Tensor]:
+    """`value` (a tensor or an array-like: nested lists, a NumPy array) as a floating-point tensor of `ndim`
+    dimensions (any number when None); integer values become the default float dtype."""
+    if value is None:
+        return None
+    try:
+        tensor = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a tensor or an array-like of numbers, got {type(value).__name__}") from error
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.to(torch.get_default_dtype())
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def warn_zero_diagonal(cost_matrix: torch.Tensor, cost_mode: str) -> None:
+    """In argmax mode a zero cost[y, y] gives every correctly classified sample zero loss and zero gradient:
+    nothing then pushes its margin up. Worth a warning (once per call site), not an error."""
+    if cost_mode == "argmax" and bool((cost_matrix.diagonal() == 0).any()):
+        warnings.warn("cost_matrix has zeros on its diagonal: with cost_mode='argmax' a correctly classified sample "
+                      "then has zero loss and zero gradient (its margin is never pushed up). Use costs >= 1 on "
+                      "the diagonal (e.g. ones plus the extra cost of each mistake), or cost_mode='expected'",
+                      UserWarning, stacklevel=3)

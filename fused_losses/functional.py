@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ._registrations import call_operator
 from ._sequences import as_sequence_batch
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing, \
-    check_no_grad, check_tensor, needs_data_checks
+from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
+    check_focusing, check_no_grad, check_tensor, needs_data_checks
 
 __all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
            "weighted_bce_with_logits"]
@@ -25,6 +25,16 @@ def _writes_gradient(input: Tensor, reduction: str) -> bool:
     under torch.func transforms, whose backward is the differentiable one (_registrations._register_autograd)."""
     return (reduction != "none" and input.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+
+
+def _as_autocast_output(loss: Tensor) -> Tensor:
+    """Under autocast PyTorch runs its losses in float32 (autocast's float32 op list: F.cross_entropy,
+    F.binary_cross_entropy_with_logits and F.mse_loss return float32). The fused kernels read the half-precision
+    logits as they are and accumulate in float32; the loss they store in the logits' dtype is returned as float32
+    here, so code written for PyTorch's losses sees the dtype it expects."""
+    if loss.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(loss.device.type):
+        return loss.float()
+    return loss
 
 
 def _check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -57,9 +67,13 @@ def cost_sensitive_cross_entropy(
     Args:
         input: logits, shape ``(N, C)`` or ``(N, C, d1, ..., dk)`` (or ``(C,)`` for one sample);
             float32, float16, bfloat16 or float64.
-        target: class indices, int64 or int32, shape ``(N,)`` / ``(N, d1, ..., dk)`` (``()`` for one sample).
-        cost_matrix: ``(C, C)`` non-negative, finite costs; ``None`` means all ones (plain cross-entropy).
-        weight: ``(C,)`` class weights, as in ``F.cross_entropy``.
+        target: integer class indices, shape ``(N,)`` / ``(N, d1, ..., dk)`` (``()`` for one sample); int64
+            is read as it is, int32 / int16 / int8 / uint8 are converted to int64 first.
+        cost_matrix: ``(C, C)`` non-negative, finite costs (a tensor or an array-like: nested lists, a NumPy
+            array); ``None`` means all ones (plain cross-entropy). In ``"argmax"`` mode the diagonal scales
+            the loss of correct predictions: keep it at 1 (a zero gives them zero loss and zero gradient;
+            the module form warns about it).
+        weight: ``(C,)`` class weights, as in ``F.cross_entropy`` (a tensor or an array-like).
         ignore_index: target value whose samples contribute neither loss nor gradient.
         reduction: ``"none"`` (per-sample losses, target's shape), ``"mean"`` (sum divided by the summed
             ``weight[y]`` of non-ignored samples, their count without ``weight``) or ``"sum"``.
@@ -78,11 +92,15 @@ def cost_sensitive_cross_entropy(
     check_tensor("target", target)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("cost_mode", cost_mode, COST_MODES)
+    if not isinstance(cost_matrix, (Tensor, type(None))):
+        cost_matrix = as_float_tensor("cost_matrix", cost_matrix, 2, input.device)
+    if not isinstance(weight, (Tensor, type(None))):
+        weight = as_float_tensor("weight", weight, 1, input.device)
     check_no_grad("cost_matrix", cost_matrix)
     check_no_grad("weight", weight)
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.dtype.is_complex:
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype} "
-                        "(class-probability targets are not supported)")
+        raise TypeError(f"target must hold integer class indices (int64, int32, int16, int8 or uint8), got "
+                        f"{target.dtype} (class-probability targets are not supported)")
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -95,7 +113,7 @@ def cost_sensitive_cross_entropy(
     loss, _, _, _ = call_operator("cost_sensitive_cross_entropy", input, target, cost_matrix, weight,
                                   int(ignore_index), reduction, float(label_smoothing), cost_mode,
                                   _writes_gradient(input, reduction))
-    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+    return _as_autocast_output(loss.squeeze(0) if unbatched and reduction == "none" else loss)
 
 
 
@@ -115,7 +133,7 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
     loss, *_ = call_operator("correlation_loss", batch.input, batch.target, batch.mask, kind, reduction,
                              bool(per_timestep), float(eps), _writes_gradient(batch.input, reduction),
                              _writes_gradient(batch.target, reduction))
-    return batch.restore_layout(loss, per_timestep) if reduction == "none" else loss
+    return _as_autocast_output(batch.restore_layout(loss, per_timestep) if reduction == "none" else loss)
 
 
 _CORRELATION_ARGS = r"""
@@ -272,4 +290,4 @@ def weighted_bce_with_logits(
     loss, _ = call_operator("weighted_bce_with_logits", input, target, positive_indices, weight, pos_weight,
                             reduction, float(gamma_pos), float(gamma_neg), float(clip),
                             _writes_gradient(input, reduction))
-    return loss
+    return _as_autocast_output(loss)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import REDUCTIONS, check_choice, check_cost_matrix_values, check_eps, check_focusing
+from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
+    check_focusing, warn_zero_diagonal
 
 __all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
            "WeightedBCEWithLogitsLoss"]
@@ -17,22 +18,18 @@ TensorLike = Union[Tensor, Sequence]
 
 def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: Optional[int] = None) -> Optional[Tensor]:
     """`value` as a floating-point tensor of `ndim` dimensions (any number when None), for a buffer."""
-    if value is None:
-        return None
-    tensor = torch.as_tensor(value)
-    if not tensor.dtype.is_floating_point:
-        tensor = tensor.to(torch.get_default_dtype())
-    if ndim is not None and tensor.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
-    return tensor.detach().clone()
+    tensor = as_float_tensor(name, value, ndim)
+    return None if tensor is None else tensor.detach().clone()
 
 
 class CostSensitiveCrossEntropyLoss(nn.Module):
     r"""Module form of :func:`fused_losses.cost_sensitive_cross_entropy`.
 
     Args:
-        cost_matrix: ``(C, C)`` costs, rows = true class, columns = predicted class (tensor or nested list).
-            Checked once here: square, finite, non-negative.
+        cost_matrix: ``(C, C)`` costs, rows = true class, columns = predicted class (tensor, nested list or
+            NumPy array). Checked once here: square, finite, non-negative. In ``"argmax"`` mode keep the
+            diagonal at 1 (the cost of a correct prediction scales its cross-entropy): a zero there gives
+            correctly classified samples zero loss and zero gradient, and warns.
         weight, ignore_index, reduction, label_smoothing, cost_mode: as in the functional form.
 
     Shape:
@@ -40,7 +37,8 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
         or the target's shape for ``reduction="none"``.
 
     Example:
-        >>> criterion = CostSensitiveCrossEntropyLoss([[0, 1, 1], [1, 0, 1.2], [1, 1, 0]])
+        >>> # classes A, B, C: a true B predicted as C costs 1.2, every other outcome 1
+        >>> criterion = CostSensitiveCrossEntropyLoss([[1, 1, 1], [1, 1, 1.2], [1, 1, 1]])
         >>> loss = criterion(logits, labels); loss.backward()
     """
 
@@ -55,6 +53,7 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
             if cost.shape[0] != cost.shape[1]:
                 raise ValueError(f"cost_matrix must be square (C, C), got shape {tuple(cost.shape)}")
             check_cost_matrix_values(cost)
+            warn_zero_diagonal(cost, cost_mode)
         self.register_buffer("cost_matrix", cost)
         self.register_buffer("weight", _as_float_buffer("weight", weight, 1))
         self.ignore_index = ignore_index

@@ -491,6 +491,18 @@ def test_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lengths", [[6, 2], [-1, 2]])
+def test_out_of_range_lengths_raise_under_compile(lengths):
+    """Eager raises ValueError; a compiled graph keeps the check as an assertion (RuntimeError), no graph break."""
+    torch._dynamo.reset()
+    x, y = torch.randn(2, 5), torch.randn(2, 5)
+    compiled = torch.compile(lambda a, b, n: fused_losses.pearson_correlation_loss(a, b, lengths=n), fullgraph=True)
+    torch.testing.assert_close(compiled(x, y, torch.tensor([5, 2])),
+                               fused_losses.pearson_correlation_loss(x, y, lengths=torch.tensor([5, 2])))
+    with pytest.raises(RuntimeError, match=r"lengths must be in \[0, 5\]"):
+        compiled(x, y, torch.tensor(lengths))
+
+
 # ----------------------------------------------------------------------------- the gradient written by the forward
 
 

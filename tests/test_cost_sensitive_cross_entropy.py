@@ -2,7 +2,9 @@
 edge cases, errors, registration (opcheck / gradcheck / compile) and determinism."""
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,7 +102,48 @@ def test_unbatched_and_int32_target(device):
     torch.testing.assert_close(csce(xb, yb.int()), F.cross_entropy(xb, yb))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_any_integer_target_dtype_equals_int64(device, dtype):
+    x, y = make_problem(50, 6, device)
+    cost = torch.rand(6, 6, device=device)
+    for mode in ("argmax", "expected"):
+        torch.testing.assert_close(csce(x, y.to(dtype), cost, cost_mode=mode), csce(x, y, cost, cost_mode=mode),
+                                   rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- cost matrix
+
+
+def test_cost_matrix_and_weight_as_array_likes(device):
+    """Nested lists and NumPy arrays are accepted by the functional form as by the module; other objects raise
+    a TypeError naming the argument."""
+    x, y = make_problem(30, 3, device)
+    cost = [[1, 1, 1], [1, 1, 1.2], [1, 1, 1]]
+    weight = [0.5, 1.0, 2.0]
+    expected = csce(x, y, torch.tensor(cost, device=device), torch.tensor(weight, device=device))
+    for as_array in (list, np.array):
+        torch.testing.assert_close(csce(x, y, as_array(cost), as_array(weight)), expected)
+    with pytest.raises(TypeError, match="cost_matrix must be a tensor or an array-like"):
+        csce(x, y, "costs")
+    with pytest.raises(ValueError, match=r"cost_matrix must have 2 dimension\(s\)"):
+        csce(x, y, [1.0, 2.0, 3.0])
+
+
+def test_zero_diagonal_in_argmax_mode_warns_in_the_module():
+    """A zero cost on the diagonal gives correctly classified samples zero loss and zero gradient in argmax mode
+    (documented): the module warns once, at construction; the expected mode does not need the warning."""
+    cost = [[0, 1, 1], [1, 0, 1.2], [1, 1, 0]]
+    with pytest.warns(UserWarning, match="zeros on its diagonal"):
+        criterion = fused_losses.CostSensitiveCrossEntropyLoss(cost)
+    x = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    loss = criterion(x, torch.tensor([0, 1]))
+    loss.backward()
+    assert loss.item() == 0 and (x.grad == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_losses.CostSensitiveCrossEntropyLoss(cost, cost_mode="expected")
+        fused_losses.CostSensitiveCrossEntropyLoss([[1, 1, 1], [1, 1, 1.2], [1, 1, 1]])
+
 
 
 @pytest.mark.parametrize("cost_mode", ["argmax", "expected"])
@@ -240,7 +283,7 @@ def test_errors_name_the_argument(device):
         csce(x.cpu(), bad.cpu())
     with pytest.raises(ValueError, match="target must have shape"):
         csce(x, y[:5])
-    with pytest.raises(TypeError, match="target must hold int64 or int32"):
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
         csce(x, y.float())
     with pytest.raises(TypeError, match="input must be float32, float16, bfloat16 or float64"):
         csce(x.int(), y)

@@ -381,20 +381,20 @@ def _three_losses(device, dtype=torch.float32):
     ]
 
 
-def test_autocast_cpu_runs_in_the_logits_dtype():
-    """Under autocast the ops are not re-cast: bf16 logits (a Linear's output under CPU autocast) give a loss
-    in the logits' dtype (promoted with a floating target), computed in float32 inside, close to the float32
-    result (documented in the README)."""
+def test_autocast_cpu_reads_the_logits_dtype_and_returns_float32():
+    """Under autocast the logits are not re-cast: bf16 logits (a Linear's output under CPU autocast) are read as
+    they are, and the loss comes back in float32 as PyTorch's losses do under autocast, close to the float32
+    result; outside autocast the same bf16 logits give a bf16 loss."""
     for name, shape, loss_fn in _three_losses("cpu"):
         features = torch.randn(shape[0], 16)
         layer = torch.nn.Linear(16, shape[1])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = layer(features)
             loss = loss_fn(logits)
-        # The correlation losses promote bf16 predictions with float32 targets, as F.mse_loss does.
-        expected_dtype = torch.float32 if name == "pearson_correlation_loss" else torch.bfloat16
-        assert logits.dtype == torch.bfloat16 and loss.dtype == expected_dtype, name
-        torch.testing.assert_close(loss.float(), loss_fn(logits.float()), **TOLERANCES[torch.bfloat16])
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32, name
+        torch.testing.assert_close(loss, loss_fn(logits.float()), **TOLERANCES[torch.bfloat16])
+        expected_dtype = torch.float32 if name == "pearson_correlation_loss" else torch.bfloat16  # float32 target
+        assert loss_fn(logits.detach()).dtype == expected_dtype, name
         loss.backward()
         assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
 

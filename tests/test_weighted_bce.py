@@ -196,6 +196,39 @@ def test_sparse_empty(device, rows, max_positives):
 # ------------------------------------------------------------------------------- focusing and stability
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("focusing", [None, (1.0, 4.0, 0.05)])
+def test_target_gradient(device, reduction, focusing):
+    """A soft target that requires grad is differentiated as F.binary_cross_entropy_with_logits does (d loss /
+    d target = weight (pos_weight l_pos - l_neg)), also with focusing; the input's gradient is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 11, generator=gen, dtype=torch.float64).to(device)
+    t = torch.rand(6, 11, generator=gen, dtype=torch.float64).to(device)
+    weight = torch.rand(6, 11, generator=gen, dtype=torch.float64).to(device)
+    pos_weight = (3 * torch.rand(11, generator=gen, dtype=torch.float64)).to(device)
+    focus = dict(zip(("gamma_pos", "gamma_neg", "clip"), focusing)) if focusing else {}
+
+    def fused(a, b):
+        return weighted_bce_with_logits(a, b, weight, pos_weight, reduction, **focus)
+
+    def expected(a, b):
+        if focusing is None:
+            return F.binary_cross_entropy_with_logits(a, b, weight, pos_weight=pos_weight, reduction=reduction)
+        return reference.weighted_bce_with_logits(a, b, weight, pos_weight, reduction, **focus)
+
+    assert torch.autograd.gradcheck(fused, (x.clone().requires_grad_(), t.clone().requires_grad_()))
+    a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
+    c, d = x.clone().requires_grad_(), t.clone().requires_grad_()
+    upstream = torch.rand_like(fused(x, t))
+    for actual, wanted in zip(torch.autograd.grad(fused(a, b), (a, b), upstream),
+                              torch.autograd.grad(expected(c, d), (c, d), upstream)):
+        torch.testing.assert_close(actual, wanted, **TOLERANCES[torch.float64])
+    # float32 logits with a float32 target: the target's gradient comes back in its dtype.
+    b32 = t.float().requires_grad_()
+    (grad_target,) = torch.autograd.grad(fused(x.float(), b32).sum(), b32)
+    assert grad_target.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("focusing", FOCUSING)
 def test_focusing_matches_reference(device, dtype, focusing):
