@@ -342,14 +342,14 @@ def test_cuda_invalid_target_gives_nan_and_check_mode_raises(monkeypatch):
 
 
 def test_module_buffers_and_state_dict(device):
-    criterion = fused_losses.CostSensitiveCrossEntropyLoss([[0, 1, 1], [1, 0, 1.2], [1, 1, 0]], weight=[1, 2, 3],
+    criterion = fused_losses.CostSensitiveCrossEntropyLoss([[1, 2, 1], [1, 1, 1.2], [3, 1, 1]], weight=[1, 2, 3],
                                                            label_smoothing=0.1).to(device)
     assert set(dict(criterion.named_buffers())) == {"cost_matrix", "weight"}
     x, y = make_problem(20, 3, device)
     expected = reference.cost_sensitive_cross_entropy(x, y, criterion.cost_matrix, criterion.weight,
                                                       label_smoothing=0.1)
     torch.testing.assert_close(criterion(x, y), expected)
-    clone = fused_losses.CostSensitiveCrossEntropyLoss(torch.zeros(3, 3), weight=torch.zeros(3), label_smoothing=0.1)
+    clone = fused_losses.CostSensitiveCrossEntropyLoss(torch.ones(3, 3), weight=torch.zeros(3), label_smoothing=0.1)
     clone.load_state_dict(criterion.state_dict())
     torch.testing.assert_close(clone.to(device)(x, y), criterion(x, y))
     with pytest.raises(ValueError, match="square"):

@@ -187,3 +187,16 @@ def test_per_sample_gradients_of_a_classifier():
         sample_loss(dict(model.named_parameters()), features[i], labels[i]).backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], param.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["ce_expected", "pearson", "bce_asl"])
+def test_jacrev_and_hessian_match_autograd(name):
+    """jacrev of the per-sample losses and jacrev(jacrev(.)) of their sum (the Hessian) equal autograd's."""
+    fused, _, _, _, _ = _case(name)
+    x, t = _inputs(name, "cpu", requires_grad=False)
+    jacobian = torch.func.jacrev(lambda a: fused(a, t))(x)
+    expected = torch.autograd.functional.jacobian(lambda a: fused(a, t), x)
+    torch.testing.assert_close(jacobian, expected, rtol=1e-10, atol=1e-12)
+    hessian = torch.func.jacrev(torch.func.jacrev(lambda a: fused(a, t).sum()))(x)
+    expected = torch.autograd.functional.hessian(lambda a: fused(a, t).sum(), x)
+    torch.testing.assert_close(hessian, expected, rtol=1e-9, atol=1e-12)
