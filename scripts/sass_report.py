@@ -773,7 +773,7 @@ def markdown(reports: list[KernelReport], extension: Path, arch: str) -> str:
                 f"{_percent(loops.bandwidth_fraction)} ({_percent(loops.min_path_bandwidth_fraction)})"
                 + (" ?" if loops.checks else ""),
             ]
-        lines.append(f"| {r.name} | {r.registers} | {spill} | {r.shared_bytes} | {blocks} | "
+        lines.append(f"| `{r.name}` | {r.registers} | {spill} | {r.shared_bytes} | {blocks} | "
                      + " | ".join(loop_columns) + " |")
     checks = [(r.name, check) for r in reports if r.hot_loops for check in r.hot_loops.checks]
     if checks:
