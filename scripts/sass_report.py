@@ -385,12 +385,12 @@ class Loop:
     accesses: dict[str, int]  # global loads / stores by kind and width, e.g. {'LDG16': 1, 'STG2': 4}
     contains_memory_loop: bool = False
 
-    def _count(self, direction: str, width: int | None) -> int:
-        """Accesses whose operation starts with `direction` ('LD', 'ST' or '' for both) of `width` bytes (any)."""
+    def _count(self, direction: str, width: int) -> int:
+        """Accesses of `width` bytes whose operation starts with `direction` ('LD', 'ST', or '' for both)."""
         total = 0
         for key, count in self.accesses.items():
             operation, size = re.fullmatch(r"([A-Z]+)(\d+)", key).groups()
-            if operation.startswith(direction) and (width is None or int(size) == width):
+            if operation.startswith(direction) and int(size) == width:
                 total += count
         return total
 
