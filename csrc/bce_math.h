@@ -9,7 +9,8 @@
 // With gamma_pos = gamma_neg = clip = 0 this is F.binary_cross_entropy_with_logits. Everything is formed
 // from log-sigmoid: log p = min(z, 0) - log1p(exp(-|z|)), log(1 - p) = min(-z, 0) - log1p(exp(-|z|)), and
 // the focusing factors as exp(gamma * log(base)), never the log of a rounded probability, so |z| up to 1e4
-// stays finite. pow(0, 0) is 1. The gradients are the full derivatives (docs: shared/LOSS_MATH.md §3):
+// stays finite. pow(0, 0) is 1. The gradients are the full derivatives (docs/design.md, "Weighted, focal and
+// asymmetric BCE"):
 //   d l_pos / dz = (1 - p)^gamma_pos * (gamma_pos * p * log p - (1 - p))
 //   d l_neg / dz = p^gamma_neg * (p - gamma_neg * (1 - p) * log(1 - p))                     (clip = 0)
 //                = p_m^gamma_neg * (1 / (1 - p_m) - gamma_neg * log(1 - p_m) / p_m) * p (1 - p)   (p > clip)

@@ -47,7 +47,7 @@ inline void fill_empty_reduction(at::Tensor& loss, at::Tensor& total_weight, Red
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// Schedules of a reduced loss (shared/LOSS_MATH.md §5).
+// Schedules of a reduced loss (docs/design.md, "Schedules and bytes").
 //
 // 3-pass: the forward reads the inputs and saves O(rows); the backward re-reads them and writes the gradient.
 // 2-pass: when an input requires grad (Python passes write_gradient, or one flag per differentiable input),

@@ -1,0 +1,816 @@
+#!/usr/bin/env python3
+"""Static report of the CUDA kernels compiled into the fused_losses extension, read from its SASS.
+
+For every kernel of the extension's cubins (sm_90 by default) it reports:
+
+- registers, stack frame, local-memory traffic (spills) and static shared memory, from
+  `cuobjdump -res-usage` and the STL / LDL instructions of `cuobjdump -sass`;
+- resident blocks per SM at the kernel's launch size (LAUNCH_THREADS, read from the .cu launch configurations)
+  under the H100 limits in H100;
+- the instructions of its hot loop per element processed, per byte moved, and the fraction of the H100's copy
+  bandwidth that the instruction issue rate allows (ISSUE_MODEL below).
+
+Loop detection (a heuristic, see hot_loops): the SASS of a kernel is cut into basic blocks; a loop is a branch
+back to a block that dominates it (a natural loop). The hot loop of a kernel that sweeps element tensors is its
+innermost loop that touches global memory with 16-byte accesses (the vectorised sweep); sweep_model says, per
+kernel family, how many elements one iteration handles and how many DRAM bytes each element costs. Two counts
+bracket the instructions a warp issues per iteration:
+- "static": every instruction of the loop body, each once. A warp issues all of them when every branch of the
+  body diverges or is taken (optional operands present, NaN paths); calls to slow-path subroutines (IEEE
+  division, expf) count as one instruction. Where the compiler made several versions of one loop (with and
+  without a cost row, say), the largest.
+- "min path": the shortest path from the loop's header back to it. It is a lower bound and can be a degenerate
+  path (a pack whose steps are all masked, a row whose labels are invalid) that real data rarely takes.
+
+Run from the repository root:
+    python scripts/sass_report.py                   # Markdown table of every kernel
+    python scripts/sass_report.py --match 'bf16'    # only kernels whose short name matches the regex
+    python scripts/sass_report.py --json            # the same data as JSON
+The tools: cuobjdump from the triton wheel that torch installs (triton/backends/nvidia/bin), else from PATH,
+and c++filt (binutils).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------------------------- H100 model
+
+# Resource limits of one H100 (sm_90) SM, as the CUDA occupancy calculator applies them.
+H100 = {
+    "registers_per_sm": 65536,
+    "register_allocation_unit": 256,  # registers are allocated per warp in units of 256
+    "max_threads_per_sm": 2048,
+    "max_blocks_per_sm": 32,
+    "shared_memory_per_sm": 228 * 1024,
+    # The runtime reserves 1 KB of shared memory per resident block (sm_80 and later). cuobjdump's SHARED already
+    # includes it for a kernel with shared variables (ptxas -v: 64 B for the cross-entropy forward, cuobjdump:
+    # 1088 B), so a block takes max(SHARED, 1 KB).
+    "shared_memory_reserved_per_block": 1024,
+}
+
+# Instruction issue against memory bandwidth. An SM has 4 schedulers, each issuing one warp instruction (32
+# thread-instructions) per clock; H100 SXM: 132 SMs at 1.755 GHz; copy bandwidth ~3.0 TB/s (a device-to-device
+# copy, bytes read + written).
+ISSUE_MODEL = {
+    "sms": 132,
+    "schedulers_per_sm": 4,
+    "threads_per_warp": 32,
+    "clock_hz": 1.755e9,
+    "copy_bandwidth_bytes_per_s": 3.0e12,
+}
+# Thread-instructions per second: 132 * 4 * 32 * 1.755e9 = 2.97e13.
+ISSUE_RATE = (ISSUE_MODEL["sms"] * ISSUE_MODEL["schedulers_per_sm"] * ISSUE_MODEL["threads_per_warp"]
+              * ISSUE_MODEL["clock_hz"])
+# A kernel can move bytes at the copy bandwidth only while it spends at most this many thread-instructions per
+# byte (9.9; ~20 per bf16 element, ~40 per fp32 element read). At c instructions per byte, issue alone caps it
+# at ISSUE_RATE / c bytes per second: the fraction min(1, BUDGET / c) of the copy bandwidth.
+INSTRUCTIONS_PER_BYTE_BUDGET = ISSUE_RATE / ISSUE_MODEL["copy_bandwidth_bytes_per_s"]
+
+# Issue 15's occupancy target for the float32 / bfloat16 / float16 paths: at most 64 registers at 256 threads,
+# i.e. at least 4 resident blocks per SM.
+REGISTER_TARGET = 64
+BLOCKS_PER_SM_TARGET = 4
+
+# Threads per block of every kernel, by kernel name: each launch in csrc/cuda/*.cu uses kBlockThreads (256,
+# cuda_utils.cuh): forward_kernel, backward_kernel and target_weight_kernel in cost_sensitive_cross_entropy.cu;
+# reduce_items_kernel, combine_chunks_kernel and map_items_kernel in correlation_loss.cu (run_reduction,
+# run_map); flat_kernel, strided_kernel and sparse_rows_kernel in weighted_bce_with_logits.cu (launch_pass);
+# reduce_partials_kernel in cuda_utils.cuh (launch_reduce_partials). A kernel missing here is an error.
+LAUNCH_THREADS = {
+    "forward_kernel": 256,
+    "backward_kernel": 256,
+    "target_weight_kernel": 256,
+    "reduce_items_kernel": 256,
+    "combine_chunks_kernel": 256,
+    "map_items_kernel": 256,
+    "flat_kernel": 256,
+    "strided_kernel": 256,
+    "sparse_rows_kernel": 256,
+    "reduce_partials_kernel": 256,
+}
+
+# ------------------------------------------------------------------------------------------------- names
+
+# Short op names, by the .cu file a cubin was compiled from.
+OPS = {
+    "cost_sensitive_cross_entropy": "cross_entropy",
+    "correlation_loss": "correlation",
+    "weighted_bce_with_logits": "bce",
+}
+# enum class Pass { Forward, Backward, ForwardWithGradient } (weighted_bce_with_logits.cu).
+BCE_PASSES = ("Forward", "Backward", "ForwardWithGradient")
+TYPE_NAMES = [(r"\bBFloat16\b", "bf16"), (r"\bHalf\b", "fp16"), (r"\bfloat\b", "fp32"), (r"\bdouble\b", "fp64"),
+              (r"\bunsigned char\b", "uint8"), (r"\blong\b", "int64")]
+TYPE_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "bool": 1, "uint8": 1, "int64": 8}
+
+
+def short_kernel_name(demangled: str) -> str:
+    """'void fused_losses::cuda::(anonymous namespace)::flat_kernel<(...::Pass)0, c10::BFloat16, bool>(...)'
+    -> 'flat_kernel<Forward, bf16, bool>'."""
+    name = demangled.removeprefix("void ")
+    for prefix in ("(anonymous namespace)::", "fused_losses::cuda::", "fused_losses::", "c10::", "std::"):
+        name = name.replace(prefix, "")
+    depth = 0
+    for position, char in enumerate(name):  # cut the parameter list: the first '(' outside template brackets
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == "(" and depth == 0:
+            name = name[:position]
+            break
+    name = re.sub(r"\(Pass\)(\d)", lambda m: BCE_PASSES[int(m.group(1))], name)
+    for pattern, short in TYPE_NAMES:
+        name = re.sub(pattern, short, name)
+    return name.replace("> >", ">>")
+
+
+def split_template(name: str) -> tuple[str, list[str]]:
+    """'reduce_items_kernel<256, MomentsTask<bf16>>' -> ('reduce_items_kernel', ['256', 'MomentsTask<bf16>'])."""
+    base, _, rest = name.partition("<")
+    arguments, depth, current = [], 0, ""
+    for char in rest[:-1]:
+        if char == "," and depth == 0:
+            arguments.append(current.strip())
+            current = ""
+            continue
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        current += char
+    if current.strip():
+        arguments.append(current.strip())
+    return base, arguments
+
+
+def demangle(names: list[str]) -> list[str]:
+    output = subprocess.run([str(find_tool("c++filt"))], input="\n".join(names), capture_output=True, text=True,
+                            check=True).stdout
+    return output.splitlines()
+
+
+# ------------------------------------------------------------------------------------------------- tools
+
+
+class ToolMissing(RuntimeError):
+    pass
+
+
+class NoCubins(RuntimeError):
+    pass
+
+
+def find_tool(name: str) -> Path:
+    """cuobjdump / nvdisasm from the triton wheel (the toolkit torch's own kernels are built with), else from
+    PATH; c++filt from PATH."""
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        bundled = Path(list(triton.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / name
+        if bundled.is_file():
+            return bundled
+    found = shutil.which(name)
+    if found is None:
+        raise ToolMissing(f"{name} not found: neither in the triton wheel (triton/backends/nvidia/bin) nor on PATH")
+    return Path(found)
+
+
+def default_extension() -> Path:
+    """The _C library of the fused_losses package that Python imports from the repository root (the checkout's
+    own build with an editable install)."""
+    sys.path.insert(0, str(REPOSITORY))
+    try:
+        spec = importlib.util.find_spec("fused_losses")
+    finally:
+        sys.path.remove(str(REPOSITORY))
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the fused_losses package is not importable: build it first (make build)")
+    libraries = sorted(Path(list(spec.submodule_search_locations)[0]).glob("_C*.so"))
+    if not libraries:
+        raise FileNotFoundError(f"no built extension (_C*.so) in {spec.submodule_search_locations[0]}")
+    return libraries[0]
+
+
+def cuobjdump(extension: Path, *options: str) -> str:
+    result = subprocess.run([str(find_tool("cuobjdump")), *options, str(extension)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if "does not contain device code" in result.stderr:
+            raise NoCubins(f"{extension} holds no CUDA device code (a CPU-only build)")
+        raise RuntimeError(f"cuobjdump {' '.join(options)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def cuobjdump_version() -> str:
+    output = subprocess.run([str(find_tool("cuobjdump")), "--version"], capture_output=True, text=True).stdout
+    release = re.search(r"release ([\d.]+)", output)
+    return release.group(1) if release else "unknown"
+
+
+# ------------------------------------------------------------------------------------------------- resources
+
+
+@dataclass
+class Kernel:
+    source: str  # the .cu file's stem
+    mangled: str
+    name: str = ""  # 'op/short kernel name', unique in the extension
+    registers: int = 0
+    stack_bytes: int = 0  # stack frame: where spilled registers (and dynamically indexed local arrays) live
+    local_bytes: int = 0  # local memory outside the stack frame
+    shared_bytes: int = 0  # static shared memory per block, as cuobjdump reports it (see H100)
+
+    @property
+    def short(self) -> str:
+        return self.name.split("/", 1)[1]
+
+    @property
+    def on_fp64_path(self) -> bool:
+        return "fp64" in self.short
+
+    def may_touch_local_memory(self) -> bool:
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+
+def _cubin_sections(dump: str, arch: str):
+    """Yields (source stem, lines) for each ELF cubin of `arch` in a cuobjdump listing."""
+    for section in re.split(r"\n(?=Fatbin (?:elf|ptx) code:)", dump):
+        if not section.startswith("Fatbin elf code:") or not re.search(rf"^arch = {arch}$", section, re.M):
+            continue
+        identifier = re.search(r"^identifier = (\S+)$", section, re.M)
+        source = Path(identifier.group(1)).stem if identifier else "unknown"
+        yield source, section.splitlines()
+
+
+def read_resource_usage(extension: Path, arch: str = "sm_90") -> list[Kernel]:
+    """Registers, stack, local and shared memory of every kernel (cuobjdump -res-usage: fast, no disassembly)."""
+    kernels = []
+    for source, lines in _cubin_sections(cuobjdump(extension, "-res-usage"), arch):
+        for line in lines:
+            function = re.match(r"\s*Function (\S+):$", line)
+            if function:
+                kernels.append(Kernel(source, function.group(1)))
+                continue
+            usage = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+            if usage and kernels:
+                registers, stack, shared, local = map(int, usage.groups())
+                kernels[-1] = Kernel(source, kernels[-1].mangled, registers=registers, stack_bytes=stack,
+                                     local_bytes=local, shared_bytes=shared)
+    if not kernels:
+        raise NoCubins(f"{extension} holds no {arch} cubin")
+    for kernel, demangled in zip(kernels, demangle([k.mangled for k in kernels])):
+        kernel.name = f"{OPS.get(kernel.source, kernel.source)}/{short_kernel_name(demangled)}"
+    return kernels
+
+
+def threads_per_block(kernel: Kernel) -> int:
+    base = split_template(kernel.short)[0]
+    if base not in LAUNCH_THREADS:
+        raise KeyError(f"no launch size for {kernel.name}: add {base} to LAUNCH_THREADS from its .cu launch")
+    return LAUNCH_THREADS[base]
+
+
+def resident_blocks(registers: int, shared_bytes: int, threads: int) -> tuple[int, str]:
+    """Blocks of `threads` threads that fit on one H100 SM, and the limit that decides it."""
+    warps = math.ceil(threads / 32)
+    unit = H100["register_allocation_unit"]
+    registers_per_warp = math.ceil(registers * 32 / unit) * unit
+    limits = {
+        "threads": H100["max_threads_per_sm"] // threads,
+        "blocks": H100["max_blocks_per_sm"],
+        "registers": H100["registers_per_sm"] // registers_per_warp // warps,
+        "shared memory": H100["shared_memory_per_sm"] // max(shared_bytes, H100["shared_memory_reserved_per_block"]),
+    }
+    limit = min(limits, key=lambda name: limits[name])  # on a tie, the first named
+    return limits[limit], limit
+
+
+# ------------------------------------------------------------------------------------------------- SASS
+
+INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+GUARD = re.compile(r"^@!?U?P[T\d]+\s+")
+MEMORY_WIDTHS = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+GLOBAL_ACCESSES = ("LDG", "STG", "LD", "ST")  # LD / ST: generic addresses (global memory in these kernels)
+
+
+@dataclass
+class Instruction:
+    address: int
+    text: str
+
+    @property
+    def guarded(self) -> bool:
+        return GUARD.match(self.text) is not None
+
+    @property
+    def opcode(self) -> str:
+        return GUARD.sub("", self.text).split()[0]
+
+    @property
+    def operation(self) -> str:
+        return self.opcode.split(".")[0]
+
+    def access_bytes(self) -> int:
+        """Bytes one thread moves with this load / store (4 without a width suffix)."""
+        for suffix in self.opcode.split(".")[1:]:
+            if suffix in MEMORY_WIDTHS:
+                return MEMORY_WIDTHS[suffix]
+        return 4
+
+    def branch_target(self) -> int | None:
+        if self.operation != "BRA":
+            return None
+        return int(re.findall(r"0x([0-9a-f]+)", self.text)[-1], 16)
+
+    def ends_block(self) -> bool:
+        return self.operation in ("BRA", "BRX", "JMX", "EXIT", "RET")
+
+    def falls_through(self) -> bool:
+        """Whether execution can continue with the next instruction."""
+        if self.operation == "BRA":
+            operands = GUARD.sub("", self.text).split(None, 1)[1]
+            return self.guarded or "," in operands  # 'BRA P0, 0x..', 'BRA.DIV UR4, 0x..': conditional
+        if self.operation in ("EXIT", "RET"):
+            return self.guarded
+        return self.operation not in ("BRX", "JMX")  # indirect jumps: successors unknown, the analysis stops
+
+
+def read_sass(extension: Path, arch: str = "sm_90",
+              kernels: list[Kernel] | None = None) -> dict[tuple[str, str], list[Instruction]]:
+    """Instructions of every kernel (or of `kernels` only: faster), keyed by (source stem, mangled name)."""
+    options = ["-sass"]
+    if kernels is not None:
+        options += ["-fun", ",".join(sorted({k.mangled for k in kernels}))]
+    return parse_sass(cuobjdump(extension, *options), arch)
+
+
+def parse_sass(listing: str, arch: str = "sm_90") -> dict[tuple[str, str], list[Instruction]]:
+    """The instructions of each function of a `cuobjdump -sass` listing."""
+    functions: dict[tuple[str, str], list[Instruction]] = {}
+    for source, lines in _cubin_sections(listing, arch):
+        current = None
+        for line in lines:
+            function = re.match(r"\s*Function : (\S+)", line)
+            if function:
+                current = functions.setdefault((source, function.group(1)), [])
+                continue
+            instruction = INSTRUCTION.match(line)
+            if instruction and current is not None:
+                current.append(Instruction(int(instruction.group(1), 16), instruction.group(2)))
+    return functions
+
+
+def local_memory_traffic(instructions: list[Instruction]) -> tuple[int, int]:
+    """Bytes per thread stored to and loaded from local memory by STL / LDL instructions, each counted once
+    (ptxas -v calls them spill stores / loads; a dynamically indexed local array would show here too)."""
+    stores = sum(i.access_bytes() for i in instructions if i.operation == "STL")
+    loads = sum(i.access_bytes() for i in instructions if i.operation == "LDL")
+    return stores, loads
+
+
+# ------------------------------------------------------------------------------------------------- loops
+
+
+@dataclass
+class Loop:
+    header: int  # address of the loop's first instruction
+    static: int  # instructions in the body
+    min_path: int  # instructions on the shortest path from the header back to it
+    accesses: dict[str, int]  # global loads / stores by kind and width, e.g. {'LDG16': 1, 'STG2': 4}
+    contains_memory_loop: bool = False
+
+    def _count(self, direction: str, width: int) -> int:
+        """Accesses of `width` bytes whose operation starts with `direction` ('LD', 'ST', or '' for both)."""
+        total = 0
+        for key, count in self.accesses.items():
+            operation, size = re.fullmatch(r"([A-Z]+)(\d+)", key).groups()
+            if operation.startswith(direction) and int(size) == width:
+                total += count
+        return total
+
+    def vector_accesses(self, direction: str = "") -> int:
+        """16-byte global accesses: loads for direction 'LD', stores for 'ST', both for ''."""
+        return self._count(direction, 16)
+
+    def loads_of(self, width: int) -> int:
+        return self._count("LD", width)
+
+
+def _basic_blocks(instructions: list[Instruction]) -> tuple[list[int], list[list[int]]]:
+    """Basic blocks of a function: their first instructions (indices) and each block's successors."""
+    index_of = {instruction.address: i for i, instruction in enumerate(instructions)}
+    leaders = {0}
+    for i, instruction in enumerate(instructions):
+        target = instruction.branch_target()
+        if target is not None and target in index_of:
+            leaders.add(index_of[target])
+        if instruction.ends_block() and i + 1 < len(instructions):
+            leaders.add(i + 1)
+    starts = sorted(leaders)
+    block_of = {start: b for b, start in enumerate(starts)}
+    successors = []
+    for b, start in enumerate(starts):
+        end = starts[b + 1] if b + 1 < len(starts) else len(instructions)
+        last = instructions[end - 1]
+        target = last.branch_target()
+        targets = []
+        if target is not None and target in index_of:
+            targets.append(block_of[index_of[target]])
+        if last.falls_through() and end < len(instructions):
+            targets.append(b + 1)
+        successors.append(targets)
+    return starts, successors
+
+
+def _dominators(successors: list[list[int]]) -> tuple[list[int], dict[int, int], dict[int, list[int]]]:
+    """Reverse post-order of the blocks reachable from block 0, their immediate dominators (Cooper, Harvey,
+    Kennedy: 'A Simple, Fast Dominance Algorithm') and their predecessors."""
+    order, seen, stack = [], {0}, [(0, iter(successors[0]))]
+    while stack:
+        block, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            order.append(block)
+            stack.pop()
+        elif child not in seen:
+            seen.add(child)
+            stack.append((child, iter(successors[child])))
+    order.reverse()
+    position = {block: p for p, block in enumerate(order)}
+    predecessors: dict[int, list[int]] = {block: [] for block in order}
+    for block in order:
+        for child in successors[block]:
+            predecessors[child].append(block)
+    idom = {0: 0}
+    changed = True
+    while changed:
+        changed = False
+        for block in order[1:]:
+            processed = [p for p in predecessors[block] if p in idom]
+            new = processed[0]
+            for other in processed[1:]:
+                a, b = new, other
+                while a != b:
+                    while position[a] > position[b]:
+                        a = idom[a]
+                    while position[b] > position[a]:
+                        b = idom[b]
+                new = a
+            if idom.get(block) != new:
+                idom[block] = new
+                changed = True
+    return order, idom, predecessors
+
+
+def find_loops(instructions: list[Instruction]) -> list[Loop]:
+    """Natural loops: for each branch back to a block that dominates it, the blocks that reach the branch
+    without passing through that header (branches back to one header make one loop). Subroutines (reached only
+    by CALL) and code after the last EXIT that nothing branches to are not part of the kernel's CFG."""
+    if not instructions:
+        return []
+    starts, successors = _basic_blocks(instructions)
+    order, idom, predecessors = _dominators(successors)
+    ends = starts[1:] + [len(instructions)]
+    sizes = [end - start for start, end in zip(starts, ends)]
+
+    def dominates(a: int, b: int) -> bool:
+        while b != a and idom[b] != b:
+            b = idom[b]
+        return a == b
+
+    sources_of: dict[int, set[int]] = {}
+    for block in order:
+        for child in successors[block]:
+            if dominates(child, block):
+                sources_of.setdefault(child, set()).add(block)
+    bodies: dict[int, set[int]] = {}
+    for header, sources in sources_of.items():
+        body, work = {header} | sources, list(sources - {header})
+        while work:
+            for parent in predecessors[work.pop()]:
+                if parent not in body:
+                    body.add(parent)
+                    work.append(parent)
+        bodies[header] = body
+
+    accesses: dict[int, dict[str, int]] = {}
+    for header, body in bodies.items():
+        counts: dict[str, int] = {}
+        for block in body:
+            for instruction in instructions[starts[block]:ends[block]]:
+                if instruction.operation in GLOBAL_ACCESSES:
+                    key = f"{instruction.operation}{instruction.access_bytes()}"
+                    counts[key] = counts.get(key, 0) + 1
+        accesses[header] = counts
+    return [Loop(header=instructions[starts[header]].address,
+                 static=sum(sizes[b] for b in body),
+                 min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
+                 accesses=accesses[header],
+                 contains_memory_loop=any(other != header and other in body and accesses[other] for other in bodies))
+            for header, body in bodies.items()]
+
+
+def _shortest_iteration(header: int, body: set[int], sources: set[int], successors: list[list[int]],
+                        sizes: list[int]) -> int:
+    """Instructions on the shortest path header -> ... -> a back-edge source (Dijkstra over the body; a nested
+    loop is passed through once)."""
+    distance = {header: sizes[header]}
+    queue = [(sizes[header], header)]
+    while queue:
+        cost, block = heapq.heappop(queue)
+        if cost > distance[block]:
+            continue
+        if block in sources:
+            return cost
+        for child in successors[block]:
+            if child in body and child != header and cost + sizes[child] < distance.get(child, math.inf):
+                distance[child] = cost + sizes[child]
+                heapq.heappush(queue, (distance[child], child))
+    raise AssertionError("a back-edge source is always reachable from its loop's header")
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """What one iteration of a kernel's hot loop does, from the kernel's source.
+
+    loop_kinds: the innermost global-memory loops that together process an element: 'read' (16-byte loads,
+    no 16-byte stores), 'write' (16-byte stores), 'vector' (any 16-byte access) or 'scalar' (any access).
+    elements: elements per iteration; 0 means: the number of `counted_load_bytes`-wide loads in the loop
+    (a scalar loop the compiler unrolled). dram_bytes: bytes each element costs in DRAM traffic.
+    vector_accesses: 16-byte accesses every selected loop must hold (checks `elements`)."""
+    loop_kinds: tuple[str, ...]
+    elements: int
+    dram_bytes: int
+    what: str
+    vector_accesses: int = 0
+    counted_load_bytes: int = 0
+
+
+def sweep_model(kernel: Kernel) -> SweepModel | None:
+    """The hot-loop model of a kernel that sweeps element tensors; None for the O(rows) kernels (per-block
+    partial sums, chunk merges, the target-weight pre-pass)."""
+    op = kernel.name.split("/")[0]
+    base, arguments = split_template(kernel.short)
+    if op == "cross_entropy" and base == "forward_kernel":
+        scalar, _, writes_gradient = arguments
+        size = TYPE_SIZES[scalar]
+        if writes_gradient == "true":
+            return SweepModel(("read", "write"), 16 // size, 2 * size, vector_accesses=1,
+                              what="online-softmax scan + gradient sweep of one 16-byte pack of logits (the sweep "
+                                   "re-reads it from L1/L2); DRAM: logits read, gradient written")
+        return SweepModel(("read",), 16 // size, size, vector_accesses=1,
+                          what="online-softmax scan of one 16-byte pack of logits; DRAM: logits read")
+    if op == "cross_entropy" and base == "backward_kernel":
+        size = TYPE_SIZES[arguments[0]]
+        return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2,
+                          what="gradient of one 16-byte pack of logits; DRAM: logits read, gradient written")
+    if op == "correlation" and base in ("reduce_items_kernel", "map_items_kernel"):
+        task, scalar = re.match(r"(\w+)<(\w+)>", arguments[1]).groups()
+        size = TYPE_SIZES[scalar]
+        pack = 16 // size
+        if task == "MomentsTask":
+            return SweepModel(("read",), pack, 2 * size, vector_accesses=2,
+                              what="moments of one 16-byte pack of x and of y (the 2-pass forward's second sweep "
+                                   "is GradientTask's loop); DRAM: x, y read")
+        if task == "UpstreamSumsTask":
+            return SweepModel(("read",), pack, 3 * size, vector_accesses=3,
+                              what="per-step upstream sums over one pack of x, y, grad_output; DRAM: all three read")
+        if task == "SequenceWeightTask":
+            return SweepModel(("scalar",), 0, 1, counted_load_bytes=1,
+                              what="valid-step count, one mask byte per step (unrolled); DRAM: mask read")
+        if task == "GradientTask":
+            return SweepModel(("write",), pack, 3 * size, vector_accesses=3,
+                              what="gradient of one pack of steps; DRAM: x, y read, one gradient written")
+        if task == "PerStepLossTask":
+            return SweepModel(("write",), pack, 3 * size, vector_accesses=3,
+                              what="per-step losses of one pack; DRAM: x, y read, losses written")
+    if op == "bce" and base == "flat_kernel":
+        bce_pass, scalar, target = arguments
+        size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
+        elements = 16 // min(size, target_size)  # kFlatElements
+        written = 0 if bce_pass == "Forward" else size
+        return SweepModel(("vector",), elements, size + target_size + written,
+                          vector_accesses=elements * (size + target_size + written) // 16,
+                          what="kFlatElements elements: 16-byte loads of logits and target"
+                               + (", 16-byte stores of the gradient" if written else "")
+                               + "; DRAM: logits, target read" + (", gradient written" if written else ""))
+    if op == "bce" and base == "sparse_rows_kernel":
+        bce_pass, scalar = arguments
+        size = TYPE_SIZES[scalar]
+        written = 0 if bce_pass == "Forward" else size
+        return SweepModel(("vector",), 16 // size, size + written, vector_accesses=1 + (written > 0),
+                          what="one 16-byte pack of a row's logits, labels from the shared-memory bitmap; DRAM: "
+                               "logits read" + (", gradient written" if written else ""))
+    if op == "bce" and base == "strided_kernel":
+        bce_pass, scalar, target = arguments
+        size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
+        written = 0 if bce_pass == "Forward" else size
+        return SweepModel(("scalar",), 1, size + target_size + written,
+                          what="one element; its per-dimension index loop (div/mod) counted once; DRAM: logits, "
+                               "target read" + (", gradient written" if written else ""))
+    return None
+
+
+def _loop_matches(loop: Loop, kind: str) -> bool:
+    if kind == "read":
+        return loop.vector_accesses("LD") > 0 and loop.vector_accesses("ST") == 0
+    if kind == "write":
+        return loop.vector_accesses("ST") > 0
+    if kind == "vector":
+        return loop.vector_accesses() > 0
+    return bool(loop.accesses)
+
+
+@dataclass
+class HotLoops:
+    """The loops that make up one element's work (one per loop kind of the model), their cost per element and
+    per DRAM byte, and the issue-bound fraction of the copy bandwidth, from the static count and the min path."""
+    headers: list[str]
+    static: list[int]
+    min_path: list[int]
+    elements: list[int]
+    instructions_per_element: float
+    min_path_instructions_per_element: float
+    dram_bytes_per_element: int
+    instructions_per_byte: float
+    min_path_instructions_per_byte: float
+    bandwidth_fraction: float
+    min_path_bandwidth_fraction: float
+    what: str
+    checks: list[str] = field(default_factory=list)  # where the loop found disagrees with the model
+
+
+def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
+    """For each loop kind of the model, the hot loop: among the innermost global-memory loops of that kind
+    (several when the compiler made versions of one source loop, e.g. with and without a cost row), the one
+    with the most static instructions per element. None when a kind has no loop (the model does not fit)."""
+    innermost = [loop for loop in loops if loop.accesses and not loop.contains_memory_loop]
+
+    def elements_of(loop: Loop) -> int:
+        return model.elements or loop.loads_of(model.counted_load_bytes)
+
+    chosen = []
+    for kind in model.loop_kinds:
+        candidates = [loop for loop in innermost if _loop_matches(loop, kind) and elements_of(loop) > 0]
+        if not candidates:
+            return None
+        chosen.append(max(candidates, key=lambda loop: (loop.static / elements_of(loop), -loop.header)))
+    per_element = sum(loop.static / elements_of(loop) for loop in chosen)
+    min_per_element = sum(loop.min_path / elements_of(loop) for loop in chosen)
+    per_byte, min_per_byte = per_element / model.dram_bytes, min_per_element / model.dram_bytes
+    checks = [f"loop {hex(loop.header)} has {loop.vector_accesses()} 16-byte accesses, the model expects at least "
+              f"{model.vector_accesses}" for loop in chosen if loop.vector_accesses() < model.vector_accesses]
+    return HotLoops([hex(loop.header) for loop in chosen], [loop.static for loop in chosen],
+                    [loop.min_path for loop in chosen], [elements_of(loop) for loop in chosen], per_element,
+                    min_per_element, model.dram_bytes, per_byte, min_per_byte,
+                    min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / per_byte),
+                    min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / min_per_byte), model.what, checks)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class KernelReport:
+    name: str
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int
+    threads_per_block: int
+    blocks_per_sm: int
+    blocks_per_sm_limit: str
+    on_fp64_path: bool
+    hot_loops: HotLoops | None
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+    @property
+    def misses_register_target(self) -> bool:
+        """Issue 15: float32 / bf16 / fp16 kernels use <= 64 registers at 256 threads (>= 4 blocks per SM)."""
+        return not self.on_fp64_path and self.blocks_per_sm < BLOCKS_PER_SM_TARGET
+
+
+def analyse(extension: Path, arch: str = "sm_90") -> list[KernelReport]:
+    kernels = read_resource_usage(extension, arch)
+    sass = read_sass(extension, arch)
+    reports = []
+    for kernel in kernels:
+        instructions = sass[(kernel.source, kernel.mangled)]
+        stores, loads = local_memory_traffic(instructions)
+        threads = threads_per_block(kernel)
+        blocks, limit = resident_blocks(kernel.registers, kernel.shared_bytes, threads)
+        model = sweep_model(kernel)
+        reports.append(KernelReport(kernel.name, kernel.registers, kernel.stack_bytes, kernel.local_bytes, stores,
+                                    loads, kernel.shared_bytes, threads, blocks, limit, kernel.on_fp64_path,
+                                    hot_loops(find_loops(instructions), model) if model else None))
+    return sorted(reports, key=report_order)
+
+
+def report_order(report: KernelReport) -> tuple:
+    """Ops in OPS order, then kernel names with their numbers compared as numbers."""
+    op, kernel = report.name.split("/", 1)
+    op_rank = list(OPS.values()).index(op) if op in OPS.values() else len(OPS)
+    return op_rank, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", kernel)]
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPOSITORY)) if resolved.is_relative_to(REPOSITORY) else str(path)
+
+
+def markdown(reports: list[KernelReport], extension: Path, arch: str) -> str:
+    spilling = [r for r in reports if r.spills]
+    register_misses = [r for r in reports if r.misses_register_target]
+    lines = [
+        f"SASS report: {_shown(extension)} ({arch}, cuobjdump {cuobjdump_version()}), {len(reports)} kernels.",
+        f"Model: H100, {ISSUE_MODEL['sms']} SMs x {ISSUE_MODEL['schedulers_per_sm']} schedulers x 1 warp-instruction"
+        f"/clock x {ISSUE_MODEL['clock_hz'] / 1e9:g} GHz = {ISSUE_RATE / 1e12:.1f}e12 thread-instructions/s against "
+        f"{ISSUE_MODEL['copy_bandwidth_bytes_per_s'] / 1e12:g} TB/s copy bandwidth: memory-bound only under "
+        f"{INSTRUCTIONS_PER_BYTE_BUDGET:.1f} instructions per byte; est. BW = min(1, "
+        f"{INSTRUCTIONS_PER_BYTE_BUDGET:.1f} / instr per byte), static count (min path in parentheses).",
+        f"Blocks/SM at the launch size (256 threads) under {H100['registers_per_sm']} registers, "
+        f"{H100['max_threads_per_sm']} threads, {H100['shared_memory_per_sm'] // 1024} KB shared memory and "
+        f"{H100['max_blocks_per_sm']} blocks per SM; in parentheses the limit that decides it.",
+        f"Of these kernels, {len(spilling)} spill (STL/LDL) and {len(register_misses)} on the float32/bf16/fp16 "
+        f"paths use more than {REGISTER_TARGET} registers (< {BLOCKS_PER_SM_TARGET} blocks/SM).",
+        "",
+        "| kernel | regs | spill st/ld B | smem B | blocks/SM | hot loop instr | elem/iter | instr/elem | DRAM B/elem "
+        "| instr/B | est. % copy BW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        spill = f"{r.spill_store_bytes}/{r.spill_load_bytes}" if r.spills else "0"
+        blocks = f"{r.blocks_per_sm} ({r.blocks_per_sm_limit})"
+        loops = r.hot_loops
+        if loops is None:
+            loop_columns = ["-"] * 6
+        else:
+            loop_columns = [
+                "+".join(map(str, loops.static)) + " (" + "+".join(map(str, loops.min_path)) + ")",
+                "/".join(sorted(set(map(str, loops.elements)))),
+                f"{loops.instructions_per_element:.0f} ({loops.min_path_instructions_per_element:.0f})",
+                str(loops.dram_bytes_per_element),
+                f"{loops.instructions_per_byte:.1f} ({loops.min_path_instructions_per_byte:.1f})",
+                f"{_percent(loops.bandwidth_fraction)} ({_percent(loops.min_path_bandwidth_fraction)})"
+                + (" ?" if loops.checks else ""),
+            ]
+        lines.append(f"| `{r.name}` | {r.registers} | {spill} | {r.shared_bytes} | {blocks} | "
+                     + " | ".join(loop_columns) + " |")
+    checks = [(r.name, check) for r in reports if r.hot_loops for check in r.hot_loops.checks]
+    if checks:
+        lines += ["", "? the loops found disagree with the kernel's model:"]
+        lines += [f"- {name}: {check}" for name, check in checks]
+    return "\n".join(lines)
+
+
+def as_json(reports: list[KernelReport], extension: Path, arch: str) -> str:
+    document = {
+        "extension": str(extension),
+        "arch": arch,
+        "cuobjdump": cuobjdump_version(),
+        "sm_limits": H100,
+        "issue_model": {**ISSUE_MODEL, "thread_instructions_per_s": ISSUE_RATE,
+                        "instructions_per_byte_budget": INSTRUCTIONS_PER_BYTE_BUDGET},
+        "kernels": [{**asdict(r), "spills": r.spills, "misses_register_target": r.misses_register_target}
+                    for r in reports],
+    }
+    return json.dumps(document, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--extension", type=Path, help="the built extension (default: fused_losses/_C*.so as "
+                                                        "Python imports it from the repository root)")
+    parser.add_argument("--arch", default="sm_90", help="cubin architecture to read (default sm_90)")
+    parser.add_argument("--match", help="only kernels whose name ('op/kernel<args>') matches this regex")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    args = parser.parse_args(argv)
+    extension = args.extension or default_extension()
+    reports = analyse(extension, args.arch)
+    if args.match:
+        reports = [r for r in reports if re.search(args.match, r.name)]
+    print(as_json(reports, extension, args.arch) if args.json else markdown(reports, extension, args.arch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
