@@ -19,11 +19,19 @@ def load_example(name):
 
 def test_cost_sensitive_digits(tmp_path):
     example = load_example("cost_sensitive_digits")
-    out = tmp_path / "digits.png"
-    totals = example.main(["--epochs", "1", "--seeds", "1", "--device", "cpu", "--out", str(out)])
-    assert set(totals) == {"plain cross-entropy", "cost-sensitive, argmax", "cost-sensitive, expected"}
-    assert all(total >= 0 for total in totals.values())
-    assert out.stat().st_size > 0
+    cost = example.misclassification_costs()
+    assert cost[1, 8] == 8 and cost[8, 1] == 1 and cost.diagonal().eq(0).all()  # the documented asymmetry
+    out = tmp_path / "out"
+    results = example.main(["--epochs", "1", "--seeds", "2", "--device", "cpu", "--out", str(out)])
+    assert set(results) == set(example.REGIMES)
+    for per_regime in results.values():
+        assert set(per_regime) == {(loss, decision) for loss in example.LOSSES for decision in example.DECISIONS}
+        for measured in per_regime.values():
+            assert len(measured["cost"]) == len(measured["accuracy"]) == 2
+            assert all(cost >= 0 for cost in measured["cost"])
+            assert all(0 <= accuracy <= 1 for accuracy in measured["accuracy"])
+    assert [path.name for path in out.iterdir()] == ["cost_sensitive_digits.png"]
+    assert (out / "cost_sensitive_digits.png").stat().st_size > 0
 
 
 def test_sequence_correlation(tmp_path):
