@@ -34,15 +34,39 @@ def test_cost_sensitive_digits(tmp_path):
     assert (out / "cost_sensitive_digits.png").stat().st_size > 0
 
 
-def test_sequence_correlation(tmp_path):
-    pytest.importorskip("statsmodels")
+def test_sequence_correlation_data():
     example = load_example("sequence_correlation")
-    out = tmp_path / "sequences.png"
-    results = example.main(["--steps", "3", "--device", "cpu", "--out", str(out)])
-    assert set(results) == {"MSE", "Pearson", "CCC"}
-    for res in results.values():
-        assert -1 <= res["pearson"] <= 1 and res["mse"] >= 0
-    assert out.stat().st_size > 0
+    for regime in example.REGIMES:
+        (x, y, mask), (held_x, held_y, held_mask) = example.make_data(regime, seed=0)
+        assert x.shape == (example.TRAINING_SEQUENCES, example.MAX_LENGTH, example.CHANNELS)
+        assert held_y.shape == held_mask.shape == (example.HELD_OUT_SEQUENCES, example.MAX_LENGTH)
+        lengths = held_mask.sum(1)
+        assert lengths.min() >= example.MAX_LENGTH // 2 and lengths.max() <= example.MAX_LENGTH
+        assert (held_x[~held_mask] == 0).all() and (held_y[~held_mask] == 0).all()
+        # Raters' offsets and scales: per-sequence levels and spreads vary a lot only with biased raters.
+        valid = held_mask.float()
+        means = (held_y * valid).sum(1) / valid.sum(1)
+        spreads = (((held_y - means[:, None]) ** 2 * valid).sum(1) / valid.sum(1)).sqrt()
+        biased = regime == "biased raters"
+        assert (means.std() > 1.0) == biased
+        assert (spreads.max() / spreads.min() > 4) == biased
+    # Held-out sequences are drawn apart from the training ones: no sequence is shared.
+    assert not (held_y[:, None, :16] == y[None, :, :16]).all(-1).any()
+
+
+def test_sequence_correlation(tmp_path):
+    example = load_example("sequence_correlation")
+    out = tmp_path / "out"
+    results = example.main(["--steps", "3", "--seeds", "2", "--device", "cpu", "--out", str(out)])
+    assert set(results) == set(example.REGIMES)
+    for per_regime in results.values():
+        assert set(per_regime) == set(example.LOSSES)
+        for measured in per_regime.values():
+            assert len(measured["pearson"]) == len(measured["ccc"]) == len(measured["rmse"]) == 2
+            assert all(-1 <= r <= 1 for r in measured["pearson"] + measured["ccc"])
+            assert all(rmse >= 0 for rmse in measured["rmse"])
+    assert [path.name for path in out.iterdir()] == ["sequence_correlation.png"]
+    assert (out / "sequence_correlation.png").stat().st_size > 0
 
 
 def test_sparse_multilabel(tmp_path):
