@@ -5,9 +5,11 @@
   :func:`concordance_correlation_loss` / :class:`ConcordanceCorrelationLoss`: per-sequence correlation losses
 - :func:`weighted_bce_with_logits` / :class:`WeightedBCEWithLogitsLoss` (pos_weight, focal, ASL; dense or
   sparse multi-label targets)
+- :func:`bayes_decision`: the minimum-expected-cost class under a cost matrix (a decision rule, not a loss)
 """
 
 from . import reference
+from .decision import bayes_decision
 from .functional import (concordance_correlation_loss, cost_sensitive_cross_entropy, pearson_correlation_loss,
                          weighted_bce_with_logits)
 from .modules import (ConcordanceCorrelationLoss, CostSensitiveCrossEntropyLoss, PearsonCorrelationLoss,
@@ -22,6 +24,7 @@ __all__ = [
     "ConcordanceCorrelationLoss",
     "weighted_bce_with_logits",
     "WeightedBCEWithLogitsLoss",
+    "bayes_decision",
     "reference",
 ]
 
