@@ -5,6 +5,8 @@
   :func:`concordance_correlation_loss` / :class:`ConcordanceCorrelationLoss`: per-sequence correlation losses
 - :func:`weighted_bce_with_logits` / :class:`WeightedBCEWithLogitsLoss` (pos_weight, focal, ASL; dense or
   sparse multi-label targets)
+
+Keras 3 forms of the three losses (torch backend) are in :mod:`fused_losses.keras`, imported only on request.
 """
 
 from . import reference
