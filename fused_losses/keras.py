@@ -24,7 +24,7 @@ logits for the kernels as Keras' own cross-entropies treat them: clipped to ``[e
 ``eps = keras.config.epsilon()`` (1e-7 by default), then ``log(p)`` (softmax; ``p`` is first divided by its sum
 over the class axis, as Keras does) or ``log(p) - log1p(-p)`` (sigmoid). The loss is finite for probabilities
 of exactly 0 and 1, but this costs what it costs Keras: a probability held in float32 is only known to about
-6e-8 near 1, so per-sample losses below ~1e-6 carry large relative errors, and the clip caps a sample's loss at
+6e-8 near 1, so per-sample losses below ~1e-6 are off by several percent or more, and the clip caps a loss at
 ``-log(eps)`` (16.1) with **no gradient** once the model is more confident than ``1 - eps`` in a wrong answer
 (the clipped probability is a constant). For probabilities inside ``[eps, 1 - eps]`` the loss equals the
 ``from_logits=True`` loss on the logits that produced them to float32 rounding (the tests check 1e-5).
