@@ -569,3 +569,25 @@ print(model.evaluate(np.load({str(tmp_path / "x.npy")!r}), np.load({str(tmp_path
     name, value = result.stdout.split("\n")[-3:-1]
     assert name == "fused_losses.keras PearsonCorrelationLoss"
     assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_keras_example_quick_mode(tmp_path):
+    """examples/keras_losses.py --quick: the three parts run end to end and report what the README quotes."""
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("keras_losses_example", ROOT / "examples" / "keras_losses.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "results.json"
+    threads = torch.get_num_threads()
+    try:
+        results = example.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the example runs PyTorch on one thread
+    assert json.loads(out.read_text()) == results
+    assert set(results["digits"]) == {"CategoricalCrossentropy", "cost-sensitive, argmax", "cost-sensitive, expected"}
+    sequences = results["sequences"]
+    assert sequences["loss shape"] == [example.BATCH]
+    assert sequences["gradient difference, masked"] < 1e-6 < sequences["gradient difference, unmasked"]
+    assert -1 <= sequences["r untrained"] <= 1 and -1 <= sequences["r trained"] <= 1
+    assert set(results["multilabel"]) == {"BinaryCrossentropy", "pos_weight", "ASL (gamma_neg 4, clip 0.05)"}
+    assert all(0 <= r["no label predicted"] <= 1 and 0 <= r["micro F1"] <= 1 for r in results["multilabel"].values())
