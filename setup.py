@@ -95,4 +95,6 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # fused_losses.keras: Keras 3 losses on the torch backend (uses Keras internals; tested with 3.15.1).
+    extras_require={"keras": ["keras>=3.15"]},
 )

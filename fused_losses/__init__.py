@@ -6,6 +6,8 @@
 - :func:`weighted_bce_with_logits` / :class:`WeightedBCEWithLogitsLoss` (pos_weight, focal, ASL; dense or
   sparse multi-label targets)
 - :func:`bayes_decision`: the minimum-expected-cost class under a cost matrix (a decision rule, not a loss)
+
+Keras 3 forms of the three losses (torch backend) are in :mod:`fused_losses.keras`, imported only on request.
 """
 
 from . import reference
