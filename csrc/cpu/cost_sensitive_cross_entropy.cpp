@@ -47,20 +47,6 @@ class CrossEntropyKernel {
   using Vec = Vectorized<acc_t>;
   static constexpr int kTileRows = Vec::size();
 
-  // The gradient written as d loss / d z_j = e_j (A + B (W[y, j] - F)) - D w_j - [j == y] E with
-  // e_j = exp(z_j - max): GradientCoefficients with 1 / sum_j e_j = exp(-log_sum) folded into A and B. The
-  // forward keeps e_j from its scan, the backward recomputes it from the saved max: one exp per element in
-  // either schedule, and the same bits.
-  struct ExpCoefficients {
-    acc_t max = 0, a = 0, b = 0, cost_factor = 0, d = 0, e = 0;
-    ExpCoefficients() = default;
-    explicit ExpCoefficients(const GradientCoefficients<acc_t>& k) : max(k.max), cost_factor(k.cost_factor), d(k.d), e(k.e) {
-      const acc_t inverse_sum = std::exp(-k.log_sum);
-      a = k.a * inverse_sum;
-      b = k.b * inverse_sum;
-    }
-  };
-
   // `grad` (contiguous, laid out as `grad_layout`) receives the gradient rows; nullptr for a forward without.
   CrossEntropyKernel(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg, scalar_t* grad,
                      const RowLayout& grad_layout)
@@ -109,12 +95,12 @@ class CrossEntropyKernel {
     const int64_t y = target_[first];
     acc_t* g = output_row(first);
     if (kind(y) == TargetKind::Valid) {
-      const ExpCoefficients k(coefs[0]);
-      if (!kept_exp_) store_exp(row_, k.max, g);
+      const LaneCoefficients k = fold_coefficients(first, 1, coefs);
+      if (!kept_exp_) store_exp(row_, k.max[0], g);
       with_gradient_form([&](auto expected, auto smoothing, auto weighted) {
         gradient_row<expected, smoothing, weighted>(g, k, y);
       });
-      g[y] -= k.e;
+      g[y] -= coefs[0].e;
     } else {
       std::fill(g, g + C_, invalid_row_gradient(y));
     }
@@ -150,6 +136,34 @@ class CrossEntropyKernel {
       return out_buffer_.data();
     }
     return row_output<acc_t>(grad_ + grad_layout_.row_offset(row), grad_layout_.class_stride, C_, out_buffer_);
+  }
+
+  // The gradient is written as d loss / d z_j = e_j (A + B (W[y, j] - F)) - D w_j - [j == y] E with
+  // e_j = exp(z_j - max): GradientCoefficients with 1 / sum_j e_j = exp(-log_sum) folded into A and B. The
+  // forward keeps e_j from its scan, the backward recomputes it from the saved max: one exp per element in
+  // either schedule, and the same bits. Here one lane per row of a tile (lane 0 for one row).
+  struct LaneCoefficients {
+    acc_t max[kTileRows], a[kTileRows], b[kTileRows], cost_factor[kTileRows], d[kTileRows];
+  };
+
+  // The coefficients of rows [first, first + count), zero for rows that are not valid; one vector exp folds
+  // 1 / sum_j e_j into A and B for the whole tile.
+  LaneCoefficients fold_coefficients(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) const {
+    LaneCoefficients lanes{};
+    acc_t log_sum[kTileRows] = {};
+    for (int k = 0; k < count; ++k) {
+      if (kind(target_[first + k]) != TargetKind::Valid) continue;
+      lanes.max[k] = coefs[k].max;
+      log_sum[k] = coefs[k].log_sum;
+      lanes.a[k] = coefs[k].a;
+      lanes.b[k] = coefs[k].b;
+      lanes.cost_factor[k] = coefs[k].cost_factor;
+      lanes.d[k] = coefs[k].d;
+    }
+    const Vec inverse_sum = Vec::loadu(log_sum).neg().exp();
+    (Vec::loadu(lanes.a) * inverse_sum).store(lanes.a);
+    (Vec::loadu(lanes.b) * inverse_sum).store(lanes.b);
+    return lanes;
   }
 
   bool expected_cost() const { return cfg_.cost != nullptr && cfg_.mode == CostMode::Expected; }
@@ -205,6 +219,12 @@ class CrossEntropyKernel {
       }
       return scan;
     }
+    if (cost_row != nullptr && cfg_.mode == CostMode::Argmax) {
+      scan.best_value = max;
+      scan.best_index = first_index_of(z, max);
+      // finish_row reads this cost entry: a likely cache miss in a large matrix, fetched during the exp pass.
+      __builtin_prefetch(cost_row + scan.best_index);
+    }
     const auto sum = [](Vec a, Vec b) { return a + b; };
     scan.max = max;
     scan.sum_exp = store_exp(z, max, e);
@@ -217,10 +237,6 @@ class CrossEntropyKernel {
           cfg_.class_weight != nullptr
               ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec w) { return x * w; }, sum, z, cfg_.class_weight, C_)
               : at::vec::reduce_all<acc_t>(sum, z, C_);
-    }
-    if (cost_row != nullptr && cfg_.mode == CostMode::Argmax) {
-      scan.best_value = max;
-      scan.best_index = first_index_of(z, max);
     }
     return scan;
   }
@@ -240,9 +256,9 @@ class CrossEntropyKernel {
 
   // g holds exp(z - max) of a valid row: turns it into the gradient but for the target term.
   template <bool kExpected, bool kSmoothing, bool kWeighted>
-  void gradient_row(acc_t* g, const ExpCoefficients& k, int64_t y) const {
+  void gradient_row(acc_t* g, const LaneCoefficients& k, int64_t y) const {
     const acc_t* cost_row = kExpected ? cfg_.cost + y * C_ : nullptr;
-    const Vec a(k.a), b(k.b), cost_factor(k.cost_factor), d(k.d);
+    const Vec a(k.a[0]), b(k.b[0]), cost_factor(k.cost_factor[0]), d(k.d[0]);
     for_each_vector<Vec>(C_, [&](int64_t j, int64_t n) {
       const Vec cost = kExpected ? Vec::loadu(cost_row + j, n) : Vec(acc_t(0));
       const Vec weight = kWeighted ? Vec::loadu(cfg_.class_weight + j, n) : Vec(acc_t(1));
@@ -330,22 +346,13 @@ class CrossEntropyKernel {
   // Writes the gradient of the tile's rows, one vector lane per row, from exp_tile_ (computed here unless
   // the scan kept it).
   void gradient_tile(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
-    acc_t lanes[5][kTileRows] = {};
-    for (int k = 0; k < count; ++k) {
-      if (kind(target_[first + k]) != TargetKind::Valid) continue;
-      const ExpCoefficients c(coefs[k]);
-      lanes[0][k] = c.max;
-      lanes[1][k] = c.a;
-      lanes[2][k] = c.b;
-      lanes[3][k] = c.cost_factor;
-      lanes[4][k] = c.d;
-    }
+    const LaneCoefficients k = fold_coefficients(first, count, coefs);
     if (!kept_exp_) {
-      store_tile_exp(Vec::loadu(lanes[0]));
+      store_tile_exp(Vec::loadu(k.max));
       if (expected_cost()) load_cost_tile(first, count);
     }
-    const Vec a = Vec::loadu(lanes[1]), b = Vec::loadu(lanes[2]), cost_factor = Vec::loadu(lanes[3]);
-    const Vec d = Vec::loadu(lanes[4]);
+    const Vec a = Vec::loadu(k.a), b = Vec::loadu(k.b), cost_factor = Vec::loadu(k.cost_factor);
+    const Vec d = Vec::loadu(k.d);
     with_gradient_form([&](auto expected, auto smoothing, auto weighted) {
       for (int64_t j = 0; j < C_; ++j) {
         acc_t* out = exp_tile_.data() + j * kTileRows;
