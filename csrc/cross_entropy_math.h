@@ -112,12 +112,12 @@ C10_HOST_DEVICE inline acc_t class_weight_total(const CrossEntropyConfig<acc_t>&
 }
 
 // The row's cross-entropy as F.cross_entropy(reduction='none') gives it, including w_y and smoothing.
-// lse - z_y is formed as (max - z_y) + log(sum_exp) so that large logits cancel exactly, as in log_softmax.
+// lse - z_y is formed as (max - z_y) + log_sum (= log(sum_exp)) so that large logits cancel exactly, as in
+// log_softmax.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc_t>& cfg, const RowScan<acc_t>& scan,
-                                                    acc_t target_logit, acc_t target_weight) {
+                                                    acc_t log_sum, acc_t target_logit, acc_t target_weight) {
   const acc_t eps = cfg.label_smoothing;
-  const acc_t log_sum = std::log(scan.sum_exp);
   acc_t ce = (acc_t(1) - eps) * target_weight * ((scan.max - target_logit) + log_sum);
   if (eps != acc_t(0)) {
     ce += eps / acc_t(cfg.num_classes) * (class_weight_total(cfg) * (scan.max + log_sum) - scan.weighted_logit_sum);
@@ -138,7 +138,7 @@ C10_HOST_DEVICE inline RowLoss<acc_t> finish_row(const CrossEntropyConfig<acc_t>
   RowLoss<acc_t> row;
   row.max = scan.max;
   row.log_sum = std::log(scan.sum_exp);
-  row.cross_entropy = smoothed_cross_entropy(cfg, scan, target_logit, class_weight_of(cfg, target));
+  row.cross_entropy = smoothed_cross_entropy(cfg, scan, row.log_sum, target_logit, class_weight_of(cfg, target));
   if (cfg.cost == nullptr) {
     row.cost_factor = acc_t(1);
   } else if (cfg.mode == CostMode::Argmax) {

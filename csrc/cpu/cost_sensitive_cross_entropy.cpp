@@ -8,8 +8,10 @@
 // Schedules (common.h): the 3-pass backward re-reads each row (or tile) and writes its gradient. With
 // write_gradient the forward first sums the class weights of the targets (a deterministic pre-pass over N
 // int64, the same blocks and order as the row pass, so the same total weight), then after scanning each row
-// (or tile) writes its gradient for grad_loss = 1 from the row or tile buffer it has just scanned, with the
-// coefficients and vector code of the backward: both schedules give the same bits.
+// (or tile) writes its gradient for grad_loss = 1: the scan keeps exp(z - max) where the gradient is formed
+// (the gradient row, or the tile's buffer) and the gradient step rescales it in place, one exp per element.
+// The backward recomputes exp(z - max) from the saved max with the same vector code and coefficients: both
+// schedules give the same bits.
 #include "cost_sensitive_cross_entropy.h"
 #include "cpu/cpu_rows.h"
 
@@ -30,6 +32,14 @@ constexpr int64_t kTileMaxClasses = 32;
                     ") and not ignore_index (", ignore_index, ")");
 }
 
+// Calls f(j, n) for the vectors of `count` classes: n = Vec::size() but for a last, partial vector.
+template <typename Vec, typename F>
+inline void for_each_vector(int64_t count, const F& f) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= count; j += Vec::size()) f(j, int64_t(Vec::size()));
+  if (j < count) f(j, count - j);
+}
+
 template <typename scalar_t>
 class CrossEntropyKernel {
  public:
@@ -37,21 +47,26 @@ class CrossEntropyKernel {
   using Vec = Vectorized<acc_t>;
   static constexpr int kTileRows = Vec::size();
 
-  CrossEntropyKernel(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg)
+  // `grad` (contiguous, laid out as `grad_layout`) receives the gradient rows; nullptr for a forward without.
+  CrossEntropyKernel(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg, scalar_t* grad,
+                     const RowLayout& grad_layout)
       : p_(p), cfg_(cfg), C_(p.num_classes), input_(p.input.const_data_ptr<scalar_t>()),
-        target_(p.target.const_data_ptr<int64_t>()), tiled_(p.num_classes <= kTileMaxClasses) {}
+        target_(p.target.const_data_ptr<int64_t>()), grad_(grad), grad_layout_(grad_layout),
+        tiled_(p.num_classes <= kTileMaxClasses) {}
 
   // Rows handled together: a tile for few classes, else one row.
   int64_t rows_per_step() const { return tiled_ ? kTileRows : 1; }
 
-  // Fills scans[k] for the valid rows among [first, first + count) and returns their target logits.
+  // Fills scans[k] for the valid rows among [first, first + count) and returns their target logits. Keeps
+  // exp(z - max) where the gradient of those rows is formed, for write_gradient.
   void scan_rows(int64_t first, int count, RowScan<acc_t>* scans, acc_t* target_logits) {
+    kept_exp_ = false;
     if (C_ == 0) return;  // no class: every row is ignored or invalid, which the caller handles
     load_rows(first, count);
     if (!tiled_) {
       const int64_t y = target_[first];
       if (kind(y) != TargetKind::Valid) return;
-      scans[0] = scan_row(row_, y);
+      scans[0] = scan_row(row_, y, output_row(first));
       target_logits[0] = row_[y];
       return;
     }
@@ -71,34 +86,32 @@ class CrossEntropyKernel {
     }
   }
 
-  // Writes the gradient rows [first, first + count) given each row's coefficients (valid rows only).
-  void gradient_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs, scalar_t* grad,
-                     const RowLayout& grad_layout) {
-    load_rows(first, count);
-    gradient_of_loaded_rows(first, count, coefs, grad, grad_layout);
-  }
-
-  // The same for the rows the last scan_rows read (the forward that also writes the gradient): they are
-  // still in the row or tile buffer.
-  void gradient_of_loaded_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs, scalar_t* grad,
-                               const RowLayout& grad_layout) {
-    if (!tiled_) {
-      const int64_t y = target_[first];
-      scalar_t* grad_row = grad + grad_layout.row_offset(first);
-      acc_t* g = row_output<acc_t>(grad_row, grad_layout.class_stride, C_, out_buffer_);
-      if (kind(y) == TargetKind::Valid) {
-        gradient_row(row_, coefs[0], y, g);
-      } else {
-        std::fill(g, g + C_, invalid_row_gradient(y));
-      }
-      store_row(g, grad_row, grad_layout.class_stride, C_);
+  // Writes the gradient of the rows the last scan_rows read, given each valid row's coefficients.
+  void write_gradient(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
+    if (tiled_) {
+      gradient_tile(first, count, coefs);
       return;
     }
-    gradient_tile(first, count, coefs);
-    for (int k = 0; k < count; ++k) {
-      scalar_t* grad_row = grad + grad_layout.row_offset(first + k);
-      for (int64_t j = 0; j < C_; ++j) grad_row[j * grad_layout.class_stride] = static_cast<scalar_t>(out_tile_[j * kTileRows + k]);
+    const int64_t y = target_[first];
+    acc_t* g = output_row(first);
+    if (kind(y) == TargetKind::Valid) {
+      const LaneCoefficients k = fold_coefficients(first, 1, coefs);
+      if (!kept_exp_) store_exp(row_, k.max[0], g);
+      with_gradient_form([&](auto expected, auto smoothing, auto weighted) {
+        gradient_row<expected, smoothing, weighted>(g, k, y);
+      });
+      g[y] -= coefs[0].e;
+    } else {
+      std::fill(g, g + C_, invalid_row_gradient(y));
     }
+    store_row(g, grad_ + grad_layout_.row_offset(first), grad_layout_.class_stride, C_);
+  }
+
+  // The backward: writes the gradient rows [first, first + count) given each valid row's coefficients.
+  void gradient_rows(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
+    load_rows(first, count);
+    kept_exp_ = false;
+    write_gradient(first, count, coefs);
   }
 
   TargetKind kind(int64_t y) const { return classify_target(y, C_, cfg_.ignore_index); }
@@ -114,14 +127,89 @@ class CrossEntropyKernel {
       row_ = row_as_acc<acc_t>(row_ptr(first), p_.layout.class_stride, C_, row_buffer_);
     }
   }
+
+  // Where the gradient of `row` (one row of many classes) is formed: the gradient row itself when it is a
+  // contiguous acc_t row, else a buffer (also for a forward that writes no gradient).
+  acc_t* output_row(int64_t row) {
+    if (grad_ == nullptr) {
+      out_buffer_.resize(C_);
+      return out_buffer_.data();
+    }
+    return row_output<acc_t>(grad_ + grad_layout_.row_offset(row), grad_layout_.class_stride, C_, out_buffer_);
+  }
+
+  // The gradient is written as d loss / d z_j = e_j (A + B (W[y, j] - F)) - D w_j - [j == y] E with
+  // e_j = exp(z_j - max): GradientCoefficients with 1 / sum_j e_j = exp(-log_sum) folded into A and B. The
+  // forward keeps e_j from its scan, the backward recomputes it from the saved max: one exp per element in
+  // either schedule, and the same bits. Here one lane per row of a tile (lane 0 for one row).
+  struct LaneCoefficients {
+    acc_t max[kTileRows], a[kTileRows], b[kTileRows], cost_factor[kTileRows], d[kTileRows];
+  };
+
+  // The coefficients of rows [first, first + count), zero for rows that are not valid; one vector exp folds
+  // 1 / sum_j e_j into A and B for the whole tile.
+  LaneCoefficients fold_coefficients(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) const {
+    LaneCoefficients lanes{};
+    acc_t log_sum[kTileRows] = {};
+    for (int k = 0; k < count; ++k) {
+      if (kind(target_[first + k]) != TargetKind::Valid) continue;
+      lanes.max[k] = coefs[k].max;
+      log_sum[k] = coefs[k].log_sum;
+      lanes.a[k] = coefs[k].a;
+      lanes.b[k] = coefs[k].b;
+      lanes.cost_factor[k] = coefs[k].cost_factor;
+      lanes.d[k] = coefs[k].d;
+    }
+    const Vec inverse_sum = Vec::loadu(log_sum).neg().exp();
+    (Vec::loadu(lanes.a) * inverse_sum).store(lanes.a);
+    (Vec::loadu(lanes.b) * inverse_sum).store(lanes.b);
+    return lanes;
+  }
+
   bool expected_cost() const { return cfg_.cost != nullptr && cfg_.mode == CostMode::Expected; }
   acc_t invalid_row_gradient(int64_t y) const {
     return kind(y) == TargetKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
   }
 
-  // One contiguous row of many classes, vectorised over the classes. Rows containing NaN or infinities take
-  // the element-wise RowScan, whose edge cases follow F.cross_entropy.
-  RowScan<acc_t> scan_row(const acc_t* z, int64_t y) const {
+  // Calls f(expected, smoothing, weighted) with std::bool_constant flags for the terms of the gradient this
+  // call has, so that the element loops are compiled without them and carry no branch.
+  template <typename F>
+  void with_gradient_form(const F& f) const {
+    const auto with_smoothing = [&](auto expected) {
+      if (cfg_.label_smoothing == acc_t(0)) return f(expected, std::false_type{}, std::false_type{});
+      if (cfg_.class_weight == nullptr) return f(expected, std::true_type{}, std::false_type{});
+      return f(expected, std::true_type{}, std::true_type{});
+    };
+    if (expected_cost()) {
+      with_smoothing(std::true_type{});
+    } else {
+      with_smoothing(std::false_type{});
+    }
+  }
+
+  // e (A + B (W - F)) - D w: the gradient of an element (or of a lane's row) before its target term.
+  template <bool kExpected, bool kSmoothing>
+  static Vec gradient_of(Vec e, Vec a, Vec b, Vec cost_factor, Vec d, Vec cost, Vec weight) {
+    Vec value = kExpected ? e * (a + b * (cost - cost_factor)) : e * a;
+    if constexpr (kSmoothing) value = value - d * weight;
+    return value;
+  }
+
+  // g_j = exp(z_j - max) over the row; returns sum_j g_j.
+  acc_t store_exp(const acc_t* z, acc_t max, acc_t* g) const {
+    const Vec shift(max);
+    Vec sum(acc_t(0));
+    for_each_vector<Vec>(C_, [&](int64_t j, int64_t n) {
+      const Vec e = (Vec::loadu(z + j, n) - shift).exp();
+      e.store(g + j, n);
+      sum = sum + Vec::set(Vec(acc_t(0)), e, n);
+    });
+    return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, sum);
+  }
+
+  // One contiguous row of many classes, vectorised over the classes; keeps exp(z - max) in `e`. Rows
+  // containing NaN or infinities take the element-wise RowScan, whose edge cases follow F.cross_entropy.
+  RowScan<acc_t> scan_row(const acc_t* z, int64_t y, acc_t* e) {
     RowScan<acc_t> scan;
     const acc_t* cost_row = cfg_.cost != nullptr ? cfg_.cost + y * C_ : nullptr;
     const acc_t max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, z, C_);
@@ -131,23 +219,24 @@ class CrossEntropyKernel {
       }
       return scan;
     }
-    const Vec max_vec(max);
+    if (cost_row != nullptr && cfg_.mode == CostMode::Argmax) {
+      scan.best_value = max;
+      scan.best_index = first_index_of(z, max);
+      // finish_row reads this cost entry: a likely cache miss in a large matrix, fetched during the exp pass.
+      __builtin_prefetch(cost_row + scan.best_index);
+    }
     const auto sum = [](Vec a, Vec b) { return a + b; };
     scan.max = max;
-    scan.sum_exp = at::vec::map_reduce_all<acc_t>([&](Vec x) { return (x - max_vec).exp(); }, sum, z, C_);
+    scan.sum_exp = store_exp(z, max, e);
+    kept_exp_ = true;
     if (expected_cost()) {
-      scan.cost_exp = at::vec::map2_reduce_all<acc_t>([&](Vec x, Vec c) { return (x - max_vec).exp() * c; }, sum, z,
-                                                      cost_row, C_);
+      scan.cost_exp = at::vec::map2_reduce_all<acc_t>([](Vec x, Vec c) { return x * c; }, sum, e, cost_row, C_);
     }
     if (cfg_.label_smoothing != acc_t(0)) {
       scan.weighted_logit_sum =
           cfg_.class_weight != nullptr
               ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec w) { return x * w; }, sum, z, cfg_.class_weight, C_)
               : at::vec::reduce_all<acc_t>(sum, z, C_);
-    }
-    if (cost_row != nullptr && cfg_.mode == CostMode::Argmax) {
-      scan.best_value = max;
-      scan.best_index = first_index_of(z, max);
     }
     return scan;
   }
@@ -165,17 +254,16 @@ class CrossEntropyKernel {
     return j;
   }
 
-  void gradient_row(const acc_t* z, const GradientCoefficients<acc_t>& k, int64_t y, acc_t* g) const {
-    const acc_t* cost_row = k.b != acc_t(0) ? cfg_.cost + y * C_ : nullptr;
-    const Vec max(k.max), log_sum(k.log_sum), a(k.a), b(k.b), cost_factor(k.cost_factor), d(k.d);
-    for (int64_t j = 0; j < C_; j += Vec::size()) {
-      const int64_t n = std::min<int64_t>(Vec::size(), C_ - j);
-      const Vec prob = ((Vec::loadu(z + j, n) - max) - log_sum).exp();
-      Vec value = cost_row != nullptr ? prob * (a + b * (Vec::loadu(cost_row + j, n) - cost_factor)) : prob * a;
-      if (k.d != acc_t(0)) value = value - (cfg_.class_weight != nullptr ? d * Vec::loadu(cfg_.class_weight + j, n) : d);
-      value.store(g + j, n);
-    }
-    g[y] -= k.e;
+  // g holds exp(z - max) of a valid row: turns it into the gradient but for the target term.
+  template <bool kExpected, bool kSmoothing, bool kWeighted>
+  void gradient_row(acc_t* g, const LaneCoefficients& k, int64_t y) const {
+    const acc_t* cost_row = kExpected ? cfg_.cost + y * C_ : nullptr;
+    const Vec a(k.a[0]), b(k.b[0]), cost_factor(k.cost_factor[0]), d(k.d[0]);
+    for_each_vector<Vec>(C_, [&](int64_t j, int64_t n) {
+      const Vec cost = kExpected ? Vec::loadu(cost_row + j, n) : Vec(acc_t(0));
+      const Vec weight = kWeighted ? Vec::loadu(cfg_.class_weight + j, n) : Vec(acc_t(1));
+      gradient_of<kExpected, kSmoothing>(Vec::loadu(g + j, n), a, b, cost_factor, d, cost, weight).store(g + j, n);
+    });
   }
 
   // tile_[j * kTileRows + k] = z[first + k][j]; rows past `count` are zero.
@@ -201,8 +289,17 @@ class CrossEntropyKernel {
     }
   }
 
-  // Tile of few classes, one vector lane per row. Returns false, filling nothing, when a row's maximum is
-  // not finite (NaN, +inf, or all -inf): those tiles take the element-wise scan.
+  // exp_tile_[j * kTileRows + k] = exp(tile_[j * kTileRows + k] - max[k]).
+  void store_tile_exp(const Vec& max) {
+    exp_tile_.resize(C_ * kTileRows);
+    for (int64_t j = 0; j < C_; ++j) {
+      (Vec::loadu(tile_.data() + j * kTileRows) - max).exp().store(exp_tile_.data() + j * kTileRows);
+    }
+  }
+
+  // Tile of few classes, one vector lane per row; keeps exp(z - max) in exp_tile_ (and the cost rows in
+  // cost_tile_ in expected mode). Returns false, filling nothing, when a row's maximum is not finite (NaN,
+  // +inf, or all -inf): those tiles take the element-wise scan.
   bool scan_tile(int64_t first, int count, RowScan<acc_t>* scans) {
     Vec max = Vec::loadu(tile_.data()), best = Vec(acc_t(0));
     for (int64_t j = 1; j < C_; ++j) {
@@ -215,14 +312,21 @@ class CrossEntropyKernel {
     for (int k = 0; k < count; ++k) {
       if (!std::isfinite(lanes[0][k])) return false;
     }
-    if (expected_cost()) load_cost_tile(first, count);
+    store_tile_exp(max);
+    kept_exp_ = true;
     Vec sum_exp(acc_t(0)), cost_exp(acc_t(0)), weighted_sum(acc_t(0));
-    for (int64_t j = 0; j < C_; ++j) {
-      const Vec z = Vec::loadu(tile_.data() + j * kTileRows);
-      const Vec e = (z - max).exp();
-      sum_exp = sum_exp + e;
-      if (expected_cost()) cost_exp = cost_exp + e * Vec::loadu(cost_tile_.data() + j * kTileRows);
-      weighted_sum = weighted_sum + z * Vec(class_weight_of(cfg_, j));
+    for (int64_t j = 0; j < C_; ++j) sum_exp = sum_exp + Vec::loadu(exp_tile_.data() + j * kTileRows);
+    if (expected_cost()) {
+      load_cost_tile(first, count);
+      for (int64_t j = 0; j < C_; ++j) {
+        cost_exp = cost_exp + Vec::loadu(exp_tile_.data() + j * kTileRows) *
+                                  Vec::loadu(cost_tile_.data() + j * kTileRows);
+      }
+    }
+    if (cfg_.label_smoothing != acc_t(0)) {
+      for (int64_t j = 0; j < C_; ++j) {
+        weighted_sum = weighted_sum + Vec::loadu(tile_.data() + j * kTileRows) * Vec(class_weight_of(cfg_, j));
+      }
     }
     sum_exp.store(lanes[1]);
     cost_exp.store(lanes[2]);
@@ -239,37 +343,36 @@ class CrossEntropyKernel {
     return true;
   }
 
-  // out_tile_ = gradient of the tile's rows, one vector lane per row.
+  // Writes the gradient of the tile's rows, one vector lane per row, from exp_tile_ (computed here unless
+  // the scan kept it).
   void gradient_tile(int64_t first, int count, const GradientCoefficients<acc_t>* coefs) {
-    acc_t lanes[6][kTileRows] = {};
-    bool any_cost = false;
-    for (int k = 0; k < count; ++k) {
-      lanes[0][k] = coefs[k].max;
-      lanes[1][k] = coefs[k].log_sum;
-      lanes[2][k] = coefs[k].a;
-      lanes[3][k] = coefs[k].b;
-      lanes[4][k] = coefs[k].cost_factor;
-      lanes[5][k] = coefs[k].d;
-      any_cost |= coefs[k].b != acc_t(0);
+    const LaneCoefficients k = fold_coefficients(first, count, coefs);
+    if (!kept_exp_) {
+      store_tile_exp(Vec::loadu(k.max));
+      if (expected_cost()) load_cost_tile(first, count);
     }
-    if (any_cost) load_cost_tile(first, count);
-    const Vec max = Vec::loadu(lanes[0]), log_sum = Vec::loadu(lanes[1]);
-    const Vec a = Vec::loadu(lanes[2]), b = Vec::loadu(lanes[3]), cost_factor = Vec::loadu(lanes[4]);
-    const Vec d = Vec::loadu(lanes[5]);
-    out_tile_.resize(C_ * kTileRows);
-    for (int64_t j = 0; j < C_; ++j) {
-      const Vec prob = ((Vec::loadu(tile_.data() + j * kTileRows) - max) - log_sum).exp();
-      Vec value = any_cost ? prob * (a + b * (Vec::loadu(cost_tile_.data() + j * kTileRows) - cost_factor))
-                           : prob * a;
-      value = value - d * Vec(class_weight_of(cfg_, j));
-      value.store(out_tile_.data() + j * kTileRows);
-    }
+    const Vec a = Vec::loadu(k.a), b = Vec::loadu(k.b), cost_factor = Vec::loadu(k.cost_factor);
+    const Vec d = Vec::loadu(k.d);
+    with_gradient_form([&](auto expected, auto smoothing, auto weighted) {
+      for (int64_t j = 0; j < C_; ++j) {
+        acc_t* out = exp_tile_.data() + j * kTileRows;
+        const Vec cost = expected ? Vec::loadu(cost_tile_.data() + j * kTileRows) : Vec(acc_t(0));
+        const Vec weight(weighted ? cfg_.class_weight[j] : acc_t(1));
+        gradient_of<expected, smoothing>(Vec::loadu(out), a, b, cost_factor, d, cost, weight).store(out);
+      }
+    });
     for (int k = 0; k < count; ++k) {
       const int64_t y = target_[first + k];
       if (kind(y) == TargetKind::Valid) {
-        out_tile_[y * kTileRows + k] -= coefs[k].e;
+        exp_tile_[y * kTileRows + k] -= coefs[k].e;
       } else {
-        for (int64_t j = 0; j < C_; ++j) out_tile_[j * kTileRows + k] = invalid_row_gradient(y);
+        for (int64_t j = 0; j < C_; ++j) exp_tile_[j * kTileRows + k] = invalid_row_gradient(y);
+      }
+    }
+    for (int k = 0; k < count; ++k) {
+      scalar_t* grad_row = grad_ + grad_layout_.row_offset(first + k);
+      for (int64_t j = 0; j < C_; ++j) {
+        grad_row[j * grad_layout_.class_stride] = static_cast<scalar_t>(exp_tile_[j * kTileRows + k]);
       }
     }
   }
@@ -279,9 +382,12 @@ class CrossEntropyKernel {
   const int64_t C_;
   const scalar_t* input_;
   const int64_t* target_;
+  scalar_t* const grad_;
+  const RowLayout grad_layout_;
   const bool tiled_;
   const acc_t* row_ = nullptr;  // the row load_rows read (one row of many classes)
-  std::vector<acc_t> row_buffer_, out_buffer_, tile_, cost_tile_, out_tile_;
+  bool kept_exp_ = false;       // whether the last scan kept exp(z - max) of its valid rows
+  std::vector<acc_t> row_buffer_, out_buffer_, tile_, cost_tile_, exp_tile_;
 };
 
 // The rows of one deterministic_parallel_sum block in the forward: the same for the pre-pass and the row pass.
@@ -319,7 +425,7 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
       p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
-        Kernel kernel(p, cfg);
+        Kernel kernel(p, cfg, grad, grad_layout);
         std::array<acc_t, 2> loss_and_weight{};
         for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
           const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
@@ -348,7 +454,7 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
               coefs[k] = make_gradient_coefficients(cfg, row_stats_out, p.num_stats, y, gradient_scale);
             }
           }
-          if (grad != nullptr) kernel.gradient_of_loaded_rows(first, count, coefs, grad, grad_layout);
+          if (grad != nullptr) kernel.write_gradient(first, count, coefs);
         }
         return loss_and_weight;
       });
@@ -374,7 +480,7 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
                                                        p.reduction == Reduction::Mean, total_weight.item<acc_t>());
 
   at::parallel_for(0, p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
-    Kernel kernel(p, cfg);
+    Kernel kernel(p, cfg, grad, grad_layout);
     for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
       const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
       GradientCoefficients<acc_t> coefs[Kernel::kTileRows];
@@ -384,7 +490,7 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
         const acc_t scale = per_row_grad != nullptr ? static_cast<acc_t>(per_row_grad[row]) : uniform_scale;
         coefs[k] = make_gradient_coefficients(cfg, stats + row * p.num_stats, p.num_stats, y, scale);
       }
-      kernel.gradient_rows(first, count, coefs, grad, grad_layout);
+      kernel.gradient_rows(first, count, coefs);
     }
   });
 }
