@@ -11,7 +11,6 @@ from . import _C  # noqa: F401  (loads the library, registering the operators)
 from . import reference
 
 _ops = torch.ops.fused_losses
-_lib = torch.library.Library("fused_losses", "IMPL")  # noqa: TOR901  (the autograd and vmap kernels below)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,10 +28,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # under vmap the forward operators run once per batch entry (_vmap_by_loop).
 
 
-def _register_autograd(name: str, setup_context, fused_backward, composite_backward, vmap_outputs: int):
+_FUNCTIONS = {}  # operator name -> its autograd.Function for torch.func
+
+
+def _register_autograd(name: str, setup_context, fused_backward, composite_backward, vmap_outputs: int) -> None:
     """Registers the autograd formula of operator `name` (`setup_context(ctx, inputs, output)` as
     torch.library's, and two backwards with the same signature: `fused_backward`, the kernels, and
-    `composite_backward`, differentiable) and its vmap rule; returns the autograd.Function for torch.func."""
+    `composite_backward`, differentiable), its vmap rule, and the autograd.Function call_operator applies under
+    torch.func."""
     op = getattr(_ops, name).default
 
     def backward(ctx, *grads):
@@ -49,16 +52,13 @@ def _register_autograd(name: str, setup_context, fused_backward, composite_backw
 
     torch.library.register_autograd(f"fused_losses::{name}", backward, setup_context=setup_context)
     torch.library.register_vmap(op, _vmap_by_loop(op, vmap_outputs))
-    return type(f"{name}_function", (torch.autograd.Function,), {
+    _FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
         "jvp": staticmethod(jvp),
     })
-
-
-_FUNCTIONS = {}  # operator name -> its autograd.Function for torch.func
 
 
 def call_operator(name: str, *args):
@@ -207,7 +207,7 @@ def _cost_sensitive_cross_entropy_composite_backward(ctx, grad_loss, *_unused_gr
     return grad_input, None, None, None, None, None, None, None, None
 
 
-_FUNCTIONS["cost_sensitive_cross_entropy"] = _register_autograd("cost_sensitive_cross_entropy", _cost_sensitive_cross_entropy_setup,
+_register_autograd("cost_sensitive_cross_entropy", _cost_sensitive_cross_entropy_setup,
                    _cost_sensitive_cross_entropy_backward, _cost_sensitive_cross_entropy_composite_backward,
                    vmap_outputs=4)
 
@@ -290,7 +290,7 @@ def _correlation_loss_composite_backward(ctx, grad_loss, *_unused_grads):
     return grad_input, grad_target, None, None, None, None, None, None, None
 
 
-_FUNCTIONS["correlation_loss"] = _register_autograd("correlation_loss", _correlation_loss_setup, _correlation_loss_backward,
+_register_autograd("correlation_loss", _correlation_loss_setup, _correlation_loss_backward,
                    _correlation_loss_composite_backward, vmap_outputs=5)
 
 
@@ -354,5 +354,5 @@ def _weighted_bce_with_logits_composite_backward(ctx, grad_loss, _grad_gradient)
     return grad_input, grad_target, None, None, None, None, None, None, None, None
 
 
-_FUNCTIONS["weighted_bce_with_logits"] = _register_autograd("weighted_bce_with_logits", _weighted_bce_with_logits_setup, _weighted_bce_with_logits_backward,
+_register_autograd("weighted_bce_with_logits", _weighted_bce_with_logits_setup, _weighted_bce_with_logits_backward,
                    _weighted_bce_with_logits_composite_backward, vmap_outputs=2)
