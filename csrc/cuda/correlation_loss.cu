@@ -218,6 +218,12 @@ struct ChunkPlan {
 // Enough threads to keep a large GPU's memory system busy. A constant, not a device query: the split (and so
 // the rounding of the results) depends on the problem only.
 constexpr int64_t kTargetThreads = int64_t(1) << 19;
+// A chunk gives each lane at least kMinLoadsPerLane loads and has at least kMinChunkSteps steps (strided rows).
+#ifdef FUSED_LOSSES_SMALL_LIMITS
+constexpr int64_t kMinLoadsPerLane = 2, kMinChunkSteps = 8;
+#else
+constexpr int64_t kMinLoadsPerLane = 32, kMinChunkSteps = 512;
+#endif
 
 ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous, int pack) {
   const int64_t units = (steps + pack - 1) / pack;  // loads per input and sequence
@@ -231,8 +237,7 @@ ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous
   } else {
     plan.lanes = kBlockThreads;
   }
-  // Each lane should still make >= 32 loads per chunk (and >= 512 steps for strided rows).
-  const int64_t min_chunk_steps = std::max<int64_t>(32 * int64_t(plan.lanes) * pack, 512);
+  const int64_t min_chunk_steps = std::max<int64_t>(kMinLoadsPerLane * plan.lanes * pack, kMinChunkSteps);
   const int64_t threads = sequences * plan.lanes;
   if (threads >= kTargetThreads || steps < 2 * min_chunk_steps) return plan;
   const int64_t wanted = std::min((steps + min_chunk_steps - 1) / min_chunk_steps,
@@ -385,20 +390,17 @@ at::Tensor run_reduction(const Task& task, const ChunkPlan& plan, bool vectorize
     const int64_t blocks = grid_size(plan.items(), kBlockThreads / Group);
     if (plan.chunks == 1) {
       if (with_sums) sums = at::empty({blocks, 2}, acc_options);
-      reduce_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(
+      launch_kernel(reduce_items_kernel<Group, Task>, blocks, stream,
           task, plan, vectorized, nullptr, with_sums ? sums.data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     at::Tensor chunk_states = at::empty({plan.items(), State::kWidth}, acc_options);
-    reduce_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(task, plan, vectorized,
+    launch_kernel(reduce_items_kernel<Group, Task>, blocks, stream, task, plan, vectorized,
                                                                            chunk_states.data_ptr<acc_t>(), nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t combine_blocks = grid_size(plan.sequences, kBlockThreads);
     if (with_sums) sums = at::empty({combine_blocks, 2}, acc_options);
-    combine_chunks_kernel<Task><<<combine_blocks, kBlockThreads, 0, stream>>>(
+    launch_kernel(combine_chunks_kernel<Task>, combine_blocks, stream,
         task, plan, chunk_states.const_data_ptr<acc_t>(), with_sums ? sums.data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return sums;
 }
@@ -408,8 +410,7 @@ void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStrea
   dispatch_lanes(plan.lanes, [&](auto lanes) {
     constexpr int Group = decltype(lanes)::value;
     const int64_t blocks = grid_size(plan.items(), kBlockThreads / Group);
-    map_items_kernel<Group, Task><<<blocks, kBlockThreads, 0, stream>>>(task, plan, vectorized);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(map_items_kernel<Group, Task>, blocks, stream, task, plan, vectorized);
   });
 }
 

@@ -285,19 +285,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
       constexpr int Group = decltype(lanes)::value;
       const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
       const auto launch_forward = [&](auto write_gradient_tag, acc_t* partials) {
-        forward_kernel<scalar_t, Group, decltype(write_gradient_tag)::value><<<blocks, kBlockThreads, 0, stream>>>(
+        launch_kernel(forward_kernel<scalar_t, Group, decltype(write_gradient_tag)::value>, blocks, stream,
             in, p.target.const_data_ptr<int64_t>(), p.layout, p.num_rows, cfg, vectorized, p.num_stats,
             row_stats.data_ptr<acc_t>(), p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr,
             partials, gradient_args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       at::Tensor partials = at::empty({blocks, 2}, row_stats.options());
       if (write_gradient) {
         // The pre-pass: total_weight first, as the final reduce below writes it again (the same bits).
         at::Tensor weight_partials = at::empty({blocks}, row_stats.options());
-        target_weight_kernel<Group, acc_t><<<blocks, kBlockThreads, 0, stream>>>(
+        launch_kernel(target_weight_kernel<Group, acc_t>, blocks, stream,
             p.target.const_data_ptr<int64_t>(), p.num_rows, cfg, weight_partials.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_reduce_partials<acc_t, 1>(weight_partials.const_data_ptr<acc_t>(), blocks,
                                          StoreTotalEpilogue<acc_t>{total_weight.data_ptr<acc_t>()}, stream);
         launch_forward(std::true_type{}, partials.data_ptr<acc_t>());
@@ -334,11 +332,10 @@ void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, co
     dispatch_lanes_per_row(lanes_per_row(units, p.layout.class_stride != 1), [&](auto lanes) {
       constexpr int Group = decltype(lanes)::value;
       const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
-      backward_kernel<scalar_t, Group><<<blocks, kBlockThreads, 0, stream>>>(
+      launch_kernel(backward_kernel<scalar_t, Group>, blocks, stream,
           in, p.target.const_data_ptr<int64_t>(), p.layout, grad_layout, p.num_rows, cfg, vectorized, p.num_stats,
           stats.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(), p.reduction,
           total_weight.const_data_ptr<acc_t>(), skip_unit_grad_loss, grad_input.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

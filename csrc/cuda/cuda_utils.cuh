@@ -14,7 +14,13 @@ namespace fused_losses::cuda {
 
 constexpr int kBlockThreads = 256;
 constexpr int kWarpSize = 32;
+// The host emulation's small-limit build (FUSED_LOSSES_SMALL_LIMITS, tests/cuda_emulation) shrinks the work-split
+// limits so that test shapes of a few hundred elements take the grid-stride, multi-chunk and merge paths.
+#ifdef FUSED_LOSSES_SMALL_LIMITS
+constexpr int64_t kMaxBlocks = 3;
+#else
 constexpr int64_t kMaxBlocks = 16384;
+#endif
 
 // Number of `scalar_t` in one 16-byte load or store.
 template <typename scalar_t>
@@ -47,6 +53,18 @@ __device__ __forceinline__ T group_xor(T value, int offset) {
 template <int Group, typename T>
 __device__ __forceinline__ T group_broadcast(T value) {
   return __shfl_sync(0xffffffffu, value, 0, Group);
+}
+
+// Launches `kernel(args...)` on `blocks` blocks of kBlockThreads threads. Every launch goes through here so
+// that the host emulation (tests/cuda_emulation) runs the same kernels on the CPU, block by block.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, const Args&... args) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  host_emulation::run_grid(blocks, kBlockThreads, [&] { kernel(args...); });
+#else
+  kernel<<<blocks, kBlockThreads, 0, stream>>>(args...);
+#endif
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Sum of `Width` values over the block, in a fixed order (bitwise reproducible); valid in thread 0.
@@ -100,8 +118,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename acc_t, int Width, typename Epilogue>
 void launch_reduce_partials(const acc_t* partials, int64_t num_partials, Epilogue epilogue, cudaStream_t stream) {
-  reduce_partials_kernel<acc_t, Width, Epilogue><<<1, kBlockThreads, 0, stream>>>(partials, num_partials, epilogue);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(reduce_partials_kernel<acc_t, Width, Epilogue>, 1, stream, partials, num_partials, epilogue);
 }
 
 // ----------------------------------------------------------------------------- reduced-loss epilogue

@@ -209,7 +209,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // --------------------------------------------------------------------------------------------- sparse rows
 
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+#ifdef FUSED_LOSSES_SMALL_LIMITS
+constexpr int64_t kChunkLabels = 64;  // the emulation's small-limit build: several chunks per test row
+#else
 constexpr int64_t kChunkLabels = 4096;  // labels per bitmap: 512 bytes of shared memory per warp
+#endif
 constexpr int kChunkWords = kChunkLabels / 32;
 
 // `layout` is exactly (N, L): row r, label c of operand k is at r * strides[k][0] + c * strides[k][1].
@@ -331,9 +335,8 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
                             (args.out == nullptr || is_aligned_16(args.out));
     const int64_t blocks = grid_size(p.num_rows(), kWarpsPerBlock);
     allocate_partials(blocks);
-    sparse_rows_kernel<pass, scalar_t><<<blocks, kBlockThreads, 0, stream>>>(
+    launch_kernel(sparse_rows_kernel<pass, scalar_t>, blocks, stream,
         args, p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout, vectorized);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return blocks;
   } else {
     const target_t* target = p.data<target_t>(kTarget);
@@ -346,15 +349,13 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     if (flat) {
       const int64_t blocks = grid_size(p.numel / kFlatElements<scalar_t, target_t>, kBlockThreads);
       allocate_partials(blocks);
-      flat_kernel<pass, scalar_t, target_t><<<blocks, kBlockThreads, 0, stream>>>(
+      launch_kernel(flat_kernel<pass, scalar_t, target_t>, blocks, stream,
           args, target, *weight, *pos_weight, *grad_loss, p.layout.inner_size());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return blocks;
     }
     const int64_t blocks = grid_size(p.numel, kBlockThreads);
     allocate_partials(blocks);
-    strided_kernel<pass, scalar_t, target_t><<<blocks, kBlockThreads, 0, stream>>>(args, target, p.layout);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(strided_kernel<pass, scalar_t, target_t>, blocks, stream, args, target, p.layout);
     return blocks;
   }
 }

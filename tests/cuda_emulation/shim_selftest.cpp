@@ -1,0 +1,67 @@
+// Kernels that check the host shim itself (tests/test_cuda_emulation.py): the warp collectives against their
+// CUDA definitions, and that a barrier not every thread reaches is reported instead of hanging.
+#include "host_shim.h"
+
+#include "cuda/cuda_utils.cuh"
+
+namespace {
+
+using fused_losses::cuda::kBlockThreads;
+using fused_losses::cuda::launch_kernel;
+
+// out[thread] = (xor partner, broadcast source, any-vote) for segments of `width` lanes.
+__global__ void collectives_kernel(int64_t* out, int lane_mask, int source_lane, int width) {
+  const int value = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  int64_t* row = out + 3 * value;
+  row[0] = __shfl_xor_sync(0xffffffffu, value, lane_mask, width);
+  row[1] = __shfl_sync(0xffffffffu, value, source_lane, width);
+  row[2] = __any_sync(0xffffffffu, threadIdx.x == 95 && blockIdx.x == 1);  // lane 31 of warp 2, block 1
+}
+
+// Threads of a block exchange values through shared memory between two barriers: out[t] = value of t + 1.
+__global__ void shared_memory_kernel(int64_t* out) {
+  __shared__ int64_t values[kBlockThreads];
+  values[threadIdx.x] = blockIdx.x * 1000 + threadIdx.x;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = values[(threadIdx.x + 1) % kBlockThreads];
+}
+
+// Mistakes the emulation must report: a thread returning before a barrier, or lanes at different barriers.
+__global__ void divergent_kernel(int64_t mistake) {
+  if (mistake == 0 && threadIdx.x == 5) return;
+  if (mistake == 1 && threadIdx.x == 40) {
+    __syncwarp();
+    return;
+  }
+  if (mistake == 2 && threadIdx.x < 32) {
+    if (threadIdx.x == 3) __syncwarp();
+    else (void)__shfl_sync(0xffffffffu, 1, 0);
+    return;
+  }
+  __syncthreads();
+}
+
+at::Tensor collectives(int64_t blocks, int64_t lane_mask, int64_t source_lane, int64_t width) {
+  at::Tensor out = at::empty({blocks * kBlockThreads, 3}, at::kLong);
+  launch_kernel(collectives_kernel, blocks, nullptr, out.data_ptr<int64_t>(), static_cast<int>(lane_mask),
+                static_cast<int>(source_lane), static_cast<int>(width));
+  return out;
+}
+
+at::Tensor shared_memory(int64_t blocks) {
+  at::Tensor out = at::empty({blocks * kBlockThreads}, at::kLong);
+  launch_kernel(shared_memory_kernel, blocks, nullptr, out.data_ptr<int64_t>());
+  return out;
+}
+
+void divergent(int64_t mistake) { launch_kernel(divergent_kernel, 1, nullptr, mistake); }
+
+}  // namespace
+
+// An indirection so that the namespace macro expands before TORCH_LIBRARY_FRAGMENT pastes it.
+#define SELFTEST_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+SELFTEST_FRAGMENT(FUSED_LOSSES_EMULATED_NAMESPACE, m) {
+  m.def("selftest_collectives(int blocks, int lane_mask, int source_lane, int width) -> Tensor", &collectives);
+  m.def("selftest_shared_memory(int blocks) -> Tensor", &shared_memory);
+  m.def("selftest_divergent(int mistake) -> ()", &divergent);
+}

@@ -1,0 +1,368 @@
+"""The CUDA kernels' logic, without a GPU: csrc/cuda/*.cu compiled for the host with the shim in
+tests/cuda_emulation (threads of a block as fibers; barriers, warp shuffles and votes emulated), run on CPU
+tensors and compared with the CPU kernels. Two builds: the GPU's work-split limits, and tiny limits
+(``_small``) under which these shapes take the grid-stride, multi-chunk and chunk-merge paths. Each case also
+checks, within the emulation, that the 2-pass schedule (the forward writes the gradient) gives bitwise the
+3-pass gradient, and the in-place backward. What this cannot check (memory model, timing, races between
+blocks) is the GPU run's job (scripts/gpu_check.sh)."""
+
+import zlib
+
+import pytest
+import torch
+
+import fused_losses  # noqa: F401  (the CPU kernels: torch.ops.fused_losses)
+
+from conftest import FLOAT_DTYPES, TOLERANCES
+from cuda_emulation import build
+
+CPU_OPS = torch.ops.fused_losses
+NAMESPACES = ["fused_losses_emulated", "fused_losses_emulated_small"]
+
+
+@pytest.fixture(scope="module", params=NAMESPACES)
+def emulated(request):
+    return build.ops(request.param)
+
+
+def _seed(shape, dtype):
+    return zlib.crc32(repr((shape, dtype)).encode())
+
+
+def assert_matches(got, expected, dtype, what):
+    """Equal NaN positions and close values (the two devices sum in different orders)."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.shape, expected.shape)
+    assert torch.equal(got.isnan(), expected.isnan()), f"{what}: NaN at different positions"
+    # Accumulator outputs (statistics, total weights) are float32 for the half types: float32 tolerances.
+    tolerance = TOLERANCES[dtype if got.dtype == dtype else got.dtype]
+    torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tolerance)
+
+
+def assert_bitwise(got, expected, what):
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num()), what
+
+
+def misaligned(tensor):
+    """The same values at a storage offset of one element: the kernels take their element-wise paths."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    view = storage[1:].view(tensor.shape)
+    view.copy_(tensor)
+    return view
+
+
+def padded_rows(tensor, padding=8):
+    """The same values in rows `padding` elements apart (a slice of a wider tensor)."""
+    wide = torch.empty(*tensor.shape[:-1], tensor.shape[-1] + padding, dtype=tensor.dtype)
+    wide[..., : tensor.shape[-1]] = tensor
+    return wide[..., : tensor.shape[-1]]
+
+
+LAYOUTS = {"contiguous": lambda t: t, "misaligned": misaligned, "padded_rows": padded_rows}
+
+
+def layout_for(options, dtype):
+    """Each dtype takes one layout per option, in turn, so all of them meet every shape."""
+    return list(LAYOUTS)[(options + FLOAT_DTYPES.index(dtype)) % len(LAYOUTS)]
+
+
+def check_in_place_backward(backward_inplace, unit_gradient, gradient, grad_loss, *args):
+    """The in-place backward keeps the forward's gradient for grad_loss 1 and otherwise writes bitwise the
+    3-pass `gradient` for grad_loss."""
+    in_place = unit_gradient.clone()
+    backward_inplace(torch.ones((), dtype=grad_loss.dtype), in_place, *args)
+    assert_bitwise(in_place, unit_gradient, "in-place backward, grad_loss 1")
+    backward_inplace(grad_loss, in_place, *args)
+    assert_bitwise(in_place, gradient, "in-place backward, grad_loss 0.75")
+
+
+def grad_loss_for(loss, dtype, scale=0.75):
+    """A grad_loss other than 1: a tensor of the loss's shape for reduction='none', else a scalar."""
+    if loss.dim() == 0:
+        return torch.tensor(scale, dtype=dtype)
+    return torch.rand(loss.shape, dtype=torch.float32).add(0.25).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------- the shim
+
+
+@pytest.mark.parametrize("lane_mask, source_lane, width", [(1, 0, 32), (16, 31, 32), (2, 3, 4), (4, 5, 4), (8, 1, 8)])
+def test_shim_warp_collectives_follow_cuda(emulated, lane_mask, source_lane, width):
+    """__shfl_xor_sync / __shfl_sync / __any_sync as the CUDA programming guide defines them: within segments of
+    `width` lanes; an xor partner in a later segment leaves the lane its own value."""
+    out = emulated.selftest_collectives(2, lane_mask, source_lane, width)
+    thread = torch.arange(2 * 256)
+    lane = thread % 32
+    partner = lane ^ lane_mask
+    keeps_own = partner >= (lane // width + 1) * width
+    expected_xor = torch.where(keeps_own, thread, thread - lane + partner)
+    expected_broadcast = thread - lane + (lane // width) * width + source_lane % width
+    expected_any = ((thread // 32) == 8 + 2).long()  # only warp 2 of block 1 has a lane voting true
+    assert torch.equal(out[:, 0], expected_xor)
+    assert torch.equal(out[:, 1], expected_broadcast)
+    assert torch.equal(out[:, 2], expected_any)
+
+
+def test_shim_shared_memory_is_per_block_between_barriers(emulated):
+    out = emulated.selftest_shared_memory(3)
+    thread = torch.arange(256)
+    expected = torch.cat([block * 1000 + (thread + 1) % 256 for block in range(3)])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (0, "threads wait at __syncthreads; 1 threads have returned"),
+    (1, "255 threads wait at __syncthreads; 1 threads wait at __syncwarp;"),
+    (2, "reaches (__syncwarp|a warp shuffle or vote) while others of its group wait at"),
+])
+def test_shim_reports_divergent_barriers(emulated, mistake, message):
+    """A barrier that not every thread reaches is an error naming it, not a hang."""
+    with pytest.raises(RuntimeError, match=message):
+        emulated.selftest_divergent(mistake)
+
+
+# --------------------------------------------------------------------------------------------------- cross-entropy
+
+# Rows of C classes; the row counts pass the small build's grid (3 blocks) several times for every lane split
+# (a thread per row at C <= 4 vectors, 4 lanes up to 64 vectors, a warp beyond).
+CE_SHAPES = [(800, 1), (800, 3), (800, 16), (300, 40), (50, 264), (40, 1000), (64, 5, 7)]
+CE_OPTIONS = [
+    dict(cost_mode="argmax", reduction="mean", cost=False, weight=False, label_smoothing=0.0, ignore=False),
+    dict(cost_mode="argmax", reduction="mean", cost=True, weight=True, label_smoothing=0.0, ignore=True),
+    dict(cost_mode="expected", reduction="sum", cost=True, weight=False, label_smoothing=0.0, ignore=False),
+    dict(cost_mode="expected", reduction="none", cost=True, weight=True, label_smoothing=0.1, ignore=True),
+    dict(cost_mode="argmax", reduction="sum", cost=True, weight=True, label_smoothing=0.2, ignore=True),
+]
+IGNORE_INDEX = -100
+
+
+def ce_case(shape, dtype, options, layout):
+    generator = torch.Generator().manual_seed(_seed(shape, dtype))
+    num_classes = shape[1]
+    logits = torch.randn(shape, generator=generator).mul(3).to(dtype)
+    if len(shape) == 2:
+        logits = LAYOUTS[layout](logits)
+    target_shape = (shape[0],) + tuple(shape[2:])
+    target = torch.randint(0, num_classes, target_shape, generator=generator)
+    if options["ignore"]:
+        target[torch.rand(target_shape, generator=generator) < 0.2] = IGNORE_INDEX
+    cost = torch.rand(num_classes, num_classes, generator=generator) * 2 if options["cost"] else None
+    weight = torch.rand(num_classes, generator=generator) + 0.5 if options["weight"] else None
+    return logits, target, cost, weight
+
+
+def ce_args(options):
+    return IGNORE_INDEX, options["reduction"], options["label_smoothing"], options["cost_mode"]
+
+
+def check_cross_entropy(ops, logits, target, cost, weight, options):
+    dtype = logits.dtype
+    ignore_index, reduction, smoothing, mode = ce_args(options)
+    forward_args = (cost, weight, ignore_index, reduction, smoothing, mode)
+    got = ops.cost_sensitive_cross_entropy(logits, target, *forward_args, False)
+    expected = CPU_OPS.cost_sensitive_cross_entropy(logits, target, *forward_args, False)
+    for name, g, e in zip(("loss", "row_stats", "total_weight"), got[:3], expected[:3]):
+        assert_matches(g, e, dtype, name)
+    loss, row_stats, total_weight, _ = got
+    grad_loss = grad_loss_for(loss, dtype)
+    backward_args = (cost, weight, row_stats, total_weight, ignore_index, reduction, smoothing, mode)
+    grad = ops.cost_sensitive_cross_entropy_backward(grad_loss, logits, target, *backward_args)
+    assert_matches(grad, CPU_OPS.cost_sensitive_cross_entropy_backward(
+        grad_loss, logits, target, cost, weight, *expected[1:3], ignore_index, reduction, smoothing, mode),
+        dtype, "gradient")
+    if reduction == "none":
+        return
+    # 2-pass: the forward's gradient is the 3-pass gradient for grad_loss 1, and the in-place backward keeps it
+    # for grad_loss 1 and recomputes it for another grad_loss; the loss is the same either way.
+    two_pass = ops.cost_sensitive_cross_entropy(logits, target, *forward_args, True)
+    assert_bitwise(two_pass[0], loss, "2-pass loss")
+    one = torch.ones((), dtype=dtype)
+    assert_bitwise(two_pass[3], ops.cost_sensitive_cross_entropy_backward(one, logits, target, *backward_args),
+                   "2-pass gradient")
+    check_in_place_backward(ops.cost_sensitive_cross_entropy_backward_inplace, two_pass[3], grad, grad_loss, logits,
+                            target, *backward_args)
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("options", range(len(CE_OPTIONS)))
+def test_cross_entropy(emulated, shape, dtype, options):
+    layout = layout_for(options, dtype)
+    check_cross_entropy(emulated, *ce_case(shape, dtype, CE_OPTIONS[options], layout), CE_OPTIONS[options])
+
+
+def test_cross_entropy_invalid_targets_give_nan_rows(emulated):
+    """A label outside [0, C) (not the ignore index) makes its row's loss and gradient NaN, never a number."""
+    logits, target, cost, weight = ce_case((40, 10), torch.float32, CE_OPTIONS[1], "contiguous")
+    target[[3, 17]] = torch.tensor([10, -5])
+    args = (cost, weight, IGNORE_INDEX, "none", 0.0, "argmax")
+    loss, row_stats, total_weight, _ = emulated.cost_sensitive_cross_entropy(logits, target, *args, False)
+    valid = (target >= 0) & (target < 10)
+    assert loss[[3, 17]].isnan().all() and not loss[valid].isnan().any()
+    grad = emulated.cost_sensitive_cross_entropy_backward(torch.ones(40), logits, target, cost, weight, row_stats,
+                                                          total_weight, *args[2:])
+    assert grad[[3, 17]].isnan().all() and not grad[valid].isnan().any()
+
+
+# --------------------------------------------------------------------------------------------------- correlation
+
+# (B, T, D): D = 1 sequences are contiguous in time (packs), D > 1 strided; T from a few packs (one lane per
+# sequence) to thousands of steps (a block per sequence; several chunks in the small build).
+CORRELATION_SHAPES = [(50, 7, 1), (20, 100, 1), (6, 900, 1), (2, 5000, 1), (9, 64, 3), (3, 1100, 2)]
+CORRELATION_OPTIONS = [
+    dict(kind="pearson", reduction="mean", per_timestep=False, mask=False, sides=(True, False)),
+    dict(kind="concordance", reduction="sum", per_timestep=False, mask=True, sides=(True, True)),
+    dict(kind="pearson", reduction="none", per_timestep=False, mask=True, sides=(True, True)),
+    dict(kind="concordance", reduction="mean", per_timestep=True, mask=True, sides=(False, True)),
+    dict(kind="pearson", reduction="none", per_timestep=True, mask=False, sides=(True, False)),
+]
+EPS = 1e-6
+
+
+def correlation_case(shape, dtype, options, layout):
+    generator = torch.Generator().manual_seed(_seed(shape, dtype))
+    batch, time, _ = shape
+    target = torch.randn(shape, generator=generator)
+    prediction = 0.6 * target + 0.8 * torch.randn(shape, generator=generator) + 3.0  # an offset: shifted sums
+    prediction, target = prediction.to(dtype), target.to(dtype)
+    if layout == "misaligned":
+        prediction = misaligned(prediction)
+    elif layout == "padded_rows":  # sequences further apart than their length
+        prediction = padded_rows(prediction.transpose(1, 2)).transpose(1, 2)
+    mask = None
+    if options["mask"]:
+        lengths = torch.randint(1, time + 1, (batch,), generator=generator)
+        lengths[0] = time
+        mask = torch.arange(time)[None, :] < lengths[:, None]
+        mask &= torch.rand(batch, time, generator=generator) > 0.1  # holes too
+    return prediction, target, mask
+
+
+def moments(stats):
+    """The saved (n, shift_x, shift_y, mean_x, mean_y, cxx, cyy, cxy) without the shifts each device picks."""
+    n, shift_x, shift_y, mean_x, mean_y, cxx, cyy, cxy = stats.unbind(-1)
+    return torch.stack([n, shift_x + mean_x, shift_y + mean_y, cxx, cyy, cxy], dim=-1)
+
+
+def check_correlation(ops, prediction, target, mask, options):
+    dtype = prediction.dtype
+    kind, reduction, per_timestep = options["kind"], options["reduction"], options["per_timestep"]
+    sides = options["sides"]
+    args = (mask, kind, reduction, per_timestep, EPS)
+    got = ops.correlation_loss(prediction, target, *args, False, False)
+    expected = CPU_OPS.correlation_loss(prediction, target, *args, False, False)
+    for name, g, e in zip(("loss", "moments", "total_weight"), (got[0], moments(got[1]), got[2]),
+                          (expected[0], moments(expected[1]), expected[2])):
+        assert_matches(g, e, dtype, name)
+    loss, stats, total_weight = got[:3]
+    grad_loss = grad_loss_for(loss, dtype)
+    backward_args = (mask, stats, total_weight, kind, reduction, per_timestep, EPS, *sides)
+    grads = ops.correlation_loss_backward(grad_loss, prediction, target, *backward_args)
+    expected_grads = CPU_OPS.correlation_loss_backward(grad_loss, prediction, target, mask, *expected[1:3], kind,
+                                                       reduction, per_timestep, EPS, *sides)
+    for side, name in enumerate(("grad_input", "grad_target")):
+        if sides[side]:
+            assert_matches(grads[side], expected_grads[side], dtype, name)
+    if reduction == "none":
+        return
+    two_pass = ops.correlation_loss(prediction, target, *args, *sides)
+    assert_bitwise(two_pass[0], loss, "2-pass loss")
+    one = torch.ones((), dtype=dtype)
+    unit = ops.correlation_loss_backward(one, prediction, target, *backward_args)
+    for side in (0, 1):
+        if sides[side]:
+            assert_bitwise(two_pass[3 + side], unit[side], f"2-pass gradient {side}")
+    in_place = [g.clone() for g in two_pass[3:]]
+    ops.correlation_loss_backward_inplace(one, *in_place, prediction, target, *backward_args)
+    for side in (0, 1):
+        if sides[side]:
+            assert_bitwise(in_place[side], two_pass[3 + side], "in-place backward, grad_loss 1")
+    ops.correlation_loss_backward_inplace(grad_loss, *in_place, prediction, target, *backward_args)
+    for side in (0, 1):
+        if sides[side]:
+            assert_bitwise(in_place[side], grads[side], "in-place backward, grad_loss 0.75")
+
+
+@pytest.mark.parametrize("shape", CORRELATION_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("options", range(len(CORRELATION_OPTIONS)))
+def test_correlation(emulated, shape, dtype, options):
+    layout = layout_for(options, dtype)
+    opts = CORRELATION_OPTIONS[options]
+    check_correlation(emulated, *correlation_case(shape, dtype, opts, layout), opts)
+
+
+# --------------------------------------------------------------------------------------------------- weighted BCE
+
+# (N, L): flat packs, strided (a padded row), sparse positive indices; L beyond the small build's 64-label
+# sparse chunk, and not a multiple of any pack.
+BCE_SHAPES = [(700, 8), (60, 200), (7, 1003)]
+BCE_OPTIONS = [
+    dict(target="float", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
+    dict(target="bool", reduction="sum", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
+    dict(target="uint8", reduction="none", weight="labels", pos_weight="labels", focusing=(0.0, 2.0, 0.0)),
+    dict(target="sparse", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
+    dict(target="sparse", reduction="none", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
+    dict(target="sparse", reduction="sum", weight="labels", pos_weight="labels", focusing=(2.0, 2.0, 0.0)),
+]
+
+
+def bce_case(shape, dtype, options, layout):
+    generator = torch.Generator().manual_seed(_seed(shape, dtype))
+    rows, labels = shape
+    logits = LAYOUTS[layout]((torch.randn(shape, generator=generator) * 3).to(dtype))
+    positive = torch.rand(shape, generator=generator) < 0.1
+    target = positive_indices = None
+    if options["target"] == "sparse":
+        max_positives = 6
+        positive_indices = torch.full((rows, max_positives), -1, dtype=torch.int64)
+        for row in range(rows):
+            labels_on = positive[row].nonzero().flatten()[:max_positives - 1]
+            positive_indices[row, : len(labels_on)] = labels_on
+            if len(labels_on):
+                positive_indices[row, -1] = labels_on[0]  # a repeated label counts once
+    else:
+        target = positive.to({"float": dtype, "bool": torch.bool, "uint8": torch.uint8}[options["target"]])
+
+    def weight_of(kind):
+        if kind is None:
+            return None
+        size = shape if kind == "full" else (labels,)
+        return torch.rand(size, generator=generator) + 0.5
+
+    return logits, target, positive_indices, weight_of(options["weight"]), weight_of(options["pos_weight"])
+
+
+def check_bce(ops, logits, target, positive_indices, weight, pos_weight, options):
+    dtype = logits.dtype
+    args = (target, positive_indices, weight, pos_weight, options["reduction"], *options["focusing"])
+    got = ops.weighted_bce_with_logits(logits, *args, False)
+    expected = CPU_OPS.weighted_bce_with_logits(logits, *args, False)
+    assert_matches(got[0], expected[0], dtype, "loss")
+    grad_loss = grad_loss_for(got[0], dtype)
+    grad = ops.weighted_bce_with_logits_backward(grad_loss, logits, *args)
+    assert_matches(grad, CPU_OPS.weighted_bce_with_logits_backward(grad_loss, logits, *args), dtype, "gradient")
+    if options["reduction"] == "none":
+        return
+    two_pass = ops.weighted_bce_with_logits(logits, *args, True)
+    assert_bitwise(two_pass[0], got[0], "2-pass loss")
+    one = torch.ones((), dtype=dtype)
+    assert_bitwise(two_pass[1], ops.weighted_bce_with_logits_backward(one, logits, *args), "2-pass gradient")
+    check_in_place_backward(ops.weighted_bce_with_logits_backward_inplace, two_pass[1], grad, grad_loss, logits,
+                            *args)
+
+
+@pytest.mark.parametrize("shape", BCE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("options", range(len(BCE_OPTIONS)))
+def test_weighted_bce(emulated, shape, dtype, options):
+    layout = layout_for(options, dtype)
+    check_bce(emulated, *bce_case(shape, dtype, BCE_OPTIONS[options], layout), BCE_OPTIONS[options])
+
+
+def test_sparse_bce_invalid_index_gives_nan_row(emulated):
+    """An index outside [-1, L) makes its row NaN on CUDA (the CPU raises): never a silent number."""
+    logits, _, indices, _, pos_weight = bce_case((20, 200), torch.float32, BCE_OPTIONS[3], "contiguous")
+    indices[5, 0] = 200
+    loss, _ = emulated.weighted_bce_with_logits(logits, None, indices, None, pos_weight, "none", 0.0, 0.0, 0.0,
+                                                False)
+    assert loss[5].isnan().all() and not loss[torch.arange(20) != 5].isnan().any()
