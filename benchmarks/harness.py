@@ -29,13 +29,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+MIN_SAMPLE_SECONDS = 0.2  # a case of 0.1 ms gets this many seconds of samples, not just `reps` of them
+MAX_REPS = 2000
+
+
 def time_ms(fn: Callable[[int], None], device: str, warmup: int, reps: int) -> float:
-    """Median time of fn(i) over `reps` runs after `warmup` runs (CUDA events on the GPU)."""
+    """Median time of fn(i) over at least `reps` runs, more (up to MAX_REPS) until the runs span
+    MIN_SAMPLE_SECONDS, after `warmup` runs (CUDA events on the GPU)."""
     for i in range(warmup):
         fn(i)
     _sync(device)
     samples = []
-    for i in range(reps):
+    began = time.perf_counter()
+    i = 0
+    while i < reps or (time.perf_counter() - began < MIN_SAMPLE_SECONDS and i < MAX_REPS):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -47,6 +54,7 @@ def time_ms(fn: Callable[[int], None], device: str, warmup: int, reps: int) -> f
             t0 = time.perf_counter()
             fn(i)
             samples.append((time.perf_counter() - t0) * 1e3)
+        i += 1
     return statistics.median(samples)
 
 

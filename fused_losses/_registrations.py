@@ -29,13 +29,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _FUNCTIONS = {}  # operator name -> its autograd.Function for torch.func
+_EAGER_FUNCTIONS = {}  # operator name -> the same formulas as an autograd.Function for eager calls
 
 
 def _register_autograd(name: str, setup_context, fused_backward, composite_backward, vmap_outputs: int) -> None:
     """Registers the autograd formula of operator `name` (`setup_context(ctx, inputs, output)` as
     torch.library's, and two backwards with the same signature: `fused_backward`, the kernels, and
-    `composite_backward`, differentiable), its vmap rule, and the autograd.Function call_operator applies under
-    torch.func."""
+    `composite_backward`, differentiable), its vmap rule, and the autograd.Functions call_operator applies under
+    torch.func and in eager mode."""
     op = getattr(_ops, name).default
 
     def backward(ctx, *grads):
@@ -60,13 +61,34 @@ def _register_autograd(name: str, setup_context, fused_backward, composite_backw
         "jvp": staticmethod(jvp),
     })
 
+    # torch.func needs setup_context apart from forward; for such a Function, apply binds the arguments to
+    # forward's signature (inspect.signature) on every call, ~15 us. Eager calls take this form instead, which
+    # runs setup_context inside forward.
+    def eager_forward(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER_FUNCTIONS[name] = type(f"{name}_eager_function", (torch.autograd.Function,), {
+        "forward": staticmethod(eager_forward),
+        "backward": staticmethod(backward),
+    })
+
 
 def call_operator(name: str, *args):
-    """torch.ops.fused_losses.<name>(*args), through the autograd.Function form while torch.func transforms
-    are active (where torch.library's autograd formulas are refused)."""
+    """torch.ops.fused_losses.<name>(*args). While torch.func transforms are active (where torch.library's
+    autograd formulas are refused) and in eager mode, the same formulas are applied directly: the
+    autograd.Function form when a backward will run, else the kernel below autograd. Both skip the Python layer
+    torch.library puts in front of every call (~10-30 us: what a small loss takes in all). While torch.compile
+    traces, the operator itself, with its registered autograd formula."""
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[name].apply(*args)
-    return getattr(_ops, name)(*args)
+    if torch.compiler.is_compiling():
+        return getattr(_ops, name)(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _EAGER_FUNCTIONS[name].apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(_ops, name)(*args)
 
 
 def _vmap_by_loop(op, num_outputs: int):

@@ -1,10 +1,12 @@
 // CPU kernels of fused_losses::correlation_loss (Pearson and CCC): sequences in parallel, each read once.
-// A sequence is processed in blocks of kBlockSteps steps that stay in L1: two vectorised passes over a block
-// give its exact moments, and Chan merges combine the blocks (stable in float32 far from zero).
+// A sequence is processed in blocks of kBlockSteps steps that stay in L1: one vectorised pass over a block
+// gives its exact moments, and Chan merges combine the blocks (stable in float32 far from zero).
 // Schedules (common.h): with write_input_gradient / write_target_gradient (a reduced loss) the forward also
 // writes the gradient for grad_loss = 1, sweeping each sequence's rows a second time right after its moments,
 // while they are in cache; for 'mean' a cheap pre-pass over the mask gives the divisor first. The in-place
 // backward keeps that gradient for grad_loss = 1 and otherwise recomputes it exactly as the 3-pass backward.
+// The loops read and write the rows in their own dtype, a vector at a time (bf16 / fp16 converted to float in
+// registers); full vectors of an unmasked sequence take no lane selection, only a row's last partial vector does.
 #include "correlation_loss.h"
 #include "cpu/cpu_rows.h"
 
@@ -26,8 +28,120 @@ inline int is_valid_step(const bool* mask_row, int64_t offset) {
   return reinterpret_cast<const uint8_t*>(mask_row)[offset] != 0 ? 1 : 0;
 }
 
-// The rows of one sequence as accumulation-type arrays (views of the tensors when they already are
-// contiguous acc_t rows), with the conversion buffers of one thread.
+// `count` consecutive steps of a row as accumulation-type vectors: one vector of scalar_t, loaded at once and
+// converted in registers (two float vectors for bf16 / fp16, one vector otherwise).
+template <typename scalar_t>
+struct StepPack {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<scalar_t>;
+  static constexpr int kVecs = kReduced ? 2 : 1;
+  static constexpr int64_t kSteps = kVecs * Vec::size();
+  static_assert(Vectorized<scalar_t>::size() == kSteps);
+
+  Vec v[kVecs];
+
+  // The steps [0, count) of src, zeros after them (count < kSteps only for a row's last pack).
+  static StepPack load(const scalar_t* src, int64_t count) {
+    StepPack pack;
+    if constexpr (kReduced) {
+      std::tie(pack.v[0], pack.v[1]) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(src, count));
+    } else {
+      pack.v[0] = Vec::loadu(src, count);
+    }
+    return pack;
+  }
+
+  // The same from a row already in acc_t (the mask as 1 / 0, a per-step upstream gradient).
+  static StepPack load_acc(const acc_t* src, int64_t count) {
+    StepPack pack;
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t lanes = std::clamp<int64_t>(count - k * Vec::size(), 0, Vec::size());
+      pack.v[k] = Vec::loadu(src + k * Vec::size(), lanes);
+    }
+    return pack;
+  }
+
+  void store(scalar_t* dst, int64_t count) const {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
+    } else {
+      v[0].store(dst, count);
+    }
+  }
+};
+
+// Lane selection of the full packs of an unmasked sequence: every step counts, nothing to select.
+struct AllSteps {
+  static constexpr bool kSelects = false;
+  template <typename V>
+  const V& operator()(const V& v, int) const {
+    return v;
+  }
+};
+
+// Lane selection of a masked pack or of a row's last partial pack: v on the steps that count, 0 elsewhere (so
+// NaN in padding never leaks).
+template <typename scalar_t>
+class SelectedSteps {
+ public:
+  using Pack = StepPack<scalar_t>;
+  using Vec = typename Pack::Vec;
+  static constexpr bool kSelects = true;
+
+  // The valid steps among [0, count) of a mask row (1 / 0 per step); nullptr: every step before count.
+  SelectedSteps(const typename Pack::acc_t* valid, int64_t count) {
+    const Pack mask = valid != nullptr ? Pack::load_acc(valid, count) : Pack{};
+    for (int k = 0; k < Pack::kVecs; ++k) {
+      keep_[k] = valid != nullptr ? mask.v[k] != Vec(0) : Vec::arange(k * Vec::size(), 1) < Vec(count);
+    }
+  }
+  Vec operator()(const Vec& v, int k) const { return Vec::blendv(Vec(0), v, keep_[k]); }
+
+ private:
+  Vec keep_[Pack::kVecs];
+};
+
+// Calls body(j, count, select) for the packs of steps [begin, end) of a row: count = kSteps but for the last
+// pack, and select(v, k) keeps the k-th vector's lanes that count (AllSteps for the full packs of an unmasked
+// row, so that its hot loop has no selection and no branch). valid: the row's mask as 1 / 0, or nullptr.
+template <typename scalar_t, typename Body>
+void for_each_pack(const acc_type<scalar_t>* valid, int64_t begin, int64_t end, const Body& body) {
+  constexpr int64_t kSteps = StepPack<scalar_t>::kSteps;
+  const int64_t full_end = begin + (end - begin) / kSteps * kSteps;
+  int64_t j = begin;
+  if (valid == nullptr) {
+    for (; j < full_end; j += kSteps) body(j, kSteps, AllSteps{});
+  } else {
+    for (; j < full_end; j += kSteps) body(j, kSteps, SelectedSteps<scalar_t>(valid + j, kSteps));
+  }
+  if (j < end) body(j, end - j, SelectedSteps<scalar_t>(valid != nullptr ? valid + j : nullptr, end - j));
+}
+
+template <typename acc_t>
+acc_t horizontal_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
+}
+
+// Sum over the lanes of the vectors of a pack-shaped accumulator.
+template <typename acc_t, int N>
+acc_t horizontal_sum(const Vectorized<acc_t> (&v)[N]) {
+  Vectorized<acc_t> total = v[0];
+  for (int k = 1; k < N; ++k) total += v[k];
+  return horizontal_sum(total);
+}
+
+// A row of `count` contiguous steps: `src` itself when its stride is 1, else gathered into `buffer`.
+template <typename scalar_t>
+const scalar_t* contiguous_row(const scalar_t* src, int64_t stride, int64_t count, std::vector<scalar_t>& buffer) {
+  if (stride == 1) return src;
+  buffer.resize(count);
+  for (int64_t j = 0; j < count; ++j) buffer[j] = src[j * stride];
+  return buffer.data();
+}
+
+// The rows of one sequence as contiguous scalar_t arrays (views of the tensors when their steps are contiguous)
+// and its mask row as 1 / 0 values, with the buffers of one thread.
 template <typename scalar_t>
 class SequenceRows {
  public:
@@ -40,15 +154,14 @@ class SequenceRows {
         mask_(p.mask.has_value() ? p.mask->const_data_ptr<bool>() : nullptr) {}
 
   void read(int64_t seq) {
-    x = row_as_acc<acc_t>(input_ + p_.input_layout.row_offset(seq), p_.input_layout.class_stride, p_.time,
-                          x_buffer_);
-    y = row_as_acc<acc_t>(target_ + p_.target_layout.row_offset(seq), p_.target_layout.class_stride, p_.time,
-                          y_buffer_);
+    x = contiguous_row(input_ + p_.input_layout.row_offset(seq), p_.input_layout.class_stride, p_.time, x_buffer_);
+    y = contiguous_row(target_ + p_.target_layout.row_offset(seq), p_.target_layout.class_stride, p_.time,
+                       y_buffer_);
     valid = mask_ != nullptr ? read_mask(seq / p_.channels) : nullptr;
   }
 
-  const acc_t* x = nullptr;
-  const acc_t* y = nullptr;
+  const scalar_t* x = nullptr;
+  const scalar_t* y = nullptr;
   const acc_t* valid = nullptr;  // 1 / 0 per step, nullptr without a mask
 
  private:
@@ -68,44 +181,8 @@ class SequenceRows {
   const scalar_t* target_;
   const bool* mask_;
   int64_t mask_row_ = -1;
-  std::vector<acc_t> x_buffer_, y_buffer_, valid_buffer_;
-};
-
-// Which lanes of the vector of steps [j, j + len) count: the valid ones, never those past len. Full vectors of
-// an unmasked sequence (the common case) skip the selection.
-template <typename acc_t>
-class Lanes {
- public:
-  using Vec = Vectorized<acc_t>;
-  Lanes(const acc_t* valid, int64_t j, int64_t len) : all_(valid == nullptr && len == Vec::size()) {
-    if (!all_) keep_ = valid != nullptr ? Vec::loadu(valid + j, len) != Vec(0)  // loadu zero-fills past len
-                                        : Vec::arange(0, 1) < Vec(static_cast<acc_t>(len));
-  }
-  // v on the lanes that count, 0 elsewhere (so NaN in padding never leaks).
-  Vec operator()(const Vec& v) const { return all_ ? v : Vec::blendv(Vec(0), v, keep_); }
-
- private:
-  bool all_;
-  Vec keep_;
-};
-
-template <typename acc_t>
-acc_t horizontal_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
-}
-
-// Deviations of x and y from their centres at the steps [j, j + len), 0 on the lanes that do not count.
-template <typename acc_t>
-struct StepDeviations {
-  Lanes<acc_t> lanes;
-  Vectorized<acc_t> dx, dy;
-
-  template <typename scalar_t>
-  StepDeviations(const SequenceRows<scalar_t>& rows, int64_t j, int64_t len, const Centre<acc_t>& centre_x,
-                 const Centre<acc_t>& centre_y)
-      : lanes(rows.valid, j, len),
-        dx(lanes(centre_x.deviation(Vectorized<acc_t>::loadu(rows.x + j, len)))),
-        dy(lanes(centre_y.deviation(Vectorized<acc_t>::loadu(rows.y + j, len)))) {}
+  std::vector<scalar_t> x_buffer_, y_buffer_;
+  std::vector<acc_t> valid_buffer_;
 };
 
 // Exact moments of steps [begin, end) in one vectorised pass of sums of deviations from a shift, the block's
@@ -113,27 +190,35 @@ struct StepDeviations {
 // n ulps of the result, so blocks stay short (kBlockSteps) and Chan merges combine them.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 Moments<acc_t> block_moments(const SequenceRows<scalar_t>& rows, int64_t begin, int64_t end) {
-  using Vec = Vectorized<acc_t>;
+  using Pack = StepPack<scalar_t>;
+  using Vec = typename Pack::Vec;
+  constexpr int kVecs = Pack::kVecs;
   int64_t first = begin;
   if (rows.valid != nullptr) {
     while (first < end && rows.valid[first] == acc_t(0)) ++first;
   }
   if (first == end) return {};
-  const acc_t shift_x = rows.x[first], shift_y = rows.y[first];
-  Vec count(0), sum_dx(0), sum_dy(0), sum_dxx(0), sum_dyy(0), sum_dxy(0);
-  for (int64_t j = first; j < end; j += Vec::size()) {
-    const int64_t len = std::min<int64_t>(Vec::size(), end - j);
-    const Lanes<acc_t> lanes(rows.valid, j, len);
-    const Vec dx = lanes(Vec::loadu(rows.x + j, len) - Vec(shift_x));
-    const Vec dy = lanes(Vec::loadu(rows.y + j, len) - Vec(shift_y));
-    if (rows.valid != nullptr) count += lanes(Vec(1));
-    sum_dx += dx;
-    sum_dy += dy;
-    sum_dxx = at::vec::fmadd(dx, dx, sum_dxx);
-    sum_dyy = at::vec::fmadd(dy, dy, sum_dyy);
-    sum_dxy = at::vec::fmadd(dx, dy, sum_dxy);
-  }
-  const acc_t n = rows.valid != nullptr ? horizontal_sum(count) : static_cast<acc_t>(end - first);
+  const acc_t shift_x = static_cast<acc_t>(rows.x[first]), shift_y = static_cast<acc_t>(rows.y[first]);
+  Vec counted[kVecs], sum_dx[kVecs], sum_dy[kVecs], sum_dxx[kVecs], sum_dyy[kVecs], sum_dxy[kVecs];
+  for (int k = 0; k < kVecs; ++k) counted[k] = sum_dx[k] = sum_dy[k] = sum_dxx[k] = sum_dyy[k] = sum_dxy[k] = Vec(0);
+  int64_t unselected_steps = 0;  // steps of the packs that take no selection (all valid)
+  for_each_pack<scalar_t>(rows.valid, first, end, [&](int64_t j, int64_t count, const auto& select) {
+    const Pack x = Pack::load(rows.x + j, count), y = Pack::load(rows.y + j, count);
+    if constexpr (std::decay_t<decltype(select)>::kSelects) {
+      for (int k = 0; k < kVecs; ++k) counted[k] += select(Vec(1), k);
+    } else {
+      unselected_steps += count;
+    }
+    for (int k = 0; k < kVecs; ++k) {
+      const Vec dx = select(x.v[k] - Vec(shift_x), k), dy = select(y.v[k] - Vec(shift_y), k);
+      sum_dx[k] += dx;
+      sum_dy[k] += dy;
+      sum_dxx[k] = at::vec::fmadd(dx, dx, sum_dxx[k]);
+      sum_dyy[k] = at::vec::fmadd(dy, dy, sum_dyy[k]);
+      sum_dxy[k] = at::vec::fmadd(dx, dy, sum_dxy[k]);
+    }
+  });
+  const acc_t n = static_cast<acc_t>(unselected_steps) + horizontal_sum(counted);
   return Moments<acc_t>::from_shifted_sums(n, shift_x, shift_y, horizontal_sum(sum_dx), horizontal_sum(sum_dy),
                                            horizontal_sum(sum_dxx), horizontal_sum(sum_dyy),
                                            horizontal_sum(sum_dxy));
@@ -151,29 +236,39 @@ Moments<acc_t> sequence_moments(const SequenceRows<scalar_t>& rows, int64_t step
 // Per-step losses c_t = 1 - k x~_t y~_t of one sequence (0 on padding).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void per_timestep_losses(const SequenceRows<scalar_t>& rows, int64_t steps, const Moments<acc_t>& m, acc_t k,
-                         acc_t* out) {
-  using Vec = Vectorized<acc_t>;
-  for (int64_t j = 0; j < steps; j += Vec::size()) {
-    const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
-    d.lanes(per_timestep_loss(k, d.dx, d.dy)).store(out + j, len);
-  }
+                         scalar_t* out) {
+  using Pack = StepPack<scalar_t>;
+  const Centre<acc_t> centre_x = m.centre_x(), centre_y = m.centre_y();
+  for_each_pack<scalar_t>(rows.valid, 0, steps, [&](int64_t j, int64_t count, const auto& select) {
+    const Pack x = Pack::load(rows.x + j, count), y = Pack::load(rows.y + j, count);
+    Pack losses;
+    for (int v = 0; v < Pack::kVecs; ++v) {
+      losses.v[v] = select(per_timestep_loss(k, centre_x.deviation(x.v[v]), centre_y.deviation(y.v[v])), v);
+    }
+    losses.store(out + j, count);
+  });
 }
 
 // (P, Gx, Gy) of one sequence for the per-timestep backward, from the per-step upstream gradient g.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 UpstreamSums<acc_t> upstream_sums(const SequenceRows<scalar_t>& rows, int64_t steps, const Moments<acc_t>& m,
                                   const acc_t* g) {
-  using Vec = Vectorized<acc_t>;
-  Vec p(0), gx(0), gy(0);
-  for (int64_t j = 0; j < steps; j += Vec::size()) {
-    const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, m.centre_x(), m.centre_y());
-    const Vec gv = d.lanes(Vec::loadu(g + j, len));
-    p = at::vec::fmadd(gv * d.dx, d.dy, p);
-    gx = at::vec::fmadd(gv, d.dx, gx);
-    gy = at::vec::fmadd(gv, d.dy, gy);
-  }
+  using Pack = StepPack<scalar_t>;
+  using Vec = typename Pack::Vec;
+  const Centre<acc_t> centre_x = m.centre_x(), centre_y = m.centre_y();
+  Vec p[Pack::kVecs], gx[Pack::kVecs], gy[Pack::kVecs];
+  for (int k = 0; k < Pack::kVecs; ++k) p[k] = gx[k] = gy[k] = Vec(0);
+  for_each_pack<scalar_t>(rows.valid, 0, steps, [&](int64_t j, int64_t count, const auto& select) {
+    const Pack x = Pack::load(rows.x + j, count), y = Pack::load(rows.y + j, count);
+    const Pack upstream = Pack::load_acc(g + j, count);
+    for (int k = 0; k < Pack::kVecs; ++k) {
+      const Vec dx = select(centre_x.deviation(x.v[k]), k), dy = select(centre_y.deviation(y.v[k]), k);
+      const Vec gv = select(upstream.v[k], k);
+      p[k] = at::vec::fmadd(gv * dx, dy, p[k]);
+      gx[k] = at::vec::fmadd(gv, dx, gx[k]);
+      gy[k] = at::vec::fmadd(gv, dy, gy[k]);
+    }
+  });
   UpstreamSums<acc_t> sums;
   sums.p = horizontal_sum(p);
   sums.gx = horizontal_sum(gx);
@@ -184,30 +279,52 @@ UpstreamSums<acc_t> upstream_sums(const SequenceRows<scalar_t>& rows, int64_t st
 // Gradient rows of one sequence (either output may be nullptr); g is the per-step upstream or nullptr.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void gradient_rows(const SequenceRows<scalar_t>& rows, int64_t steps, const GradientCoefficients<acc_t>& coef,
-                   const acc_t* g, acc_t* grad_x, acc_t* grad_y) {
-  using Vec = Vectorized<acc_t>;
-  for (int64_t j = 0; j < steps; j += Vec::size()) {
-    const int64_t len = std::min<int64_t>(Vec::size(), steps - j);
-    const StepDeviations<acc_t> d(rows, j, len, coef.centre_x, coef.centre_y);
-    const Vec cross = g != nullptr ? coef.cross(Vec::loadu(g + j, len)) : Vec(coef.b);
-    if (grad_x != nullptr) d.lanes(coef.input_gradient(d.dx, d.dy, cross)).store(grad_x + j, len);
-    if (grad_y != nullptr) d.lanes(coef.target_gradient(d.dx, d.dy, cross)).store(grad_y + j, len);
-  }
+                   const acc_t* g, scalar_t* grad_x, scalar_t* grad_y) {
+  using Pack = StepPack<scalar_t>;
+  using Vec = typename Pack::Vec;
+  for_each_pack<scalar_t>(rows.valid, 0, steps, [&](int64_t j, int64_t count, const auto& select) {
+    const Pack x = Pack::load(rows.x + j, count), y = Pack::load(rows.y + j, count);
+    Pack cross;
+    if (g != nullptr) {
+      const Pack upstream = Pack::load_acc(g + j, count);
+      for (int k = 0; k < Pack::kVecs; ++k) cross.v[k] = coef.cross(upstream.v[k]);
+    } else {
+      for (int k = 0; k < Pack::kVecs; ++k) cross.v[k] = Vec(coef.b);
+    }
+    Pack dx, dy;
+    for (int k = 0; k < Pack::kVecs; ++k) {
+      dx.v[k] = coef.centre_x.deviation(x.v[k]);
+      dy.v[k] = coef.centre_y.deviation(y.v[k]);
+    }
+    if (grad_x != nullptr) {
+      Pack gradient;
+      for (int k = 0; k < Pack::kVecs; ++k) gradient.v[k] = select(coef.input_gradient(dx.v[k], dy.v[k], cross.v[k]), k);
+      gradient.store(grad_x + j, count);
+    }
+    if (grad_y != nullptr) {
+      Pack gradient;
+      for (int k = 0; k < Pack::kVecs; ++k) gradient.v[k] = select(coef.target_gradient(dx.v[k], dy.v[k], cross.v[k]), k);
+      gradient.store(grad_y + j, count);
+    }
+  });
 }
 
-// Where one sequence's row of a (B, T, D) output goes; the row is computed in acc_t and stored by finish().
+// Where one sequence's row of a (B, T, D) output goes: the row itself when its steps are contiguous, else a
+// buffer that finish() scatters to it.
 template <typename scalar_t>
 class OutputRow {
  public:
-  using acc_t = acc_type<scalar_t>;
   OutputRow(scalar_t* base, RowLayout layout, int64_t steps) : base_(base), layout_(layout), steps_(steps) {}
-  acc_t* begin(int64_t seq) {
+  scalar_t* begin(int64_t seq) {
     if (base_ == nullptr) return nullptr;
     row_ = base_ + layout_.row_offset(seq);
-    return values_ = row_output<acc_t>(row_, layout_.class_stride, steps_, buffer_);
+    if (layout_.class_stride == 1) return row_;
+    buffer_.resize(steps_);
+    return buffer_.data();
   }
   void finish() {
-    if (base_ != nullptr) store_row(values_, row_, layout_.class_stride, steps_);
+    if (base_ == nullptr || layout_.class_stride == 1) return;
+    for (int64_t j = 0; j < steps_; ++j) row_[j * layout_.class_stride] = buffer_[j];
   }
 
  private:
@@ -215,8 +332,7 @@ class OutputRow {
   RowLayout layout_;
   int64_t steps_;
   scalar_t* row_ = nullptr;
-  acc_t* values_ = nullptr;
-  std::vector<acc_t> buffer_;
+  std::vector<scalar_t> buffer_;
 };
 
 template <typename scalar_t>
@@ -307,7 +423,7 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
           const Moments<acc_t> m = sequence_moments(rows, p.time);
           const acc_t value = finish_sequence(cfg, m, stats + seq * Moments<acc_t>::kWidth, weighted_loss_and_weight);
           if (sequence_losses != nullptr) sequence_losses[seq] = static_cast<scalar_t>(value);
-          if (acc_t* row = out.begin(seq)) {
+          if (scalar_t* row = out.begin(seq)) {
             per_timestep_losses(rows, p.time, m, correlation_scale(cfg, m) * m.n, row);
             out.finish();
           }
@@ -319,9 +435,10 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
         }
         return std::array<acc_t, 2>{weighted_loss_and_weight[0], weighted_loss_and_weight[1]};
       });
-  total_weight.fill_(sums[1]);
-  if (p.reduction == Reduction::Mean) loss.fill_(sums[0] / sums[1]);
-  if (p.reduction == Reduction::Sum) loss.fill_(sums[0]);
+  // Scalars written in place: a fill_ is a dispatched op, microseconds that count in a small call.
+  *total_weight.data_ptr<acc_t>() = sums[1];
+  if (p.reduction == Reduction::Mean) *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(sums[0] / sums[1]);
+  if (p.reduction == Reduction::Sum) *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(sums[0]);
 }
 
 template <typename scalar_t>

@@ -1,0 +1,53 @@
+"""The benchmark's report structure (no timing is checked): the CPU allocator regimes it measures, each in the
+JSON with its own copy bandwidth and rows, and named in the Markdown headers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import summarise
+from benchmarks.case import BenchCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}  # the default regime
+    subprocess.run([sys.executable, "-m", "benchmarks", "--device", "cpu", "--smoke", "--no-compile",
+                    "--ops", "pearson", "--json", str(out), *args], cwd=ROOT, env=environment, check=True,
+                   capture_output=True)
+    return json.loads(out.read_text()), out.with_suffix(".md").read_text()
+
+
+def test_cpu_benchmark_reports_both_allocator_regimes(tmp_path):
+    report, markdown = run_benchmark(tmp_path, "--regimes", "default", "thp")
+    assert [regime["regime"] for regime in report["regimes"]] == ["default", "thp"]
+    for regime in report["regimes"]:
+        assert regime["copy_gbps"] > 0
+        assert [row["op"] for row in regime["rows"]] == ["pearson_correlation_loss"]
+        assert "fwd_bwd_ms" in regime["rows"][0]["results"]["fused"]
+    assert report["allocator_regime"] == "default" and report["rows"] == report["regimes"][0]["rows"]
+    assert "default CPU allocator (4 KB pages)" in markdown and "THP_MEM_ALLOC_ENABLE=1 (2 MB pages)" in markdown
+
+
+def test_smoke_run_says_it_measured_one_regime(tmp_path):
+    report, markdown = run_benchmark(tmp_path)
+    assert [regime["regime"] for regime in report["regimes"]] == ["default"]
+    assert "Allocator regime measured: default only" in markdown
+
+
+@pytest.mark.parametrize("speedup, pct_copy, status", [
+    (1.6, 10.0, "met"),  # fast enough against torch.compile
+    (1.1, 85.0, "met"),  # at the bandwidth ceiling
+    (1.1, 50.0, "MISSED 1.5x compiled or 80% copy"),
+])
+def test_cpu_target_is_speedup_or_bandwidth(speedup, pct_copy, status):
+    case = BenchCase(op="op", label="case", make_inputs=dict, fused=None, reference=None,
+                     bytes_forward=1, bytes_forward_backward=int(pct_copy * 1e6))
+    results = {"fused": {"fwd_bwd_ms": 1.0, "fwd_ms": 1.0}, "compiled": {"fwd_bwd_ms": speedup}}
+    assert summarise(case, results, "cpu", copy_gbps=100.0)["status"] == status
