@@ -9,6 +9,7 @@ import json
 import pkgutil
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -50,8 +51,12 @@ def summarise(case: BenchCase, results: Dict, device: str, copy_gbps: float) -> 
         missed.append(f"{target:g}x compiled")
     if device == "cuda" and row["pct_copy"] < 100 * CUDA_BANDWIDTH_TARGET:
         missed.append(f"{100 * CUDA_BANDWIDTH_TARGET:.0f}% copy")
-    if row.get("speedup_vs_liger", float("inf")) < LIGER_TARGET:
-        missed.append(f"{LIGER_TARGET:g}x Liger")
+    liger_target = case.target_vs_liger or LIGER_TARGET
+    if row.get("speedup_vs_liger", float("inf")) < liger_target:
+        missed.append(f"{liger_target:g}x Liger")
+    peak = fused.get("peak_extra_bytes")
+    if case.max_peak_extra_bytes is not None and peak is not None and peak > case.max_peak_extra_bytes:
+        missed.append(f"peak extra memory {peak / 2**20:.0f} MB > {case.max_peak_extra_bytes / 2**20:.0f} MB")
     row["status"] = "met" if not missed else "MISSED " + ", ".join(missed)
     return row
 
@@ -112,47 +117,95 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--smoke", action="store_true", help="one small case per op (CI); writes no files unless asked")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    parser.add_argument("--headline", action="store_true",
+                        help="only the issue's headline rows (CUDA: what scripts/gpu_check.sh runs)")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="wall-time budget: once the cases left may not fit, they skip the torch.compile "
+                             "reference (compilation dominates), and none starts once even that may not fit")
     parser.add_argument("--json", type=Path, help="JSON output (default benchmarks/results/<device>.json)")
     parser.add_argument("--plot", type=Path, help="PNG output (default benchmarks/results/<device>.png)")
+    parser.add_argument("--list", action="store_true", help="print the selected cases and their targets; run none")
     args = parser.parse_args(argv)
+    # --smoke keeps only the small smoke rows; --quick drops them (a minute for the real shapes).
+    cases = [c for c in all_cases(args.device, args.quick or args.smoke)
+             if (not args.ops or any(o in c.op for o in args.ops))
+             and (c.smoke if args.smoke else not (args.quick and c.smoke))
+             and (c.headline or not args.headline)]
+    if args.list:  # needs no device: scripts/gpu_check.sh's dry run checks the GPU selection with it
+        for case in cases:
+            targets = [f"{case.target_vs_compiled or (2.0 if args.device == 'cuda' else 1.5):g}x compiled"]
+            if args.device == "cuda":
+                targets.append(f"{100 * CUDA_BANDWIDTH_TARGET:.0f}% copy")
+            if "liger" in case.extra:
+                targets.append(f"{case.target_vs_liger or LIGER_TARGET:g}x Liger")
+            if case.max_peak_extra_bytes is not None:
+                targets.append(f"peak extra <= {case.max_peak_extra_bytes / 2**20:.0f} MiB")
+            print(f"{case.op} {case.label}: {', '.join(targets)}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
     name = device_name(args.device)
-    # --smoke keeps only the small smoke rows; --quick drops them (a minute for the real shapes).
-    cases = [c for c in all_cases(args.device, args.quick or args.smoke)
-             if (not args.ops or any(o in c.op for o in args.ops))
-             and (c.smoke if args.smoke else not (args.quick and c.smoke))]
     print(f"fused_losses benchmark on {name}; torch {torch.__version__}; {len(cases)} cases", file=sys.stderr)
     copy_gbps = copy_bandwidth_gbps(args.device, args.quick or args.smoke)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
-    rows = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} {case.label} ...", file=sys.stderr, flush=True)
-        results = measure_case(case, args.device, args.quick or args.smoke, compile_reference=not args.no_compile)
-        rows.append(summarise(case, results, args.device, copy_gbps))
-        print(f"    fused {_ms(results, 'fused')} ms, eager {_ms(results, 'eager')} ms, "
-              f"compiled {_ms(results, 'compiled')} ms -> {rows[-1]['status']}", file=sys.stderr, flush=True)
-
     date = datetime.date.today().isoformat()
     title = f"{name}, torch {torch.__version__}, {date}; copy bandwidth {copy_gbps:.1f} GB/s"
-    table = markdown_table(rows)
-    print(f"\n{title}\n{table}")
-    report = {"device": name, "device_type": args.device, "date": date, "torch": torch.__version__,
-              "copy_gbps": copy_gbps, "quick": args.quick, "rows": rows}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
     json_path = args.json or (None if args.smoke else RESULTS_DIR / f"{slug}.json")
     plot_path = args.plot or (None if args.smoke else RESULTS_DIR / f"{slug}.png")
+
+    def write_report(rows: List[Dict], complete: bool) -> str:
+        """JSON + Markdown of the rows so far: rewritten after every case, so a run cut off still leaves them."""
+        table = markdown_table(rows)
+        if json_path:
+            report = {"device": name, "device_type": args.device, "date": date, "torch": torch.__version__,
+                      "copy_gbps": copy_gbps, "quick": args.quick, "complete": complete, "rows": rows}
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=1))
+            json_path.with_suffix(".md").write_text(
+                f"{title}{'' if complete else f' (partial: {len(rows)} of {len(cases)} cases)'}\n\n{table}\n")
+        return table
+
+    start = time.monotonic()
+    rows = []
+    seconds = {}  # the last case's wall time with and without the compiled reference: the estimates
+    for i, case in enumerate(cases, 1):
+        compile_reference = not args.no_compile
+        if args.time_budget_s is not None and seconds:
+            left, after = args.time_budget_s - (time.monotonic() - start), len(cases) - i
+            # A row's time without compiling: a guess (a third) until one has run; compilation dominates.
+            plain = seconds.get(False, seconds.get(True, 0) / 3)
+            # Compile this case only if the cases after it still fit without compiling; stop when none fits.
+            if compile_reference and left < seconds.get(True, 2 * plain) + after * plain:
+                compile_reference = False
+            if left < plain:
+                print(f"time budget: {left:.0f} s left, stopping before case {i}", file=sys.stderr, flush=True)
+                break
+        print(f"[{i}/{len(cases)}] {case.op} {case.label} ...", file=sys.stderr, flush=True)
+        # Each case compiles afresh: dynamo's recompile limit (8 graphs per function, counted over every
+        # torch.compile of it) would otherwise run later cases' "compiled" reference eagerly, silently.
+        torch._dynamo.reset()
+        case_start = time.monotonic()
+        results = measure_case(case, args.device, args.quick or args.smoke, compile_reference=compile_reference)
+        rows.append(summarise(case, results, args.device, copy_gbps))
+        rows[-1]["seconds"] = seconds[compile_reference] = time.monotonic() - case_start  # compilation included
+        if compile_reference != (not args.no_compile):
+            rows[-1]["status"] += " (torch.compile skipped: time budget)"
+        write_report(rows, complete=False)
+        print(f"    fused {_ms(results, 'fused')} ms, eager {_ms(results, 'eager')} ms, "
+              f"compiled {_ms(results, 'compiled')} ms, liger {_ms(results, 'liger')} ms -> {rows[-1]['status']} "
+              f"({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+    table = write_report(rows, complete=len(rows) == len(cases))
+    print(f"\n{title}\n{table}")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1))
-        json_path.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
         print(f"wrote {json_path} and {json_path.with_suffix('.md')}", file=sys.stderr)
     if plot_path and rows:
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, copy_gbps, title, plot_path)
         print(f"wrote {plot_path}", file=sys.stderr)
-    return 0 if all(not r["status"].startswith("FAILED") for r in rows) else 1
+    return 0 if len(rows) == len(cases) and all(not r["status"].startswith("FAILED") for r in rows) else 1
 
 
 if __name__ == "__main__":
