@@ -34,11 +34,13 @@ PYTHON="${PYTHON:-python3}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"  # finished stages' files, packed into results.tar.gz
+SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"  # carried wheels, installed aside
 DEADLINE=$((SECONDS + BUDGET))
 
 # Time limits, in seconds. CAP: the most a stage may take. MIN: below this a stage is not worth starting, and
-# stages 2-4 keep their MIN for themselves while earlier stages run. Estimates (README): build ~60-120 s,
-# tests ~90 s, bench ~100-150 s, sanitize ~120 s, slow ~120 s.
+# stages 2-4 keep their MIN for themselves while earlier stages run. Estimates (README, not yet measured on a
+# GPU): build ~90 s (nvcc spends ~65 s of CPU on correlation_loss.cu, the longest of the sources compiled in
+# parallel), tests ~90 s, bench ~130 s, sanitize ~140 s, slow what is left (~90 s).
 declare -A CAP=([build]=240 [tests]=150 [bench]=170 [sanitize]=160 [slow]=600)
 declare -A MIN=([build]=60 [tests]=40 [bench]=60 [sanitize]=45 [slow]=30)
 RESERVED_STAGES=" tests bench sanitize "
@@ -173,7 +175,7 @@ stage_slow() {
 # What a stage's summary line says besides its status.
 stage_result() {
   case $1 in
-    build) grep -E '^(CUDA kernels run|Traceback|error)' "$2" | tail -1 ;;
+    build) grep -E '^(CUDA kernels run|[A-Za-z.]*(Error|error)[: ])' "$2" | tail -1 | cut -c1-150 ;;
     tests | slow) pytest_result "$2" ;;
     bench) grep -cE '\| (met|MISSED|FAILED)' "$OUT/bench.md" 2>/dev/null | sed 's/$/ rows written/' ;;
     sanitize) grep -E '^=== (memcheck|racecheck|initcheck|synccheck):' "$2" | sed 's/^=== //' | cut -c1-60 \
@@ -211,9 +213,9 @@ if [ "$DRY_RUN" = 1 ]; then dry_run; exit $?; fi
 # installed aside (nothing of the machine's changes) for every run, also one of the bench stage alone.
 LIGER="no wheels/liger_kernel-*.whl: the benchmark runs without Liger"
 if compgen -G "wheels/liger_kernel-*.whl" >/dev/null; then
-  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" wheels/liger_kernel-*.whl \
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" wheels/liger_kernel-*.whl \
     >"$WORK/liger-install.log" 2>&1; then
-    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     LIGER="liger-kernel installed from $(basename wheels/liger_kernel-*.whl)"
   else
     LIGER="liger-kernel did not install: $(tail -1 "$WORK/liger-install.log")"
@@ -221,6 +223,7 @@ if compgen -G "wheels/liger_kernel-*.whl" >/dev/null; then
 fi
 : >"$OUT/summary.txt"
 summary "gpu_check $(date -u +%FT%TZ): budget ${BUDGET} s, stages ${STAGES[*]}, $(git rev-parse --short HEAD 2>/dev/null)"
+summary "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
 summary "$LIGER"
 for stage in "${STAGES[@]}"; do
   limit=$(stage_limit "$stage")

@@ -283,13 +283,16 @@ class KernelTrace:
         if self.enabled:
             torch.cuda.synchronize()
             self._profile.__exit__(*exc)
-            self.names = {short_kernel_name(e.name) for e in self._profile.events()
-                          if "fused_losses" in e.name or "kernel<" in e.name}
+            events = [e for e in self._profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            self.recorded_any = bool(events)
+            self.names = {short_kernel_name(e.name) for e in events if "fused_losses" in e.name or "kernel<" in e.name}
         return False
 
     def assert_launched(self, kernels):
         if not self.enabled:
             return
+        if not self.recorded_any:  # CUPTI unavailable (e.g. a gVisor machine): nothing to check against
+            pytest.skip("the CUDA profiler recorded no kernel at all: launched kernels not checked")
         missing = [k for k in kernels if not any(_pattern(k).match(name) for name in self.names)]
         assert not missing, f"not launched: {missing}; launched: {sorted(self.names)}"
 
