@@ -17,8 +17,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -69,8 +70,12 @@ def summarise(case: BenchCase, results: Dict, device: str, copy_gbps: float) -> 
     elif (row.get("speedup_vs_compiled", float("inf")) < target
           and row["pct_copy"] < 100 * CPU_BANDWIDTH_TARGET):
         missed.append(f"{target:g}x compiled or {100 * CPU_BANDWIDTH_TARGET:.0f}% copy")
-    if row.get("speedup_vs_liger", float("inf")) < LIGER_TARGET:
-        missed.append(f"{LIGER_TARGET:g}x Liger")
+    liger_target = case.target_vs_liger or LIGER_TARGET
+    if row.get("speedup_vs_liger", float("inf")) < liger_target:
+        missed.append(f"{liger_target:g}x Liger")
+    peak = fused.get("peak_extra_bytes")
+    if case.max_peak_extra_bytes is not None and peak is not None and peak > case.max_peak_extra_bytes:
+        missed.append(f"peak extra memory {peak / 2**20:.0f} MB > {case.max_peak_extra_bytes / 2**20:.0f} MB")
     row["status"] = "met" if not missed else "MISSED " + ", ".join(missed)
     return row
 
@@ -129,19 +134,45 @@ def process_regime() -> str:
     return "thp" if os.environ.get(THP_VARIABLE) == "1" else "default"
 
 
-def measure_regime(args, cases: List[BenchCase], name: str) -> Dict:
-    """Copy bandwidth and every case in this process: {"regime", "copy_gbps", "rows"}."""
+def measure_regime(args, cases: List[BenchCase], name: str, on_row: Callable[[Dict], None]) -> Dict:
+    """Copy bandwidth and the cases in this process: {"regime", "copy_gbps", "rows", "complete"}, handed to
+    `on_row` after every case. Under --time-budget-s, cases skip the torch.compile reference once the ones left
+    may not fit with it (compilation dominates), and none starts once even that may not fit."""
     print(f"allocator regime: {name}", file=sys.stderr)
     copy_gbps = copy_bandwidth_gbps(args.device, args.quick or args.smoke)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
-    rows = []
+    regime = {"regime": name, "copy_gbps": copy_gbps, "rows": [], "complete": False}
+    rows = regime["rows"]
+    start = time.monotonic()
+    seconds = {}  # the last case's wall time with and without the compiled reference: the estimates
     for i, case in enumerate(cases, 1):
+        compile_reference = not args.no_compile
+        if args.time_budget_s is not None and seconds:
+            left, after = args.time_budget_s - (time.monotonic() - start), len(cases) - i
+            # A row's time without compiling: a guess (a third) until one has run; compilation dominates.
+            plain = seconds.get(False, seconds.get(True, 0) / 3)
+            # Compile this case only if the cases after it still fit without compiling; stop when none fits.
+            if compile_reference and left < seconds.get(True, 2 * plain) + after * plain:
+                compile_reference = False
+            if left < plain:
+                print(f"time budget: {left:.0f} s left, stopping before case {i}", file=sys.stderr, flush=True)
+                break
         print(f"[{i}/{len(cases)}] {case.op} {case.label} ...", file=sys.stderr, flush=True)
-        results = measure_case(case, args.device, args.quick or args.smoke, compile_reference=not args.no_compile)
+        # Each case compiles afresh: dynamo's recompile limit (8 graphs per function, counted over every
+        # torch.compile of it) would otherwise run later cases' "compiled" reference eagerly, silently.
+        torch._dynamo.reset()
+        case_start = time.monotonic()
+        results = measure_case(case, args.device, args.quick or args.smoke, compile_reference=compile_reference)
         rows.append(summarise(case, results, args.device, copy_gbps))
+        rows[-1]["seconds"] = seconds[compile_reference] = time.monotonic() - case_start  # compilation included
+        if compile_reference != (not args.no_compile):
+            rows[-1]["status"] += " (torch.compile skipped: time budget)"
+        regime["complete"] = len(rows) == len(cases)
+        on_row(regime)
         print(f"    fused {_ms(results, 'fused')} ms, eager {_ms(results, 'eager')} ms, "
-              f"compiled {_ms(results, 'compiled')} ms -> {rows[-1]['status']}", file=sys.stderr, flush=True)
-    return {"regime": name, "copy_gbps": copy_gbps, "rows": rows}
+              f"compiled {_ms(results, 'compiled')} ms, liger {_ms(results, 'liger')} ms -> {rows[-1]['status']} "
+              f"({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return regime
 
 
 def measure_regime_in_child(args, name: str) -> Dict:
@@ -156,9 +187,23 @@ def measure_regime_in_child(args, name: str) -> Dict:
         out = Path(scratch) / "regime.json"
         command = [sys.executable, "-m", __package__, "--device", args.device, "--regime-json", str(out)]
         command += ["--quick"] * args.quick + ["--smoke"] * args.smoke + ["--no-compile"] * args.no_compile
-        command += ["--ops", *args.ops] if args.ops else []
+        command += ["--headline"] * args.headline + ["--ops", *args.ops] * bool(args.ops)
         subprocess.run(command, env=environment, check=True, cwd=Path(__file__).resolve().parent.parent)
         return json.loads(out.read_text())
+
+
+def print_case_list(cases: List[BenchCase], device: str) -> None:
+    for case in cases:
+        targets = [f"{case.target_vs_compiled or (2.0 if device == 'cuda' else 1.5):g}x compiled"]
+        if device == "cuda":
+            targets.append(f"{100 * CUDA_BANDWIDTH_TARGET:.0f}% copy")
+        else:
+            targets[0] += f" or {100 * CPU_BANDWIDTH_TARGET:.0f}% copy"
+        if "liger" in case.extra:
+            targets.append(f"{case.target_vs_liger or LIGER_TARGET:g}x Liger")
+        if case.max_peak_extra_bytes is not None:
+            targets.append(f"peak extra <= {case.max_peak_extra_bytes / 2**20:.0f} MiB")
+        print(f"{case.op} {case.label}: {', '.join(targets)}")
 
 
 def main(argv=None) -> int:
@@ -171,23 +216,34 @@ def main(argv=None) -> int:
                         help="one small case per op (CI), this process's allocator regime only; writes no files "
                              "unless asked")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    parser.add_argument("--headline", action="store_true",
+                        help="only the issue's headline rows (CUDA: what scripts/gpu_check.sh runs)")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="wall-time budget: once the cases left may not fit, they skip the torch.compile "
+                             "reference (compilation dominates), and none starts once even that may not fit")
     parser.add_argument("--regimes", nargs="+", choices=sorted(ALLOCATOR_REGIMES),
                         help="CPU allocator regimes to measure (default: both, or this process's own with --smoke)")
     parser.add_argument("--json", type=Path, help="JSON output (default benchmarks/results/<device>.json)")
     parser.add_argument("--plot", type=Path, help="PNG output (default benchmarks/results/<device>.png)")
+    parser.add_argument("--list", action="store_true", help="print the selected cases and their targets; run none")
     parser.add_argument("--regime-json", type=Path, help=argparse.SUPPRESS)  # child process: one regime's rows
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-
-    name = device_name(args.device)
     # --smoke keeps only the small smoke rows; --quick drops them (a minute for the real shapes).
     cases = [c for c in all_cases(args.device, args.quick or args.smoke)
              if (not args.ops or any(o in c.op for o in args.ops))
-             and (c.smoke if args.smoke else not (args.quick and c.smoke))]
-    if args.regime_json:
-        args.regime_json.write_text(json.dumps(measure_regime(args, cases, process_regime())))
+             and (c.smoke if args.smoke else not (args.quick and c.smoke))
+             and (c.headline or not args.headline)]
+    if args.list:  # needs no device: scripts/gpu_check.sh's dry run checks the GPU selection with it
+        print_case_list(cases, args.device)
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.regime_json:
+        regime = measure_regime(args, cases, process_regime(), on_row=lambda regime: None)
+        args.regime_json.write_text(json.dumps(regime))
+        return 0
+
+    name = device_name(args.device)
     own = process_regime()
     if args.device == "cuda":
         regimes = [own]  # the CPU allocator does not hold the tensors a CUDA benchmark measures
@@ -195,38 +251,53 @@ def main(argv=None) -> int:
         regimes = args.regimes or ([own] if args.smoke else list(ALLOCATOR_REGIMES))
     print(f"fused_losses benchmark on {name}; torch {torch.__version__}; {len(cases)} cases; allocator regimes: "
           f"{', '.join(regimes)}", file=sys.stderr)
-    measured = [measure_regime(args, cases, r) if r == own else measure_regime_in_child(args, r) for r in regimes]
-
     date = datetime.date.today().isoformat()
-    sections, titles = [], []
-    for regime in measured:
-        allocator = f"; {ALLOCATOR_REGIMES[regime['regime']][1]}" if args.device == "cpu" else ""
-        title = f"{name}, torch {torch.__version__}, {date}{allocator}; copy bandwidth {regime['copy_gbps']:.1f} GB/s"
-        titles.append(title)
-        sections.append(f"{title}\n\n{markdown_table(regime['rows'])}")
-    if args.device == "cpu" and len(measured) == 1:
-        sections.append(f"Allocator regime measured: {measured[0]['regime']} only (the other one: --regimes).")
-    text = "\n\n".join(sections)
-    print(f"\n{text}")
-    first = measured[0]
-    # Top-level copy_gbps and rows are the first regime's; "regimes" holds every regime measured.
-    report = {"device": name, "device_type": args.device, "date": date, "torch": torch.__version__,
-              "copy_gbps": first["copy_gbps"], "quick": args.quick, "allocator_regime": first["regime"],
-              "rows": first["rows"], "regimes": measured}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
     json_path = args.json or (None if args.smoke else RESULTS_DIR / f"{slug}.json")
     plot_path = args.plot or (None if args.smoke else RESULTS_DIR / f"{slug}.png")
+    measured: List[Dict] = []
+
+    def title(regime: Dict) -> str:
+        allocator = f"; {ALLOCATOR_REGIMES[regime['regime']][1]}" if args.device == "cpu" else ""
+        return f"{name}, torch {torch.__version__}, {date}{allocator}; copy bandwidth {regime['copy_gbps']:.1f} GB/s"
+
+    def write_report(in_progress: Optional[Dict] = None) -> str:
+        """Markdown (returned) and JSON of the regimes so far, rewritten after every case, so that a run cut off
+        still leaves what it measured. Top-level copy_gbps and rows are the first regime's."""
+        regimes_so_far = measured + ([in_progress] if in_progress is not None else [])
+        sections = []
+        for regime in regimes_so_far:
+            partial = "" if regime["complete"] else f" (partial: {len(regime['rows'])} of {len(cases)} cases)"
+            sections.append(f"{title(regime)}{partial}\n\n{markdown_table(regime['rows'])}")
+        if args.device == "cpu" and len(regimes) == 1:
+            sections.append(f"Allocator regime measured: {regimes[0]} only (the other one: --regimes).")
+        text = "\n\n".join(sections)
+        if json_path:
+            first = regimes_so_far[0]
+            report = {"device": name, "device_type": args.device, "date": date, "torch": torch.__version__,
+                      "copy_gbps": first["copy_gbps"], "quick": args.quick, "allocator_regime": first["regime"],
+                      "complete": len(measured) == len(regimes) and all(r["complete"] for r in measured),
+                      "rows": first["rows"], "regimes": regimes_so_far}
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=1))
+            json_path.with_suffix(".md").write_text(f"{text}\n")
+        return text
+
+    for regime in regimes:
+        measured.append(measure_regime(args, cases, regime, on_row=write_report) if regime == own
+                        else measure_regime_in_child(args, regime))
+    text = write_report()
+    print(f"\n{text}")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1))
-        json_path.with_suffix(".md").write_text(f"{text}\n")
         print(f"wrote {json_path} and {json_path.with_suffix('.md')}", file=sys.stderr)
+    first = measured[0]
     if plot_path and first["rows"]:
         plot_path.parent.mkdir(parents=True, exist_ok=True)
-        plot(first["rows"], first["copy_gbps"], titles[0], plot_path)
+        plot(first["rows"], first["copy_gbps"], title(first), plot_path)
         print(f"wrote {plot_path}", file=sys.stderr)
-    failed = [r for regime in measured for r in regime["rows"] if r["status"].startswith("FAILED")]
-    return 1 if failed else 0
+    complete = all(regime["complete"] for regime in measured)
+    failed = any(r["status"].startswith("FAILED") for regime in measured for r in regime["rows"])
+    return 0 if complete and not failed else 1
 
 
 if __name__ == "__main__":

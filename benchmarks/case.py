@@ -21,3 +21,9 @@ class BenchCase:
     # Speed-up over the compiled reference this case must reach (forward + backward); None: the device default
     # (1.5x on CPU, 2x on CUDA).
     target_vs_compiled: Optional[float] = None
+    # One of the headline rows (`--headline`: the GPU check's benchmark stage runs only these).
+    headline: bool = False
+    # Speed-up over Liger this case must reach; None: LIGER_TARGET (benchmarks/__main__.py).
+    target_vs_liger: Optional[float] = None
+    # Most extra memory the fused forward + backward may allocate (e.g. one gradient); None: no bound.
+    max_peak_extra_bytes: Optional[int] = None

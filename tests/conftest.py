@@ -1,7 +1,9 @@
 """Shared test fixtures: every device test runs on the CPU and, when one is present, on CUDA."""
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,20 @@ TOLERANCES = {
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fastest-first", action="store_true",
+                     help="run the tests in increasing order of their mean duration in tests/durations.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    """--fastest-first (scripts/gpu_check.sh): a run cut off at its time limit has then finished as many tests as
+    it could. tests/durations.json holds each test function's mean seconds per case, measured on its CPU cases
+    (a proxy for the GPU's, where Python overhead dominates); tests it lacks (new ones) come first."""
+    if config.getoption("--fastest-first"):
+        durations = json.loads(Path(__file__).with_name("durations.json").read_text())
+        items.sort(key=lambda item: durations.get(item.nodeid.split("[")[0], 0.0))  # stable: file order in ties
 
 
 @pytest.fixture(params=DEVICES)

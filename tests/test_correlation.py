@@ -636,9 +636,9 @@ def test_errors(device):
         torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "mean", False, 0.0, False, False)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put the arguments on two devices")
 def test_device_mismatch_errors():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to put the arguments on two devices")
     x, y = torch.randn(2, 5, device="cuda"), torch.randn(2, 5)
     with pytest.raises(ValueError, match=r"target must be on the same device as input"):
         fused_losses.pearson_correlation_loss(x, y)

@@ -315,9 +315,9 @@ def test_cpu_rejects_negative_or_non_finite_costs():
         csce(x, y, torch.full((3, 3), float("inf")))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
 def test_device_mismatch_is_reported():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to mix devices")
     x, y = make_problem(8, 3, "cuda")
     with pytest.raises(ValueError, match="cost_matrix must be on the same device as input"):
         csce(x, y, torch.ones(3, 3))

@@ -422,14 +422,14 @@ def _three_losses(device, dtype=torch.float32):
     ]
 
 
-def test_autocast_cpu_reads_the_logits_dtype_and_returns_float32():
-    """Under autocast the logits are not re-cast: bf16 logits (a Linear's output under CPU autocast) are read as
+def test_autocast_reads_the_logits_dtype_and_returns_float32(device):
+    """Under autocast the logits are not re-cast: bf16 logits (a Linear's output under autocast) are read as
     they are, and the loss comes back in float32 as PyTorch's losses do under autocast, close to the float32
     result; outside autocast the same bf16 logits give a bf16 loss."""
-    for name, shape, loss_fn in _three_losses("cpu"):
-        features = torch.randn(shape[0], 16)
-        layer = torch.nn.Linear(16, shape[1])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    for name, shape, loss_fn in _three_losses(device):
+        features = torch.randn(shape[0], 16, device=device)
+        layer = torch.nn.Linear(16, shape[1]).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16):
             logits = layer(features)
             loss = loss_fn(logits)
         assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32, name
