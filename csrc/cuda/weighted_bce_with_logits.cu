@@ -104,6 +104,13 @@ __device__ bool keeps_forward_gradient(const PassArgs<scalar_t>& args) {
          static_cast<acc_type<scalar_t>>(*args.grad_loss_scalar) == acc_type<scalar_t>(1);
 }
 
+// Whether the pass stores per-element values: always with the gradient, in the forward for 'none' only.
+// Known at compile time outside the forward, so those loops have no version without the stores.
+template <Pass pass, typename scalar_t>
+__device__ __forceinline__ bool writes_output(const PassArgs<scalar_t>& args) {
+  return pass != Pass::Forward || args.out != nullptr;
+}
+
 // The thread's sum into the block's partial. Uniform over the grid, so all threads of a block call it or none.
 template <typename scalar_t>
 __device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scalar_t> sum) {
@@ -161,15 +168,17 @@ __device__ __forceinline__ BceConfig<acc_t> kernel_config(const BceConfig<acc_t>
   }
 }
 
-// At 256 threads, 64 registers keep 4 blocks per SM for the float paths; the double ones may use twice that.
-template <typename scalar_t>
-constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 2 : 4;
+// Resident blocks the flat kernels are compiled for: 4 (at most 64 registers at 256 threads) for the float
+// paths without weight operands; the weighted ones hold a step's weight, pos_weight and scale too (3 x 16
+// values with a one-byte target), which spill under 64 registers: 2. The double paths are not limited.
+template <typename scalar_t, bool kWeighted>
+constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : kWeighted ? 2 : 4;
 
 // kWeighted: some of weight, pos_weight and per-element grad_loss are present; without them the loop reads
 // logits and target only. Elements [0, head) (a misaligned base peeled up to the first element where logits,
 // target and output are 16-byte aligned) and the tail after the last whole step go one per thread.
 template <Pass pass, typename scalar_t, typename target_t, bool kFocusing, bool kWeighted>
-__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
+__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t, kWeighted>)
     flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target,
                 FlatOperand<acc_type<scalar_t>> weight, FlatOperand<acc_type<scalar_t>> pos_weight,
                 FlatOperand<scalar_t> grad_loss, int64_t period, int64_t head) {
@@ -211,7 +220,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
         value[k] = result.stored;
       }
     }
-    if (args.out != nullptr) store_packs<E>(args.out + first, value);
+    if (writes_output<pass>(args)) store_packs<E>(args.out + first, value);
   }
   // The head, then the tail: `edge` elements in all.
   const int64_t tail_start = head + steps * E;
@@ -224,7 +233,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
         weight.read(flat, element_label, acc_t(1)), pos_weight.read(flat, element_label, acc_t(1)),
         grad_loss.read(flat, element_label, scale_all));
     sum += result.summed;
-    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(result.stored);
+    if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
   store_partial_sum(args, sum);
 }
