@@ -1,6 +1,6 @@
 // Per-element math of the weighted / focal / asymmetric binary cross-entropy with logits, shared by the
 // CPU kernels (instantiated with at::vec::Vectorized through their own Math policy) and the CUDA kernels
-// (ScalarMath below).
+// (FastFloatMath below for float accumulation, ScalarMath for double).
 //
 // With p = sigmoid(z), target y in [0, 1], pos_weight q and weight w:
 //   loss = w * (q * y * l_pos(z) + (1 - y) * l_neg(z))      (soft targets mix the two terms linearly)
@@ -64,6 +64,41 @@ struct ScalarMath {
   }
 };
 
+// a / b through the policy's `divide` where it has one (an approximate division on the GPU), else IEEE.
+template <typename Math, typename V>
+C10_HOST_DEVICE inline V divide(V a, V b) {
+  if constexpr (requires { Math::divide(a, b); }) {
+    return Math::divide(a, b);
+  } else {
+    return a / b;
+  }
+}
+
+// float32 elementary functions from fast approximate primitives: `Primitives` has exp(x), log(x) and
+// divide(a, b) (on the GPU CUDA's __expf, __logf and __fdividef: cuda_utils.cuh). The error this adds is
+// bounded in docs/design.md ("Fast float32 math") and tested by injecting each primitive's documented worst
+// error (tests/test_cuda_emulation.py, test_fast_float_math_accuracy). log1p keeps the exact function (the
+// ASL clip's log1p(-p_m) over (clip - 1, 0]: a fast log loses its relative accuracy near 0).
+template <typename Primitives>
+struct FastFloatMath : ScalarMath<float> {
+  C10_HOST_DEVICE static float exp(float x) { return Primitives::exp(x); }
+  C10_HOST_DEVICE static float log(float x) { return Primitives::log(x); }
+  C10_HOST_DEVICE static float divide(float a, float b) { return Primitives::divide(a, b); }
+  // log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3]: one division and an odd series in s, relative
+  // accuracy down to e -> 0 where log(1 + e) from a fast log keeps only an absolute one. The series stops at
+  // s^13: the first term left out is below 2^-26 of the sum.
+  C10_HOST_DEVICE static float log1p_unit_interval(float e) {
+    const float s = Primitives::divide(e, 2.0f + e);
+    const float s2 = s * s;
+    float series = std::fma(2.0f / 13, s2, 2.0f / 11);
+    series = std::fma(series, s2, 2.0f / 9);
+    series = std::fma(series, s2, 2.0f / 7);
+    series = std::fma(series, s2, 2.0f / 5);
+    series = std::fma(series, s2, 2.0f / 3);
+    return std::fma(s * s2, series, 2.0f * s);
+  }
+};
+
 // sigmoid(z) and its complement, with their logs, from one exp(-|z|).
 template <typename V>
 struct SigmoidParts {
@@ -75,7 +110,7 @@ C10_HOST_DEVICE inline SigmoidParts<V> sigmoid_parts(V z, bool need_probabilitie
   SigmoidParts<V> s;
   const V e = Math::exp(-Math::abs(z));  // in (0, 1]: no overflow for any z
   if (need_probabilities) {
-    const V r = V(1) / (V(1) + e);
+    const V r = divide<Math>(V(1), V(1) + e);
     const auto nonnegative = Math::greater_equal(z, V(0));
     s.p = Math::select(nonnegative, r, e * r);
     s.one_minus_p = Math::select(nonnegative, e * r, r);
@@ -136,7 +171,8 @@ C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const 
       const auto active = Math::greater(shifted, V(0));
       const V safe_shifted = Math::select(active, shifted, V(1));
       const V log_complement = Math::log1p(-shifted);
-      const V dloss_dshifted = V(1) / (V(1) - shifted) - V(cfg.gamma_neg) * log_complement / safe_shifted;
+      const V dloss_dshifted = divide<Math>(V(1), V(1) - shifted) -
+                               divide<Math>(V(cfg.gamma_neg) * log_complement, safe_shifted);
       const V value = power_from_log<Math>(Math::log(safe_shifted), cfg.gamma_neg) * dloss_dshifted * s.p *
                       s.one_minus_p;
       negative = Math::select(active, value, V(0));

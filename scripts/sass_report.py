@@ -594,7 +594,9 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
             return SweepModel(("write",), pack, 3 * size, vector_accesses=3,
                               what="per-step losses of one pack; DRAM: x, y read, losses written")
     if op == "bce" and base == "flat_kernel":
-        bce_pass, scalar, target = arguments
+        # flat_kernel<Pass, T, target_t, kFocusing, kWeighted>: the weighted kernels' loop also holds the packed
+        # and element-wise weight loads (periodic (L,) weights come from L1: no DRAM bytes counted).
+        bce_pass, scalar, target, focusing, weighted = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
         elements = 16 // min(size, target_size)  # kFlatElements
         written = 0 if bce_pass == "Forward" else size
@@ -602,6 +604,8 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                           vector_accesses=elements * (size + target_size + written) // 16,
                           what="kFlatElements elements: 16-byte loads of logits and target"
                                + (", 16-byte stores of the gradient" if written else "")
+                               + (", focusing formulas" if focusing == "true" else ", plain BCE formulas")
+                               + (", weight / pos_weight / grad_loss loads" if weighted == "true" else "")
                                + "; DRAM: logits, target read" + (", gradient written" if written else ""))
     if op == "bce" and base == "sparse_rows_kernel":
         bce_pass, scalar = arguments

@@ -300,6 +300,13 @@ BCE_OPTIONS = [
     dict(target="float", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
     dict(target="bool", reduction="sum", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
     dict(target="uint8", reduction="none", weight="labels", pos_weight="labels", focusing=(0.0, 2.0, 0.0)),
+    # No weight operand: the flat kernels without weight loads (plain and focusing); with shared_offset the
+    # target is misaligned like the logits, so the flat kernel peels a head instead of going strided.
+    dict(target="bool", reduction="mean", weight=None, pos_weight=None, focusing=(0.0, 0.0, 0.0), shared_offset=True),
+    dict(target="float", reduction="sum", weight=None, pos_weight=None, focusing=(2.0, 2.0, 0.0)),
+    dict(target="uint8", reduction="none", weight=None, pos_weight=None, focusing=(0.0, 0.0, 0.0), shared_offset=True),
+    dict(target="float", reduction="mean", weight="full", pos_weight="labels", focusing=(0.0, 0.0, 0.0),
+         shared_offset=True),
     dict(target="sparse", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
     dict(target="sparse", reduction="none", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
     dict(target="sparse", reduction="sum", weight="labels", pos_weight="labels", focusing=(2.0, 2.0, 0.0)),
@@ -322,12 +329,16 @@ def bce_case(shape, dtype, options, layout):
                 positive_indices[row, -1] = labels_on[0]  # a repeated label counts once
     else:
         target = positive.to({"float": dtype, "bool": torch.bool, "uint8": torch.uint8}[options["target"]])
+        if options.get("shared_offset"):
+            target = LAYOUTS[layout](target)
 
     def weight_of(kind):
         if kind is None:
             return None
-        size = shape if kind == "full" else (labels,)
-        return torch.rand(size, generator=generator) + 0.5
+        if kind == "full":
+            weight = torch.rand(shape, generator=generator) + 0.5
+            return LAYOUTS[layout](weight) if options.get("shared_offset") else weight
+        return torch.rand((labels,), generator=generator) + 0.5
 
     return logits, target, positive_indices, weight_of(options["weight"]), weight_of(options["pos_weight"])
 
@@ -361,8 +372,52 @@ def test_weighted_bce(emulated, shape, dtype, options):
 
 def test_sparse_bce_invalid_index_gives_nan_row(emulated):
     """An index outside [-1, L) makes its row NaN on CUDA (the CPU raises): never a silent number."""
-    logits, _, indices, _, pos_weight = bce_case((20, 200), torch.float32, BCE_OPTIONS[3], "contiguous")
+    sparse_options = next(options for options in BCE_OPTIONS if options["target"] == "sparse")
+    logits, _, indices, _, pos_weight = bce_case((20, 200), torch.float32, sparse_options, "contiguous")
     indices[5, 0] = 200
     loss, _ = emulated.weighted_bce_with_logits(logits, None, indices, None, pos_weight, "none", 0.0, 0.0, 0.0,
                                                 False)
     assert loss[5].isnan().all() and not loss[torch.arange(20) != 5].isnan().any()
+
+
+# The float32 formulas of the CUDA kernels with __expf, __logf and __fdividef each off by its documented worst
+# error in either direction (fast_math_accuracy.cpp), against the float64 CPU kernel, for hard targets (a soft
+# target mixes the two values linearly). The bound, in float32 ulps (2^-23 relative), as docs/design.md ("Fast
+# float32 math") states it: 16 + 4 gamma + 1.2 (1 + (1 + gamma) |z|) (the __expf error grows with its argument:
+# -|z|, and gamma times a log-probability, at most about -|z|), plus, for the ASL negative term,
+# (1 + gamma) kappa (8 + 1.2 |z|) with kappa = p / (p - clip): the clip's subtraction amplifies the rounding
+# of p, as it does in float32 with exact functions (thousands of ulps where p is just above the clip).
+FAST_MATH_CONFIGS = [(0.0, 0.0, 0.0), (2.0, 2.0, 0.0), (1.0, 4.0, 0.05), (0.5, 0.25, 0.2)]
+
+
+def fast_math_bound(z, label, focusing):
+    gamma_pos, gamma_neg, clip = focusing
+    gamma = max(gamma_pos, gamma_neg)
+    magnitude = z.abs()
+    ulps = 16 + 4 * gamma + 1.2 * (1 + (1 + gamma) * magnitude)
+    if clip and label == 0:
+        p = torch.sigmoid(z)
+        shifted = p - clip
+        kappa = torch.where(shifted > 0, p / shifted, torch.zeros_like(p))
+        ulps = ulps + (1 + gamma) * kappa * (8 + 1.2 * magnitude)
+    return ulps * 2.0**-23
+
+
+@pytest.mark.parametrize("focusing", FAST_MATH_CONFIGS, ids=str)
+def test_fast_float_math_accuracy(emulated, focusing):
+    dense = torch.linspace(-40, 40, 160001)
+    tiny = torch.logspace(-8, 0, 2001)
+    z = torch.cat([dense, tiny, -tiny, torch.tensor([0.0, 60.0, -60.0, 87.0, -87.0])]).float()
+    exact_args = (None, None, None, "none", *focusing)
+    for label in (0.0, 1.0):
+        y = torch.full_like(z, label)
+        exact_loss = CPU_OPS.weighted_bce_with_logits(z.double(), y.double(), *exact_args, False)[0]
+        exact_grad = CPU_OPS.weighted_bce_with_logits_backward(torch.ones_like(z, dtype=torch.float64), z.double(),
+                                                               y.double(), *exact_args)
+        bound = fast_math_bound(z.double(), label, focusing)
+        for directions in [(0, 0, 0)] + [(e, l, d) for e in (-1, 1) for l in (-1, 1) for d in (-1, 1)]:
+            loss, grad = emulated.fast_bce_math_worst_case(z, y, *focusing, *directions)
+            for name, got, exact in (("loss", loss, exact_loss), ("grad", grad, exact_grad)):
+                representable = exact.abs() > 1e-30  # below, float32 underflows (and rounds to 0 on both)
+                excess = ((got.double() - exact).abs() / exact.abs() - bound)[representable]
+                assert excess.max() <= 0, (name, label, directions, z[representable][excess.argmax()].item())

@@ -41,6 +41,14 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kVecSize<T>>& p
   *reinterpret_cast<Pack<T, kVecSize<T>>*>(ptr) = pack;
 }
 
+// The fast approximate primitives of FastFloatMath (bce_math.h): an ex2 / lg2 / rcp instruction each, with
+// the error bounds of the CUDA C++ Programming Guide's intrinsic table (docs/design.md, "Fast float32 math").
+struct FastFloatPrimitives {
+  __device__ __forceinline__ static float exp(float x) { return __expf(x); }
+  __device__ __forceinline__ static float log(float x) { return __logf(x); }
+  __device__ __forceinline__ static float divide(float a, float b) { return __fdividef(a, b); }
+};
+
 inline bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Shuffle within aligned groups of `Group` lanes; every lane of the warp must call it.

@@ -41,12 +41,18 @@ struct ElementResult {
   acc_t summed, stored;
 };
 
+// The elementary functions of the kernels: fast approximate ones for float accumulation (error bounds in
+// docs/design.md, "Fast float32 math"), the exact ones for double.
+template <typename acc_t>
+using ElementMath =
+    std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath<FastFloatPrimitives>, ScalarMath<acc_t>>;
+
 // `scale` multiplies what the pass stores: grad_loss (over the divisor) or, in the forward, 1 (over the
 // divisor for the gradient, as the backward's scale for grad_loss = 1: the same bits).
 template <Pass pass, typename acc_t>
 __device__ __forceinline__ ElementResult<acc_t> evaluate_element(const BceConfig<acc_t>& cfg, acc_t z, acc_t y,
                                                                  acc_t w, acc_t q, acc_t scale) {
-  using Math = ScalarMath<acc_t>;
+  using Math = ElementMath<acc_t>;
   if constexpr (pass == Pass::Forward) {
     const acc_t loss = bce_element_loss<Math>(cfg, z, y, w, q) * scale;
     return {loss, loss};
@@ -98,6 +104,13 @@ __device__ bool keeps_forward_gradient(const PassArgs<scalar_t>& args) {
          static_cast<acc_type<scalar_t>>(*args.grad_loss_scalar) == acc_type<scalar_t>(1);
 }
 
+// Whether the pass stores per-element values: always with the gradient, in the forward for 'none' only.
+// Known at compile time outside the forward, so those loops have no version without the stores.
+template <Pass pass, typename scalar_t>
+__device__ __forceinline__ bool writes_output(const PassArgs<scalar_t>& args) {
+  return pass != Pass::Forward || args.out != nullptr;
+}
+
 // The thread's sum into the block's partial. Uniform over the grid, so all threads of a block call it or none.
 template <typename scalar_t>
 __device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scalar_t> sum) {
@@ -112,12 +125,15 @@ __device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scala
 template <typename scalar_t, typename target_t>
 constexpr int kFlatElements = 16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof(scalar_t) : sizeof(target_t));
 
-// A weight (or grad_loss) as the flat kernel reads it: absent, contiguous (element `flat` at data[flat]), or
-// periodic along the flat range (element at data[label * stride], label = flat % period).
+// A weight (or grad_loss) as the flat kernel reads it: absent (data is nullptr), contiguous (element `flat` at
+// data[flat]) or periodic along the flat range (element at data[label * stride], label = flat % period);
+// `packed`: a step's values are consecutive and 16-byte aligned (contiguous and aligned at the peeled head, or
+// periodic with unit stride, a period that is a multiple of the step and an aligned base).
 template <typename T>
 struct FlatOperand {
   const T* data = nullptr;
   bool periodic = false;
+  bool packed = false;
   int64_t stride = 0;
 
   template <typename acc_t>
@@ -130,8 +146,8 @@ struct FlatOperand {
 template <int Count, typename T, typename acc_t>
 __device__ __forceinline__ void load_flat(const FlatOperand<T>& operand, int64_t first, int64_t label, int64_t period,
                                           acc_t absent, acc_t (&out)[Count]) {
-  if (operand.data != nullptr && !operand.periodic) {
-    load_packs<Count>(operand.data + first, out);
+  if (operand.packed) {
+    load_packs<Count>(operand.data + (operand.periodic ? label : first), out);
     return;
   }
 #pragma unroll
@@ -141,44 +157,83 @@ __device__ __forceinline__ void load_flat(const FlatOperand<T>& operand, int64_t
   }
 }
 
-template <Pass pass, typename scalar_t, typename target_t>
-__global__ void __launch_bounds__(kBlockThreads)
+// The call's config; in the plain kernels focusing is off at compile time, so their loops hold only the plain
+// formulas.
+template <bool kFocusing, typename acc_t>
+__device__ __forceinline__ BceConfig<acc_t> kernel_config(const BceConfig<acc_t>& cfg) {
+  if constexpr (kFocusing) {
+    return cfg;
+  } else {
+    return BceConfig<acc_t>{};
+  }
+}
+
+// Resident blocks the flat kernels are compiled for: 4 (at most 64 registers at 256 threads) for the float
+// paths without weight operands; the weighted ones hold a step's weight, pos_weight and scale too (3 x 16
+// values with a one-byte target), which spill under 64 registers: 2. The double paths are not limited.
+template <typename scalar_t, bool kWeighted>
+constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : kWeighted ? 2 : 4;
+
+// kWeighted: some of weight, pos_weight and per-element grad_loss are present; without them the loop reads
+// logits and target only. Elements [0, head) (a misaligned base peeled up to the first element where logits,
+// target and output are 16-byte aligned) and the tail after the last whole step go one per thread.
+template <Pass pass, typename scalar_t, typename target_t, bool kFocusing, bool kWeighted>
+__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t, kWeighted>)
     flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target,
                 FlatOperand<acc_type<scalar_t>> weight, FlatOperand<acc_type<scalar_t>> pos_weight,
-                FlatOperand<scalar_t> grad_loss, int64_t period) {
+                FlatOperand<scalar_t> grad_loss, int64_t period, int64_t head) {
   using acc_t = acc_type<scalar_t>;
   constexpr int E = kFlatElements<scalar_t, target_t>;
   if (keeps_forward_gradient<pass>(args)) return;
+  const BceConfig<acc_t> cfg = kernel_config<kFocusing>(args.cfg);
   const int64_t thread = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
   const acc_t scale_all = uniform_scale<pass>(args);
-  const int64_t steps = args.numel / E;
+  const int64_t steps = (args.numel - head) / E;
+  // The label of a step's first element, advanced by the grid stride without a division per step.
+  const int64_t label_advance = kWeighted ? num_threads * E % period : 0;
+  int64_t label = kWeighted ? (head + thread * E) % period : 0;
   acc_t sum = 0;
   for (int64_t step = thread; step < steps; step += num_threads) {
-    const int64_t first = step * E;
-    const int64_t label = first % period;
-    acc_t z[E], y[E], w[E], q[E], scale[E], value[E];
+    const int64_t first = head + step * E;
+    acc_t z[E], y[E], value[E];
     load_packs<E>(args.logits + first, z);
     load_packs<E>(target + first, y);
-    load_flat<E>(weight, first, label, period, acc_t(1), w);
-    load_flat<E>(pos_weight, first, label, period, acc_t(1), q);
-    load_flat<E>(grad_loss, first, label, period, scale_all, scale);
+    if constexpr (kWeighted) {
+      acc_t w[E], q[E], scale[E];
+      load_flat<E>(weight, first, label, period, acc_t(1), w);
+      load_flat<E>(pos_weight, first, label, period, acc_t(1), q);
+      load_flat<E>(grad_loss, first, label, period, scale_all, scale);
+      label += label_advance;
+      label = label >= period ? label - period : label;
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const ElementResult<acc_t> result = evaluate_element<pass>(args.cfg, z[k], y[k], w[k], q[k], scale[k]);
-      sum += result.summed;
-      value[k] = result.stored;
+      for (int k = 0; k < E; ++k) {
+        const ElementResult<acc_t> result = evaluate_element<pass>(cfg, z[k], y[k], w[k], q[k], scale[k]);
+        sum += result.summed;
+        value[k] = result.stored;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        const ElementResult<acc_t> result = evaluate_element<pass>(cfg, z[k], y[k], acc_t(1), acc_t(1), scale_all);
+        sum += result.summed;
+        value[k] = result.stored;
+      }
     }
-    if (args.out != nullptr) store_packs<E>(args.out + first, value);
+    if (writes_output<pass>(args)) store_packs<E>(args.out + first, value);
   }
-  for (int64_t flat = steps * E + thread; flat < args.numel; flat += num_threads) {
-    const int64_t label = flat % period;
+  // The head, then the tail: `edge` elements in all.
+  const int64_t tail_start = head + steps * E;
+  const int64_t edge = head + (args.numel - tail_start);
+  for (int64_t index = thread; index < edge; index += num_threads) {
+    const int64_t flat = index < head ? index : tail_start + (index - head);
+    const int64_t element_label = kWeighted ? flat % period : 0;
     const ElementResult<acc_t> result = evaluate_element<pass>(
-        args.cfg, static_cast<acc_t>(args.logits[flat]), element_as<acc_t>(target[flat]),
-        weight.read(flat, label, acc_t(1)), pos_weight.read(flat, label, acc_t(1)),
-        grad_loss.read(flat, label, scale_all));
+        cfg, static_cast<acc_t>(args.logits[flat]), element_as<acc_t>(target[flat]),
+        weight.read(flat, element_label, acc_t(1)), pos_weight.read(flat, element_label, acc_t(1)),
+        grad_loss.read(flat, element_label, scale_all));
     sum += result.summed;
-    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(result.stored);
+    if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
   store_partial_sum(args, sum);
 }
@@ -300,14 +355,15 @@ bool operand_is_contiguous(const BceLayout& layout, int operand) {
   return true;
 }
 
-// How the flat kernel reads a weight or grad_loss operand; nullopt when it cannot.
-template <typename T>
-std::optional<FlatOperand<T>> as_flat_operand(const BceLayout& layout, int operand, const T* data) {
+// How the flat kernel reads a weight or grad_loss operand whose step starts at elements ≡ `head` (mod `E`);
+// nullopt when it cannot (a stride-0 dimension other than the last).
+template <int E, typename T>
+std::optional<FlatOperand<T>> as_flat_operand(const BceLayout& layout, int operand, const T* data, int64_t head) {
   FlatOperand<T> flat;
   flat.data = data;
   if (data == nullptr) return flat;
   if (operand_is_contiguous(layout, operand)) {
-    if (!is_aligned_16(data)) return std::nullopt;
+    flat.packed = is_aligned_16(data + head);
     return flat;
   }
   for (int d = 0; d + 1 < layout.dims; ++d) {
@@ -315,7 +371,23 @@ std::optional<FlatOperand<T>> as_flat_operand(const BceLayout& layout, int opera
   }
   flat.periodic = true;
   flat.stride = layout.inner_stride(operand);
+  flat.packed = head == 0 && flat.stride == 1 && layout.inner_size() % E == 0 && is_aligned_16(data);
   return flat;
+}
+
+// The first element (below kFlatElements, at most numel) where logits, target and output are all 16-byte
+// aligned: a base misaligned by the same number of elements in each (outputs are allocated that way,
+// empty_with_alignment_of) peels a short head. nullopt when there is none.
+template <typename scalar_t, typename target_t>
+std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t* target) {
+  constexpr int E = kFlatElements<scalar_t, target_t>;
+  for (int64_t head = 0; head < E; ++head) {
+    if (is_aligned_16(args.logits + head) && is_aligned_16(target + head) &&
+        (args.out == nullptr || is_aligned_16(args.out + head))) {
+      return std::min(head, args.numel);
+    }
+  }
+  return std::nullopt;
 }
 
 // Launches one pass over every element. For a reduced forward, `partials` receives the (blocks,) per-block
@@ -339,25 +411,45 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         args, p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout, vectorized);
     return blocks;
   } else {
+    constexpr int E = kFlatElements<scalar_t, target_t>;
     const target_t* target = p.data<target_t>(kTarget);
-    const auto weight = as_flat_operand(p.layout, kWeight, args.weight);
-    const auto pos_weight = as_flat_operand(p.layout, kPosWeight, args.pos_weight);
-    const auto grad_loss = as_flat_operand(p.layout, kGradLoss, args.grad_loss);
-    const bool flat = operand_is_contiguous(p.layout, kLogits) && operand_is_contiguous(p.layout, kTarget) &&
-                      is_aligned_16(args.logits) && is_aligned_16(target) &&
-                      (args.out == nullptr || is_aligned_16(args.out)) && weight && pos_weight && grad_loss;
-    if (flat) {
-      const int64_t blocks = grid_size(p.numel / kFlatElements<scalar_t, target_t>, kBlockThreads);
-      allocate_partials(blocks);
-      launch_kernel(flat_kernel<pass, scalar_t, target_t>, blocks, stream,
-          args, target, *weight, *pos_weight, *grad_loss, p.layout.inner_size());
-      return blocks;
+    const std::optional<int64_t> head =
+        operand_is_contiguous(p.layout, kLogits) && operand_is_contiguous(p.layout, kTarget)
+            ? flat_head(args, target)
+            : std::nullopt;
+    if (head) {
+      const auto weight = as_flat_operand<E>(p.layout, kWeight, args.weight, *head);
+      const auto pos_weight = as_flat_operand<E>(p.layout, kPosWeight, args.pos_weight, *head);
+      const auto grad_loss = as_flat_operand<E>(p.layout, kGradLoss, args.grad_loss, *head);
+      if (weight && pos_weight && grad_loss) {
+        const int64_t blocks = grid_size((p.numel - *head) / E, kBlockThreads);
+        allocate_partials(blocks);
+        const bool weighted = weight->data != nullptr || pos_weight->data != nullptr || grad_loss->data != nullptr;
+        const auto launch = [&](auto focusing, auto weighted_tag) {
+          launch_kernel(flat_kernel<pass, scalar_t, target_t, decltype(focusing)::value, decltype(weighted_tag)::value>,
+                        blocks, stream, args, target, *weight, *pos_weight, *grad_loss, p.layout.inner_size(), *head);
+        };
+        const bool focusing = args.cfg.focusing;
+        if (focusing && weighted) launch(std::true_type{}, std::true_type{});
+        else if (focusing) launch(std::true_type{}, std::false_type{});
+        else if (weighted) launch(std::false_type{}, std::true_type{});
+        else launch(std::false_type{}, std::false_type{});
+        return blocks;
+      }
     }
     const int64_t blocks = grid_size(p.numel, kBlockThreads);
     allocate_partials(blocks);
     launch_kernel(strided_kernel<pass, scalar_t, target_t>, blocks, stream, args, target, p.layout);
     return blocks;
   }
+}
+
+// An uninitialised tensor of the input's shape and dtype, contiguous, whose address is as far (in elements)
+// from 16-byte alignment as the input's: the flat kernel then peels the same head from both.
+at::Tensor empty_with_alignment_of(const at::Tensor& input) {
+  const int64_t offset = reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 / input.element_size();
+  if (offset == 0) return at::empty(input.sizes(), input.options());
+  return at::empty({input.numel() + offset}, input.options()).narrow(0, offset, input.numel()).view(input.sizes());
 }
 
 template <typename scalar_t>
@@ -383,9 +475,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const s
   const c10::cuda::CUDAGuard guard(input.device());
   const BceProblem p =
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
-  at::Tensor loss = allocate_bce_loss(p);
-  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
   const bool reduced = p.reduction != Reduction::None;
+  at::Tensor loss = reduced ? allocate_bce_loss(p) : empty_with_alignment_of(p.input);
+  at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
+  if (write_gradient && !is_aligned_16(p.input.const_data_ptr())) gradient = empty_with_alignment_of(p.input);
   if (p.numel == 0) {
     fill_empty_reduction(loss, p.reduction);
     return {loss, gradient};
@@ -435,7 +528,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, c
   const c10::cuda::CUDAGuard guard(input.device());
   const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                         gamma_neg, clip, grad_loss);
-  at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
+  at::Tensor grad_input = empty_with_alignment_of(p.input);
   backward_into(p, grad_input, /*skip_unit_grad_loss=*/false);
   return grad_input;
 }

@@ -7,7 +7,7 @@ operator libraries whose CPU kernels are the emulated CUDA kernels:
   multi-chunk and chunk-merge paths.
 
 Each library has the operators of ``torch.ops.fused_losses`` with the same schemas (call them with CPU tensors),
-and the shim's self-test operators (shim_selftest.cpp).
+and the shim's self-test operators (shim_selftest.cpp, fast_math_accuracy.cpp).
 The build goes to ``build/cuda_emulation/<namespace>`` (ninja: later runs rebuild only what changed).
 """
 
@@ -56,7 +56,8 @@ def load(namespace: str, verbose: bool = False) -> None:
     ] + VARIANTS[namespace]
     torch.utils.cpp_extension.load(
         name=namespace,
-        sources=[os.path.join(HERE, name) for name in ("host_emulation.cpp", "shim_selftest.cpp")]
+        sources=[os.path.join(HERE, name)
+                 for name in ("host_emulation.cpp", "shim_selftest.cpp", "fast_math_accuracy.cpp")]
         + _wrapper_sources(build_dir),
         extra_cflags=flags,
         # The shim's c10/cuda headers come before torch's, and csrc holds the kernel headers.
