@@ -74,53 +74,6 @@ struct Moments {
     return m;
   }
 
-  // Welford update with one valid step; the first step becomes the shift.
-  C10_HOST_DEVICE void add(acc_t x, acc_t y) {
-    if (n == acc_t(0)) {
-      shift_x = x;
-      shift_y = y;
-    }
-    x -= shift_x;
-    y -= shift_y;
-    n += acc_t(1);
-    const acc_t dx = x - mean_x, dy = y - mean_y;
-    mean_x += dx / n;
-    mean_y += dy / n;
-    cxx += dx * (x - mean_x);
-    cyy += dy * (y - mean_y);
-    cxy += dx * (y - mean_y);
-  }
-
-  // Adds N steps held in registers: exact two-pass moments of the batch, then one merge (one division per
-  // batch instead of one per step).
-  template <int N>
-  C10_HOST_DEVICE void add_batch(const acc_t (&x)[N], const acc_t (&y)[N], const bool (&valid)[N]) {
-    if constexpr (N == 1) {
-      if (valid[0]) add(x[0], y[0]);
-    } else {
-      acc_t count = 0, sum_x = 0, sum_y = 0;
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        count += valid[i] ? acc_t(1) : acc_t(0);
-        sum_x += valid[i] ? x[i] : acc_t(0);
-        sum_y += valid[i] ? y[i] : acc_t(0);
-      }
-      if (count == acc_t(0)) return;
-      const acc_t shift_x = sum_x / count, shift_y = sum_y / count;
-      acc_t sum_dx = 0, sum_dy = 0, sum_dxx = 0, sum_dyy = 0, sum_dxy = 0;
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const acc_t dx = valid[i] ? x[i] - shift_x : acc_t(0), dy = valid[i] ? y[i] - shift_y : acc_t(0);
-        sum_dx += dx;
-        sum_dy += dy;
-        sum_dxx += dx * dx;
-        sum_dyy += dy * dy;
-        sum_dxy += dx * dy;
-      }
-      merge(from_shifted_sums(count, shift_x, shift_y, sum_dx, sum_dy, sum_dxx, sum_dyy, sum_dxy));
-    }
-  }
-
   // Chan's merge of the moments of a disjoint part (keeps this part's shifts).
   C10_HOST_DEVICE void merge(const Moments& other) {
     if (other.n == acc_t(0)) return;

@@ -291,6 +291,29 @@ def test_correlation(emulated, shape, dtype, options):
     check_correlation(emulated, *correlation_case(shape, dtype, opts, layout), opts)
 
 
+@pytest.mark.parametrize("shape", [(4, 700, 2), (2, 5000, 1), (3, 900, 1)], ids=str)
+@pytest.mark.parametrize("kind", ["pearson", "concordance"])
+def test_correlation_float32_far_from_zero(emulated, shape, kind):
+    """Data at 1e4 with unit spread (a naive float32 sum of squares loses every digit of the variance): the
+    moments sweep's runs of shifted sums and their Chan merges match float64 on the same float32 values, for a
+    lane sweeping hundreds of strided steps and for packs."""
+    generator = torch.Generator().manual_seed(_seed(shape, "far"))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x = (1e4 + noise).float()
+    y = (1e4 + 0.5 + 0.7 * noise + 0.7 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
+    args = (None, kind, "none", True, EPS)
+    got = emulated.correlation_loss(x, y, *args, False, False)
+    exact = CPU_OPS.correlation_loss(x.double(), y.double(), *args, False, False)
+    torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(moments(got[1]).double(), moments(exact[1]), rtol=1e-5, atol=1e-4)
+    one = torch.ones(shape)
+    grads = emulated.correlation_loss_backward(one, x, y, *args[:1], got[1], got[2], *args[1:], True, True)
+    exact_grads = CPU_OPS.correlation_loss_backward(one.double(), x.double(), y.double(), *args[:1], exact[1],
+                                                    exact[2], *args[1:], True, True)
+    for g, e in zip(grads, exact_grads):
+        torch.testing.assert_close(g.double(), e, rtol=0, atol=1e-5 * e.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------------- weighted BCE
 
 # (N, L): flat packs, strided (a padded row), sparse positive indices; L beyond the small build's 64-label

@@ -33,8 +33,8 @@ def _load_sass_report():
 sass_report = _load_sass_report()
 
 # STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28). The cross-entropy forward that writes the
-# gradient (float32 and float64) and the float64 row-per-thread backward; the per-timestep upstream sums of the
-# correlation backward at one block per sequence (bf16, fp16).
+# gradient (float32 and float64) and the float64 row-per-thread backward; the float32 correlation moments
+# kernel at one lane per sequence under its 3-blocks launch bound (24 / 20 bytes, outside the sweep loops).
 KNOWN_SPILLS = {
     "cross_entropy/backward_kernel<fp64, 1>",
     "cross_entropy/forward_kernel<fp32, 4, true>",
@@ -42,21 +42,18 @@ KNOWN_SPILLS = {
     "cross_entropy/forward_kernel<fp64, 1, true>",
     "cross_entropy/forward_kernel<fp64, 4, true>",
     "cross_entropy/forward_kernel<fp64, 32, true>",
-    "correlation/reduce_items_kernel<256, UpstreamSumsTask<bf16>>",
-    "correlation/reduce_items_kernel<256, UpstreamSumsTask<fp16>>",
+    "correlation/reduce_items_kernel<1, MomentsTask<fp32>>",
     "bce/flat_kernel<ForwardWithGradient, fp32, uint8, false, true>",  # 4 / 12 bytes at 128 registers
 }
 
 # float32 / bf16 / fp16 kernels above 64 registers at 256 threads (< 4 blocks per SM) in the same build: the
-# correlation moments, upstream-sums, gradient and per-step kernels (69-107 registers) and the weighted dense
-# BCE flat kernels (71-128).
+# correlation moments and gradient kernels (80 registers, 3 blocks, in float32; 105-113 in bf16 / fp16) and
+# the weighted dense BCE flat kernels (71-128).
 KNOWN_REGISTER_MISSES = {
     *(f"correlation/map_items_kernel<{g}, GradientTask<{t}>>" for g in (1, 4, 32, 256)
       for t in ("bf16", "fp16", "fp32")),
-    *(f"correlation/map_items_kernel<{g}, PerStepLossTask<{t}>>" for g in (1, 4, 32, 256) for t in ("bf16", "fp16")),
     *(f"correlation/reduce_items_kernel<{g}, MomentsTask<{t}>>" for g in (1, 4, 32, 256)
       for t in ("bf16", "fp16", "fp32")),
-    *(f"correlation/reduce_items_kernel<1, UpstreamSumsTask<{t}>>" for t in ("bf16", "fp16", "fp32")),
     # The weighted BCE flat kernels (compiled for 2 blocks/SM: a step's weights do not fit 64 registers),
     # except float32 logits with a float32 target (4 elements per step).
     *(f"bce/flat_kernel<{p}, {t}, {target}, {focusing}, true>"

@@ -5,11 +5,11 @@
 //   re-reads x, y and writes the gradient(s).
 // - 2-pass, with write_input_gradient / write_target_gradient (a reduced loss): the forward also writes the
 //   gradient for grad_loss = 1. When each sequence is one chunk, the group that computed a sequence's moments
-//   sweeps it again right away (the rows come back from L1/L2) and writes the gradient; for 'mean' a pre-pass
-//   over the mask first gives the divisor, summed exactly as the forward sums it. When sequences are cut into
-//   chunks, the moments need the cross-chunk merge first, so the forward runs the backward's gradient kernel
-//   after them. The in-place backward returns at once when grad_loss (read on the device) is 1, else it
-//   recomputes the gradient exactly as the 3-pass backward.
+//   sweeps it again right away (the rows come back from L1/L2) and writes the gradient; for 'mean' the divisor
+//   is known on the host without a mask, else a pre-pass over the mask sums it exactly as the forward does.
+//   When sequences are cut into chunks, the moments need the cross-chunk merge first, so the forward runs the
+//   backward's gradient kernel after them. The in-place backward returns at once when grad_loss (read on the
+//   device) is 1, else it recomputes the gradient exactly as the 3-pass backward.
 // Both schedules evaluate the same coefficient code (correlation_math.h), so they give the same bits.
 //
 // Work is split into items = (sequence, chunk of steps), each owned by a group of G lanes:
@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace fused_losses::cuda {
@@ -76,8 +77,9 @@ struct MaskRow {
 
   template <int N>
   __device__ void load(int64_t t, bool (&out)[N]) const {
+    const bool* first = ptr + t * stride;  // one 64-bit product per call; i * stride is loop-invariant
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || element_as<int>(ptr[(t + i) * stride]) != 0;
+    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || element_as<int>(first[i * stride]) != 0;
   }
 };
 
@@ -174,6 +176,7 @@ struct CentredSteps {
   }
 
   __device__ int misalignment() const { return steps.misalignment(); }
+  __device__ void end_run() {}  // these sweeps need no break between runs
 };
 
 template <typename acc_t>
@@ -219,10 +222,11 @@ struct ChunkPlan {
 // the rounding of the results) depends on the problem only.
 constexpr int64_t kTargetThreads = int64_t(1) << 19;
 // A chunk gives each lane at least kMinLoadsPerLane loads and has at least kMinChunkSteps steps (strided rows).
+// A lane visits its loads in runs of kRunLoads (sweep_chunk), after which the moments sweep folds its sums.
 #ifdef FUSED_LOSSES_SMALL_LIMITS
-constexpr int64_t kMinLoadsPerLane = 2, kMinChunkSteps = 8;
+constexpr int64_t kMinLoadsPerLane = 2, kMinChunkSteps = 8, kRunLoads = 2;
 #else
-constexpr int64_t kMinLoadsPerLane = 32, kMinChunkSteps = 512;
+constexpr int64_t kMinLoadsPerLane = 32, kMinChunkSteps = 512, kRunLoads = 16;
 #endif
 
 ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous, int pack) {
@@ -265,12 +269,26 @@ void dispatch_lanes(int lanes, const F& f) {
   }
 }
 
+// Calls visit(i) for i = lane, lane + Group, ... below count, and visitor.end_run() after each run of
+// kRunLoads of them (and after the last, shorter run): the moments sweep folds its plain sums there, outside
+// the loop over the loads.
+template <int Group, typename Visitor, typename Visit>
+__device__ void visit_in_runs(Visitor& visitor, int64_t count, int lane, const Visit& visit) {
+  constexpr int64_t kRunSpan = Group * kRunLoads;
+  for (int64_t run = 0; run < count; run += kRunSpan) {
+    const int64_t run_end = run + kRunSpan < count ? run + kRunSpan : count;
+    for (int64_t i = run + lane; i < run_end; i += Group) visit(i);
+    visitor.end_run();
+  }
+}
+
 // Visits steps [begin, end) of one item: lane `lane` of the group takes every Group-th step (scalar sweep) or
-// pack (vectorised sweep, after the head up to the first 16-byte boundary). Calls visitor.at<N>(t).
+// pack (vectorised sweep, after the head up to the first 16-byte boundary). Calls visitor.at<N>(t), and
+// visitor.end_run() between runs of steps or packs (visit_in_runs).
 template <int Group, int Pack, typename Visitor>
 __device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool vectorized, int lane) {
   if (!vectorized) {
-    for (int64_t t = begin + lane; t < end; t += Group) visitor.template at<1>(t);
+    visit_in_runs<Group>(visitor, end - begin, lane, [&](int64_t i) { visitor.template at<1>(begin + i); });
     return;
   }
   const int64_t head = (Pack - (visitor.misalignment() + begin) % Pack) % Pack;
@@ -278,19 +296,29 @@ __device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool v
   const int64_t packs = (end - aligned_begin) / Pack;
   const int64_t tail_begin = aligned_begin + packs * Pack;
   for (int64_t t = begin + lane; t < aligned_begin; t += Group) visitor.template at<1>(t);
-  for (int64_t i = lane; i < packs; i += Group) visitor.template at<Pack>(aligned_begin + i * Pack);
+  visit_in_runs<Group>(visitor, packs, lane,
+                       [&](int64_t i) { visitor.template at<Pack>(aligned_begin + i * Pack); });
   for (int64_t t = tail_begin + lane; t < end; t += Group) visitor.template at<1>(t);
 }
 
 // ----------------------------------------------------------------------------- generic kernels
 
-// Reduces every item into a Task::State: the group sweeps its item, merges across its lanes, and the first
+// Resident blocks per SM that a task's sweep kernel is compiled for (Task::kMinBlocksPerSM, __launch_bounds__):
+// `wanted` on the float32 / half paths, whose rows stream fastest (4: at most 64 registers at 256 threads);
+// float64 keeps the compiler's choice.
+template <typename acc_t>
+constexpr int min_blocks_per_sm(int wanted) {
+  return std::is_same_v<acc_t, double> ? 1 : wanted;
+}
+
+// Reduces every item into a Task::State: the group sweeps its item (each lane's visitor gives its part as a
+// State through result()), merges across its lanes, and the first
 // lane either finishes the sequence (one chunk per sequence; the task may add to the block's (weighted loss,
 // weight) sums) or stores the chunk's partial state for combine_chunks_kernel. A task with kSecondSweep may
 // then sweep each finished sequence again with the whole group (task.sweeps_again, set by the host for
 // one-chunk plans only), from a visitor built on the sequence's state.
 template <int Group, typename Task>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
     reduce_items_kernel(Task task, ChunkPlan plan, bool vectorized, typename Task::State::value_type* chunk_states,
                         typename Task::State::value_type* block_sums) {
   using State = typename Task::State;
@@ -307,7 +335,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (in_range) {
       auto visitor = task.visitor(plan.sequence(item));
       sweep_chunk<Group, Task::kPack>(visitor, plan.chunk_begin(item), plan.chunk_end(item), vectorized, lane);
-      state = visitor.state;
+      state = visitor.result();
     }
     merge_group<Group>(state);
     if (lane == 0 && in_range) {
@@ -365,7 +393,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Element-wise pass: every group sweeps its item, the visitor writes the outputs; nothing when the task says
 // its outputs already hold the result.
 template <int Group, typename Task>
-__global__ void __launch_bounds__(kBlockThreads) map_items_kernel(Task task, ChunkPlan plan, bool vectorized) {
+__global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
+    map_items_kernel(Task task, ChunkPlan plan, bool vectorized) {
   if (task.done_already()) return;
   constexpr int kItemsPerIteration = kBlockThreads / Group;
   const int lane = threadIdx.x % Group;
@@ -422,6 +451,9 @@ template <typename scalar_t>
 struct GradientTask {
   using acc_t = acc_type<scalar_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  // Its visitor holds up to five rows and six coefficients: at 64 registers (4 blocks) it spills, and so do
+  // the half types, whose packs convert twice the values, at 80 (3 blocks).
+  static constexpr int kMinBlocksPerSM = std::is_same_v<scalar_t, float> ? 3 : 1;
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   const acc_t* stats;
@@ -484,6 +516,46 @@ struct GradientTask {
   }
 };
 
+// A run of steps of the moments sweep as plain sums of deviations from a shift, the run's first valid step, so
+// each step costs additions and products only (no division per pack). moments() converts them once per run
+// for the Chan merges. Shifting by a data value keeps data far from zero (1e4 in float32) as accurate as its
+// spread: the cancellation in sum d^2 - (sum d)^2 / n grows only with the distance of that step from the mean.
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t count = 0, shift_x = 0, shift_y = 0, sum_dx = 0, sum_dy = 0, sum_dxx = 0, sum_dyy = 0, sum_dxy = 0;
+
+  template <int N>
+  __device__ void add(const acc_t (&x)[N], const acc_t (&y)[N], const bool (&valid)[N]) {
+    if (count == acc_t(0)) {  // no valid step yet: the first valid one of these becomes the shift
+#pragma unroll
+      for (int i = N - 1; i >= 0; --i) {
+        shift_x = valid[i] ? x[i] : shift_x;
+        shift_y = valid[i] ? y[i] : shift_y;
+      }
+    }
+    // The pack's own sums first: the running sums then take one addition per pack, not per step.
+    acc_t pack[6];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const acc_t dx = valid[i] ? x[i] - shift_x : acc_t(0), dy = valid[i] ? y[i] - shift_y : acc_t(0);
+      const acc_t terms[6] = {valid[i] ? acc_t(1) : acc_t(0), dx, dy, dx * dx, dy * dy, dx * dy};
+#pragma unroll
+      for (int k = 0; k < 6; ++k) pack[k] = i == 0 ? terms[k] : pack[k] + terms[k];
+    }
+    count += pack[0];
+    sum_dx += pack[1];
+    sum_dy += pack[2];
+    sum_dxx += pack[3];
+    sum_dyy += pack[4];
+    sum_dxy += pack[5];
+  }
+
+  __device__ Moments<acc_t> moments() const {
+    if (count == acc_t(0)) return {};
+    return Moments<acc_t>::from_shifted_sums(count, shift_x, shift_y, sum_dx, sum_dy, sum_dxx, sum_dyy, sum_dxy);
+  }
+};
+
 // Forward statistics: Moments of every sequence; finishing stores them and the per-sequence loss. With
 // sweeps_again, the group then writes the sequence's gradient for grad_loss = 1 from those moments.
 template <typename scalar_t>
@@ -491,6 +563,7 @@ struct MomentsTask {
   using acc_t = acc_type<scalar_t>;
   using State = Moments<acc_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  static constexpr int kMinBlocksPerSM = GradientTask<scalar_t>::kMinBlocksPerSM;  // its second sweep is one
   static constexpr bool kSecondSweep = true;
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
@@ -499,20 +572,33 @@ struct MomentsTask {
   GradientTask<scalar_t> gradient;
   bool sweeps_again, second_sweep_vectorized;
 
+  // Each run of a lane's loads (visit_in_runs) is summed around its own first valid step (ShiftedSums) and
+  // folded into `folded` by a Chan merge: plain sums of longer runs would lose float32 digits (a G = 1 lane
+  // may sweep thousands of strided steps).
   struct Visitor {
     StepReader<scalar_t> steps;
-    State state;
+    State folded;
+    ShiftedSums<acc_t> run;
     template <int N>
     __device__ void at(int64_t t) {
       acc_t x[N], y[N];
       bool valid[N];
       steps.template load<N>(t, x, y, valid);
-      state.add_batch(x, y, valid);
+      run.add(x, y, valid);
+    }
+    __device__ void end_run() {
+      folded.merge(run.moments());
+      run = {};
     }
     __device__ int misalignment() const { return steps.misalignment(); }
+    __device__ State result() const {
+      State lane = folded;
+      lane.merge(run.moments());
+      return lane;
+    }
   };
 
-  __device__ Visitor visitor(int64_t seq) const { return {StepReader<scalar_t>(in, seq), State{}}; }
+  __device__ Visitor visitor(int64_t seq) const { return {StepReader<scalar_t>(in, seq), State{}, {}}; }
 
   __device__ void finish(int64_t seq, const State& m, acc_t (&sums)[2]) const {
     const acc_t loss = finish_sequence(cfg, m, stats + seq * State::kWidth, sums);
@@ -544,6 +630,7 @@ struct SequenceWeightTask {
   using acc_t = acc_type<scalar_t>;
   using State = StepCount<acc_t>;
   static constexpr int kPack = 1;  // the mask is read step by step
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   static constexpr bool kSecondSweep = false;
   Operand<const bool> mask;  // data nullptr: every step is valid
   CorrelationConfig<acc_t> cfg;
@@ -559,6 +646,8 @@ struct SequenceWeightTask {
       for (int i = 0; i < N; ++i) state.n += ok[i] ? acc_t(1) : acc_t(0);
     }
     __device__ int misalignment() const { return 0; }
+    __device__ void end_run() {}
+    __device__ State result() const { return state; }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
@@ -579,6 +668,7 @@ struct UpstreamSumsTask {
   using acc_t = acc_type<scalar_t>;
   using State = UpstreamSums<acc_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   static constexpr bool kSecondSweep = false;
   Inputs<scalar_t> in;
   Operand<const scalar_t> upstream;
@@ -602,6 +692,7 @@ struct UpstreamSumsTask {
         state.gy += g_valid * dy[i];
       }
     }
+    __device__ State result() const { return state; }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
@@ -616,6 +707,7 @@ template <typename scalar_t>
 struct PerStepLossTask {
   using acc_t = acc_type<scalar_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   const acc_t* stats;
@@ -681,12 +773,40 @@ void run_gradient(const CorrelationProblem& p, const GradientTask<scalar_t>& tas
   run_map(task, plan_sweep<scalar_t>(p, vectorized), vectorized, stream);
 }
 
-// The pre-pass of a forward that writes the gradient of 'mean' in its moments kernel: the total weight, in
-// `total_weight`, bitwise the one the moments pass will find (SequenceWeightTask).
+// The total weight of the reduction when there is no mask: every sequence then has all its T steps valid and
+// weighs 1, or T with per_timestep (sequence_weight), so the host knows the total without a pass over the
+// steps. nullopt with a mask.
+template <typename acc_t>
+std::optional<acc_t> host_total_weight(const CorrelationProblem& p) {
+  if (p.mask.has_value()) return std::nullopt;
+  return static_cast<acc_t>(static_cast<double>(p.sequences()) * (p.per_timestep ? static_cast<double>(p.time) : 1.0));
+}
+
+// The forward's epilogue: ReducedLossEpilogue with the host's total weight (known_total_weight >= 0) in place
+// of the sum of the sequences' weights. Both schedules then divide 'mean' by the same bits.
+template <typename scalar_t>
+struct CorrelationLossEpilogue {
+  using acc_t = acc_type<scalar_t>;
+  ReducedLossEpilogue<scalar_t> reduced;
+  acc_t known_total_weight;  // < 0: the sum of the weights
+  __device__ void operator()(const acc_t (&totals)[2]) const {
+    const acc_t chosen[2] = {totals[0], known_total_weight < acc_t(0) ? totals[1] : known_total_weight};
+    reduced(chosen);
+  }
+};
+
+// The divisor of 'mean' for a forward that writes the gradient in its moments kernel, before any moments are
+// known, in `total_weight`, bitwise the total weight that forward saves: the host's without a mask, else the
+// sum that the pre-pass SequenceWeightTask finds.
 template <typename scalar_t>
 void total_weight_before_moments(const Inputs<scalar_t>& in, const CorrelationConfig<acc_type<scalar_t>>& cfg,
-                                 const ChunkPlan& moments_plan, at::Tensor& total_weight, cudaStream_t stream) {
+                                 const ChunkPlan& moments_plan, std::optional<acc_type<scalar_t>> known_total_weight,
+                                 at::Tensor& total_weight, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
+  if (known_total_weight.has_value()) {
+    total_weight.fill_(*known_total_weight);
+    return;
+  }
   const at::Tensor sums = run_reduction(SequenceWeightTask<scalar_t>{in.mask, cfg}, moments_plan,
                                         /*vectorized=*/false, /*with_sums=*/true, total_weight.options(), stream);
   launch_reduce_partials<acc_t, 2>(sums.const_data_ptr<acc_t>(), sums.size(0),
@@ -728,16 +848,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     // One chunk per sequence: the moments kernel writes the gradient too, while the rows are in cache.
     task.sweeps_again = writes_gradient && plan.chunks == 1;
     task.second_sweep_vectorized = gradient_packs_line_up(task.gradient);
+    const std::optional<acc_t> known_total_weight = host_total_weight<acc_t>(p);
     at::Tensor total_weight_first;  // the divisor of 'mean' for that gradient, known before the moments
     if (task.sweeps_again && p.reduction == Reduction::Mean) {
       total_weight_first = at::empty({}, moments.options());
-      total_weight_before_moments(in, cfg, plan, total_weight_first, stream);
+      total_weight_before_moments(in, cfg, plan, known_total_weight, total_weight_first, stream);
       task.gradient.total_weight = total_weight_first.const_data_ptr<acc_t>();
     }
     const at::Tensor sums = run_reduction(task, plan, vectorized, /*with_sums=*/true, moments.options(), stream);
-    const ReducedLossEpilogue<scalar_t> epilogue{
-        p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(), total_weight.data_ptr<acc_t>(),
-        p.reduction == Reduction::Mean};
+    const CorrelationLossEpilogue<scalar_t> epilogue{
+        {p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(), total_weight.data_ptr<acc_t>(),
+         p.reduction == Reduction::Mean},
+        known_total_weight.value_or(acc_t(-1))};
     launch_reduce_partials<acc_t, 2>(sums.const_data_ptr<acc_t>(), sums.size(0), epilogue, stream);
 
     if (writes_gradient && !task.sweeps_again) {
