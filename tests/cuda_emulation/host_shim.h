@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -104,6 +105,10 @@ inline int __any_sync(unsigned int mask, int predicate) {
   emulation::end_warp_exchange(mask);
   return any;
 }
+
+// The SFU's fast exponential (ex2.approx of x log2(e), a few ulp on the GPU); here the accurate expf, so the
+// emulation checks the kernels' logic, not the GPU's rounding of exp.
+inline float __expf(float x) { return std::exp(x); }
 
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
