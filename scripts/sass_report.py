@@ -567,8 +567,8 @@ class SweepModel:
     vector_accesses: int = 0
     counted_load_bytes: int = 0
     shared_load_bytes: int = 0  # 'shared': the element width of the shared-memory loads that count elements
-    elements_per_vector: int = 0  # when set, a global loop handles this many elements per 16-byte access (an
-                                  # unrolled copy loop), not `elements`
+    elements_per_vector: int = 0  # when set, a global loop handles this many elements per 16-byte load ('read')
+                                  # or store ('write'), not `elements`: the loops the compiler unrolled
 
 
 def sweep_model(kernel: Kernel) -> SweepModel | None:
@@ -581,13 +581,14 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         size = TYPE_SIZES[scalar]
         if writes_gradient == "true":
             return SweepModel(("read", "write"), 16 // size, 2 * size, vector_accesses=1,
+                              elements_per_vector=16 // size,
                               what="online-softmax scan + gradient sweep of one 16-byte pack of logits (the sweep "
                                    "re-reads it from L1/L2); DRAM: logits read, gradient written")
-        return SweepModel(("read",), 16 // size, size, vector_accesses=1,
+        return SweepModel(("read",), 16 // size, size, vector_accesses=1, elements_per_vector=16 // size,
                           what="online-softmax scan of one 16-byte pack of logits; DRAM: logits read")
     if op == "cross_entropy" and base == "backward_kernel":
         size = TYPE_SIZES[arguments[0]]
-        return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2,
+        return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2, elements_per_vector=16 // size,
                           what="gradient of one 16-byte pack of logits; DRAM: logits read, gradient written")
     if op == "cross_entropy" and base in ("tile_forward_kernel", "tile_backward_kernel"):
         size = TYPE_SIZES[arguments[0]]
