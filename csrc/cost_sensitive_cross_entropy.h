@@ -134,6 +134,7 @@ CrossEntropyConfig<acc_t> make_config(const CrossEntropyProblem& p, int64_t igno
   cfg.num_classes = p.num_classes;
   cfg.ignore_index = ignore_index;
   cfg.label_smoothing = static_cast<acc_t>(label_smoothing);
+  cfg.smoothing_per_class = p.num_classes > 0 ? cfg.label_smoothing / static_cast<acc_t>(p.num_classes) : acc_t(0);
   cfg.class_weight_sum = p.class_weight_sum.has_value() ? p.class_weight_sum->data_ptr<acc_t>() : nullptr;
   cfg.mode = p.mode;
   cfg.cost = p.cost.has_value() ? p.cost->data_ptr<acc_t>() : nullptr;

@@ -94,6 +94,7 @@ struct CrossEntropyConfig {
   int64_t num_classes;
   int64_t ignore_index;
   acc_t label_smoothing;
+  acc_t smoothing_per_class;      // label_smoothing / num_classes, divided once on the host
   const acc_t* class_weight_sum;  // sum_j w_j as a one-element device/host array, nullptr without weights
   CostMode mode;
   const acc_t* cost;          // (C, C) row-major, or nullptr
@@ -120,7 +121,7 @@ C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc
   const acc_t eps = cfg.label_smoothing;
   acc_t ce = (acc_t(1) - eps) * target_weight * ((scan.max - target_logit) + log_sum);
   if (eps != acc_t(0)) {
-    ce += eps / acc_t(cfg.num_classes) * (class_weight_total(cfg) * (scan.max + log_sum) - scan.weighted_logit_sum);
+    ce += cfg.smoothing_per_class * (class_weight_total(cfg) * (scan.max + log_sum) - scan.weighted_logit_sum);
   }
   return ce;
 }
@@ -173,8 +174,9 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
   const acc_t eps = cfg.label_smoothing;
   const acc_t f = num_stats > 2 ? stats[2] : acc_t(1);
   const acc_t w_y = class_weight_of(cfg, target);
+  const acc_t smoothing_per_class = cfg.smoothing_per_class;  // eps / C: no division per row
   // d ce / d z_j = p_j ((1 - eps) w_y + eps W / C) - eps w_j / C - [j == y] (1 - eps) w_y
-  const acc_t prob_coefficient = (acc_t(1) - eps) * w_y + eps * class_weight_total(cfg) / acc_t(cfg.num_classes);
+  const acc_t prob_coefficient = (acc_t(1) - eps) * w_y + smoothing_per_class * class_weight_total(cfg);
   GradientCoefficients<acc_t> c;
   c.max = stats[0];
   c.log_sum = stats[1];
@@ -183,7 +185,7 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
     c.b = scale * stats[3];
     c.cost_factor = f;
   }
-  c.d = scale * f * eps / acc_t(cfg.num_classes);
+  c.d = scale * f * smoothing_per_class;
   c.e = scale * f * (acc_t(1) - eps) * w_y;
   return c;
 }
@@ -194,17 +196,6 @@ C10_HOST_DEVICE inline GradientCoefficients<acc_t> make_gradient_coefficients(co
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t reduced_gradient_scale(acc_t grad_loss, bool mean, acc_t total_weight) {
   return mean ? grad_loss / total_weight : grad_loss;
-}
-
-// d loss / d z_j for one element (the CUDA kernels; the CPU kernel evaluates the same formula in vectors).
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t gradient_element(const GradientCoefficients<acc_t>& k, const CrossEntropyConfig<acc_t>& cfg,
-                                              const acc_t* cost_row, acc_t z, int64_t j, int64_t target) {
-  const acc_t prob = std::exp((z - k.max) - k.log_sum);
-  acc_t g = prob * (cost_row != nullptr ? k.a + k.b * (cost_row[j] - k.cost_factor) : k.a);
-  if (k.d != acc_t(0)) g -= k.d * class_weight_of(cfg, j);
-  if (j == target) g -= k.e;
-  return g;
 }
 
 // Classification of a target value.

@@ -85,7 +85,8 @@ REGISTER_TARGET = 64
 BLOCKS_PER_SM_TARGET = 4
 
 # Threads per block of every kernel, by kernel name: each launch in csrc/cuda/*.cu uses kBlockThreads (256,
-# cuda_utils.cuh): forward_kernel, backward_kernel and target_weight_kernel in cost_sensitive_cross_entropy.cu;
+# cuda_utils.cuh): forward_kernel, backward_kernel, tile_forward_kernel, tile_backward_kernel and
+# target_weight_kernel in cost_sensitive_cross_entropy.cu;
 # reduce_items_kernel, combine_chunks_kernel and map_items_kernel in correlation_loss.cu (run_reduction,
 # run_map); flat_kernel, strided_kernel and sparse_rows_kernel in weighted_bce_with_logits.cu (launch_pass);
 # reduce_partials_kernel in cuda_utils.cuh (launch_reduce_partials). A kernel missing here is an error.
@@ -93,6 +94,8 @@ LAUNCH_THREADS = {
     "forward_kernel": 256,
     "backward_kernel": 256,
     "target_weight_kernel": 256,
+    "tile_forward_kernel": 256,
+    "tile_backward_kernel": 256,
     "reduce_items_kernel": 256,
     "combine_chunks_kernel": 256,
     "map_items_kernel": 256,
@@ -384,6 +387,7 @@ class Loop:
     min_path: int  # instructions on the shortest path from the header back to it
     accesses: dict[str, int]  # global loads / stores by kind and width, e.g. {'LDG16': 1, 'STG2': 4}
     contains_memory_loop: bool = False
+    shared_loads: dict[int, int] = field(default_factory=dict)  # LDS by width in bytes
 
     def _count(self, direction: str, width: int) -> int:
         """Accesses of `width` bytes whose operation starts with `direction` ('LD', 'ST', or '' for both)."""
@@ -500,19 +504,25 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
         bodies[header] = body
 
     accesses: dict[int, dict[str, int]] = {}
+    shared_loads: dict[int, dict[int, int]] = {}
     for header, body in bodies.items():
         counts: dict[str, int] = {}
+        shared: dict[int, int] = {}
         for block in body:
             for instruction in instructions[starts[block]:ends[block]]:
                 if instruction.operation in GLOBAL_ACCESSES:
                     key = f"{instruction.operation}{instruction.access_bytes()}"
                     counts[key] = counts.get(key, 0) + 1
+                elif instruction.operation == "LDS":
+                    shared[instruction.access_bytes()] = shared.get(instruction.access_bytes(), 0) + 1
         accesses[header] = counts
+        shared_loads[header] = shared
     return [Loop(header=instructions[starts[header]].address,
                  static=sum(sizes[b] for b in body),
                  min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
                  accesses=accesses[header],
-                 contains_memory_loop=any(other != header and other in body and accesses[other] for other in bodies))
+                 contains_memory_loop=any(other != header and other in body and accesses[other] for other in bodies),
+                 shared_loads=shared_loads[header])
             for header, body in bodies.items()]
 
 
@@ -542,10 +552,13 @@ def _shortest_iteration(header: int, body: set[int], sources: set[int], successo
 class SweepModel:
     """What one iteration of a kernel's hot loop does, from the kernel's source.
 
-    loop_kinds: the innermost global-memory loops that together process an element: 'read' (16-byte loads,
+    loop_kinds: the innermost loops that together process an element: 'read' (16-byte global loads,
     no 16-byte stores), 'write' (16-byte stores), 'vector' (any 16-byte access) or 'scalar' (any access).
     elements: elements per iteration; 0 means: the number of `counted_load_bytes`-wide loads in the loop
-    (a scalar loop the compiler unrolled). dram_bytes: bytes each element costs in DRAM traffic.
+    (a scalar loop the compiler unrolled); a 'shared' kind stands for every loop that loads
+    `shared_load_bytes`-wide elements from shared memory without 16-byte or store accesses to global memory (the
+    per-row loops of a tile kernel; unrolled versions and remainders of one source loop each count), all added,
+    each handling as many elements as it has such loads. dram_bytes: bytes each element costs in DRAM traffic.
     vector_accesses: 16-byte accesses every selected loop must hold (checks `elements`)."""
     loop_kinds: tuple[str, ...]
     elements: int
@@ -553,6 +566,9 @@ class SweepModel:
     what: str
     vector_accesses: int = 0
     counted_load_bytes: int = 0
+    shared_load_bytes: int = 0  # 'shared': the element width of the shared-memory loads that count elements
+    elements_per_vector: int = 0  # when set, a global loop handles this many elements per 16-byte load ('read')
+                                  # or store ('write'), not `elements`: the loops the compiler unrolled
 
 
 def sweep_model(kernel: Kernel) -> SweepModel | None:
@@ -561,18 +577,31 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
     op = kernel.name.split("/")[0]
     base, arguments = split_template(kernel.short)
     if op == "cross_entropy" and base == "forward_kernel":
-        scalar, _, writes_gradient = arguments
+        scalar, _, writes_gradient, _ = arguments
         size = TYPE_SIZES[scalar]
         if writes_gradient == "true":
             return SweepModel(("read", "write"), 16 // size, 2 * size, vector_accesses=1,
+                              elements_per_vector=16 // size,
                               what="online-softmax scan + gradient sweep of one 16-byte pack of logits (the sweep "
                                    "re-reads it from L1/L2); DRAM: logits read, gradient written")
-        return SweepModel(("read",), 16 // size, size, vector_accesses=1,
+        return SweepModel(("read",), 16 // size, size, vector_accesses=1, elements_per_vector=16 // size,
                           what="online-softmax scan of one 16-byte pack of logits; DRAM: logits read")
     if op == "cross_entropy" and base == "backward_kernel":
         size = TYPE_SIZES[arguments[0]]
-        return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2,
+        return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2, elements_per_vector=16 // size,
                           what="gradient of one 16-byte pack of logits; DRAM: logits read, gradient written")
+    if op == "cross_entropy" and base in ("tile_forward_kernel", "tile_backward_kernel"):
+        size = TYPE_SIZES[arguments[0]]
+        if base == "tile_forward_kernel" and arguments[1] == "false":
+            return SweepModel(("read", "shared"), 16 // size, size, vector_accesses=1, shared_load_bytes=size,
+                              elements_per_vector=16 // size,
+                              what="a 16-byte copy of logits into the shared-memory tile + the row loops over "
+                                   "shared memory (max and argmax, exponentials); DRAM: logits read")
+        return SweepModel(("read", "shared", "write"), 16 // size, 2 * size, vector_accesses=1,
+                          shared_load_bytes=size, elements_per_vector=16 // size,
+                          what="16-byte copies of logits into the tile and of the gradient out + the row loops "
+                               "over shared memory (" + ("max and argmax, exponentials, " if base == "tile_forward_kernel"
+                                                         else "") + "gradient); DRAM: logits read, gradient written")
     if op == "correlation" and base in ("reduce_items_kernel", "map_items_kernel"):
         task, scalar = re.match(r"(\w+)<(\w+)>", arguments[1]).groups()
         size = TYPE_SIZES[scalar]
@@ -631,6 +660,9 @@ def _loop_matches(loop: Loop, kind: str) -> bool:
         return loop.vector_accesses("ST") > 0
     if kind == "vector":
         return loop.vector_accesses() > 0
+    if kind == "shared":  # no copy to or from global memory (scalar loads of cost or weight rows are fine)
+        return (bool(loop.shared_loads) and loop.vector_accesses() == 0
+                and not any(key.startswith("ST") for key in loop.accesses))
     return bool(loop.accesses)
 
 
@@ -659,22 +691,33 @@ def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
     with the most static instructions per element. None when a kind has no loop (the model does not fit)."""
     innermost = [loop for loop in loops if loop.accesses and not loop.contains_memory_loop]
 
-    def elements_of(loop: Loop) -> int:
+    def elements_of(loop: Loop, kind: str) -> int:
+        if kind == "shared":
+            return loop.shared_loads.get(model.shared_load_bytes, 0)
+        if model.elements_per_vector:
+            return loop.vector_accesses("ST" if kind == "write" else "LD") * model.elements_per_vector
         return model.elements or loop.loads_of(model.counted_load_bytes)
 
     chosen = []
     for kind in model.loop_kinds:
-        candidates = [loop for loop in innermost if _loop_matches(loop, kind) and elements_of(loop) > 0]
+        pool = loops if kind == "shared" else innermost
+        candidates = [(loop, elements_of(loop, kind)) for loop in pool if _loop_matches(loop, kind)]
+        candidates = [(loop, elements) for loop, elements in candidates if elements > 0]
         if not candidates:
             return None
-        chosen.append(max(candidates, key=lambda loop: (loop.static / elements_of(loop), -loop.header)))
-    per_element = sum(loop.static / elements_of(loop) for loop in chosen)
-    min_per_element = sum(loop.min_path / elements_of(loop) for loop in chosen)
+        if kind == "shared":  # every row loop of the tile, one after the other
+            chosen += sorted(candidates, key=lambda candidate: candidate[0].header)
+        else:
+            chosen.append(max(candidates, key=lambda candidate: (candidate[0].static / candidate[1],
+                                                                 -candidate[0].header)))
+    per_element = sum(loop.static / elements for loop, elements in chosen)
+    min_per_element = sum(loop.min_path / elements for loop, elements in chosen)
     per_byte, min_per_byte = per_element / model.dram_bytes, min_per_element / model.dram_bytes
     checks = [f"loop {hex(loop.header)} has {loop.vector_accesses()} 16-byte accesses, the model expects at least "
-              f"{model.vector_accesses}" for loop in chosen if loop.vector_accesses() < model.vector_accesses]
-    return HotLoops([hex(loop.header) for loop in chosen], [loop.static for loop in chosen],
-                    [loop.min_path for loop in chosen], [elements_of(loop) for loop in chosen], per_element,
+              f"{model.vector_accesses}" for loop, _ in chosen
+              if not _loop_matches(loop, "shared") and loop.vector_accesses() < model.vector_accesses]
+    return HotLoops([hex(loop.header) for loop, _ in chosen], [loop.static for loop, _ in chosen],
+                    [loop.min_path for loop, _ in chosen], [elements for _, elements in chosen], per_element,
                     min_per_element, model.dram_bytes, per_byte, min_per_byte,
                     min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / per_byte),
                     min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / min_per_byte), model.what, checks)

@@ -122,9 +122,10 @@ def test_shim_reports_divergent_barriers(emulated, mistake, message):
 
 # --------------------------------------------------------------------------------------------------- cross-entropy
 
-# Rows of C classes; the row counts pass the small build's grid (3 blocks) several times for every lane split
-# (a thread per row at C <= 4 vectors, 4 lanes up to 64 vectors, a warp beyond).
-CE_SHAPES = [(800, 1), (800, 3), (800, 16), (300, 40), (50, 264), (40, 1000), (64, 5, 7)]
+# Rows of C classes; the row counts pass the small build's grid (3 blocks) several times for every row split
+# (the shared-memory tile of 256 rows for contiguous rows of at most 64 bytes, its last tile partial; else a
+# thread per row at C <= 4 vectors, 4 lanes up to 64 vectors, a warp beyond).
+CE_SHAPES = [(800, 1), (800, 3), (520, 10), (800, 16), (300, 40), (50, 264), (40, 1000), (64, 5, 7)]
 CE_OPTIONS = [
     dict(cost_mode="argmax", reduction="mean", cost=False, weight=False, label_smoothing=0.0, ignore=False),
     dict(cost_mode="argmax", reduction="mean", cost=True, weight=True, label_smoothing=0.0, ignore=True),
@@ -188,6 +189,26 @@ def check_cross_entropy(ops, logits, target, cost, weight, options):
 def test_cross_entropy(emulated, shape, dtype, options):
     layout = layout_for(options, dtype)
     check_cross_entropy(emulated, *ce_case(shape, dtype, CE_OPTIONS[options], layout), CE_OPTIONS[options])
+
+
+@pytest.mark.parametrize("shape", [(520, 10), (300, 40), (40, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+# Argmax mode: where an expected-cost gradient's terms cancel, the two devices' summation orders exceed the float
+# tolerances.
+@pytest.mark.parametrize("options", [1, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+def test_cross_entropy_non_finite_logits(emulated, shape, dtype, options, layout):
+    """Rows with a NaN, +inf or -inf logits (the fast scan gives up on them and rescans exactly) match the
+    CPU kernel, whose edge cases follow F.cross_entropy; the finite rows beside them are unaffected."""
+    logits, target, cost, weight = ce_case(shape, dtype, CE_OPTIONS[options], "contiguous")
+    last = shape[1] - 1
+    logits[0, last // 2] = float("nan")
+    logits[1, last] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, [0, last]] = float("inf")
+    logits[4, : shape[1] // 2] = float("-inf")
+    logits[5, last] = float("-inf")
+    check_cross_entropy(emulated, LAYOUTS[layout](logits), target, cost, weight, CE_OPTIONS[options])
 
 
 def test_cross_entropy_invalid_targets_give_nan_rows(emulated):

@@ -32,16 +32,10 @@ def _load_sass_report():
 
 sass_report = _load_sass_report()
 
-# STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28). The cross-entropy forward that writes the
-# gradient (float32 and float64) and the float64 row-per-thread backward; the float32 correlation moments
-# kernel at one lane per sequence under its 3-blocks launch bound (24 / 20 bytes, outside the sweep loops).
+# STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28): the float32 correlation moments kernel at
+# one lane per sequence under its 3-blocks launch bound (24 / 20 bytes, outside the sweep loops) and one weighted
+# BCE flat kernel at its 2-blocks bound.
 KNOWN_SPILLS = {
-    "cross_entropy/backward_kernel<fp64, 1>",
-    "cross_entropy/forward_kernel<fp32, 4, true>",
-    "cross_entropy/forward_kernel<fp32, 32, true>",
-    "cross_entropy/forward_kernel<fp64, 1, true>",
-    "cross_entropy/forward_kernel<fp64, 4, true>",
-    "cross_entropy/forward_kernel<fp64, 32, true>",
     "correlation/reduce_items_kernel<1, MomentsTask<fp32>>",
     "bce/flat_kernel<ForwardWithGradient, fp32, uint8, false, true>",  # 4 / 12 bytes at 128 registers
 }

@@ -3,14 +3,24 @@
 // Schedules (common.h): the forward reads each row once (online softmax, argmax, expected cost and smoothing
 // sums in one sweep), writes O(rows) statistics and one partial sum per block; a one-block kernel adds the
 // partials in a fixed order. The backward re-reads each row and writes the gradient once (3-pass). With
-// write_gradient (a reduced loss whose input requires grad) a pre-pass over the targets first sums their
-// class weights exactly as the forward does (same rows per thread, block sums and final reduce: the same
-// bits) into total_weight, which the forward reads on the device for the scale of 'mean'; after its scan a
-// row's group sweeps the row again (from L1/L2) and writes its gradient for grad_loss = 1 with the backward's
-// coefficients and element code. The in-place backward then returns at once in every thread when grad_loss,
-// read on the device, is 1 (no host synchronisation), and otherwise recomputes as the 3-pass backward (2-pass).
-// A group of G lanes owns a row: G = 1 for tiny or strided rows (consecutive threads read consecutive
-// memory), 4 for small C, a whole warp for C in the hundreds and beyond.
+// write_gradient (a reduced loss whose input requires grad) the forward also writes the gradient for
+// grad_loss = 1 with the backward's coefficients and element code, after the row's scan; for 'mean' a pre-pass
+// over the targets first sums their class weights exactly as the forward does (same rows per thread, block
+// sums and final reduce: the same bits) into total_weight, which the forward reads on the device. The in-place
+// backward then returns at once in every thread when grad_loss, read on the device, is 1 (no host
+// synchronisation), and otherwise recomputes as the 3-pass backward (2-pass).
+//
+// Rows are read in one of three ways (RowAccess): a block stages 256 short contiguous rows (at most
+// kTileRowBytes each) through shared memory with coalesced 16-byte copies and each thread scans one row there
+// (tile kernels); otherwise a group of G lanes owns a row and reads it as 16-byte packs (G = 1 up to 4 packs, 4
+// up to 64, a warp beyond) or element by element (strided or misaligned rows).
+//
+// The scan (LaneScan) works a pack (or a tile row) at a time: the pack's max first, one rescale of the running
+// sums when it raises the max, then exp(z - max) of each element through the SFU (fast_exp). The argmax is
+// deferred: the scan remembers the pack that last raised the max and the first index of the max is searched
+// there once, at the end. Rows whose scan is not finite (a NaN, an infinity) are scanned again element by
+// element with RowScan, whose edge cases follow F.cross_entropy. The expected-cost and smoothing sums (and the
+// gradient's matching terms) are compiled only into the kExtraTerms kernels.
 #include "cost_sensitive_cross_entropy.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -20,6 +30,17 @@
 
 namespace fused_losses::cuda {
 namespace {
+
+// Rows of at most this many bytes, back to back in memory, take the tile kernels (bf16 / fp16 C <= 32,
+// fp32 C <= 16, fp64 C <= 8): one row per thread, the block's rows in one shared-memory tile.
+constexpr int kTileRowBytes = 64;
+constexpr int kTileRows = kBlockThreads;
+// Resident blocks per SM the row kernels ask of the compiler: 4 (at most 64 registers at 256 threads) for the
+// float32 / half types; float64's row state is twice as wide, so 2 (up to 128 registers) keeps it off the stack.
+template <typename scalar_t>
+constexpr int kMinBlocksPerSM = std::is_same_v<scalar_t, double> ? 2 : 4;
+
+enum class RowAccess { Tile, Packs, Elements };
 
 // Lanes per row for a row of `units` loads (16-byte vectors or single elements).
 int lanes_per_row(int64_t units, bool strided) {
@@ -36,6 +57,31 @@ void dispatch_lanes_per_row(int lanes, const F& f) {
   }
 }
 
+// Whether a call needs the expected-cost and smoothing terms; the common case compiles without them.
+template <typename acc_t>
+bool needs_extra_terms(const CrossEntropyConfig<acc_t>& cfg) {
+  return (cfg.cost != nullptr && cfg.mode == CostMode::Expected) || cfg.label_smoothing != acc_t(0);
+}
+
+template <typename acc_t, typename F>
+void dispatch_extra_terms(const CrossEntropyConfig<acc_t>& cfg, const F& f) {
+  if (needs_extra_terms(cfg)) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+// The config as a kernel compiled without the extra terms sees it: argmax mode and no smoothing, which
+// dispatch_extra_terms guarantees, as compile-time facts, so that the shared row math drops those branches (and
+// their divisions, whose calls would make the compiler save registers on the stack).
+template <bool kExtraTerms, typename acc_t>
+__device__ CrossEntropyConfig<acc_t> specialized(CrossEntropyConfig<acc_t> cfg) {
+  if constexpr (!kExtraTerms) {
+    cfg.mode = CostMode::Argmax;  // the same rows: without a cost matrix the mode is not read
+    cfg.label_smoothing = 0;
+    cfg.smoothing_per_class = 0;
+  }
+  return cfg;
+}
+
 // How a kernel reads rows: vectorised when every row starts 16-byte aligned and holds whole vectors.
 template <typename scalar_t>
 bool rows_vectorizable(const void* base, const RowLayout& layout, int64_t num_classes) {
@@ -44,26 +90,174 @@ bool rows_vectorizable(const void* base, const RowLayout& layout, int64_t num_cl
          is_aligned_16(base);
 }
 
-template <typename scalar_t, int Group>
-__device__ void scan_lane_elements(RowScan<acc_type<scalar_t>>& scan, const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
-                                   const scalar_t* __restrict__ row, int64_t class_stride, bool vectorized,
-                                   const acc_type<scalar_t>* cost_row, int lane) {
-  using acc_t = acc_type<scalar_t>;
-  const bool read_weights = cfg.label_smoothing != acc_t(0) && cfg.class_weight != nullptr;
-  auto add = [&](acc_t z, int64_t j) {
-    scan.add(z, j, cost_row != nullptr ? cost_row[j] : acc_t(0), read_weights ? cfg.class_weight[j] : acc_t(1));
-  };
-  const int64_t C = cfg.num_classes;
-  if (vectorized) {
-    constexpr int vec = kVecSize<scalar_t>;
-    for (int64_t v = lane; v < C / vec; v += Group) {
-      const auto pack = load_pack(row + v * vec);
+template <typename scalar_t>
+bool rows_fit_tile(const RowLayout& layout, int64_t num_classes) {
+  return layout.inner == 1 && layout.class_stride == 1 && layout.outer_stride == num_classes &&
+         num_classes * int64_t(sizeof(scalar_t)) <= kTileRowBytes;
+}
+
+// exp(x): for float the SFU's __expf (ex2.approx of x log2(e): a few ulp for the |x| below 20 that matter in a
+// softmax), for double the accurate exp.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+// The larger of two values, ignoring a NaN (FMNMX).
+__device__ __forceinline__ float larger(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double larger(double a, double b) { return fmax(a, b); }
+
+template <typename acc_t>
+__device__ __forceinline__ bool is_finite(acc_t x) {
+  return x - x == acc_t(0);  // NaN for an infinity or a NaN
+}
+
+// What the extra terms read: the expected-cost row (nullptr but in expected mode) and, with smoothing, the
+// class weights (nullptr without weights: all ones).
+template <typename acc_t>
+struct ExtraTermInputs {
+  const acc_t* cost_row;
+  const acc_t* class_weight;
+  bool smoothing;
+};
+
+template <typename acc_t>
+__device__ ExtraTermInputs<acc_t> extra_term_inputs(const CrossEntropyConfig<acc_t>& cfg, int64_t y) {
+  const bool expected = cfg.cost != nullptr && cfg.mode == CostMode::Expected;
+  return {expected ? cfg.cost + y * cfg.num_classes : nullptr, cfg.class_weight, cfg.label_smoothing != acc_t(0)};
+}
+
+// The online softmax of part of a row, a unit (a pack, an element, a tile row) at a time: raise_max with the
+// unit's max, then accumulate each element. Only finite rows give the right sums (see the file comment).
+template <typename acc_t, bool kExtraTerms>
+struct LaneScan {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum_exp = 0;
+  acc_t cost_exp = 0;            // kExtraTerms: sum_j exp(z_j - max) W[y, j]
+  acc_t weighted_logit_sum = 0;  // kExtraTerms: sum_j w_j z_j
+  int max_unit = -1;             // the unit whose max last raised `max`: the first unit holding the max
+
+  __device__ void raise_max(acc_t unit_max, int unit) {
+    if (unit_max > max) {
+      const acc_t r = fast_exp(max - unit_max);
+      sum_exp *= r;
+      if constexpr (kExtraTerms) cost_exp *= r;
+      max = unit_max;
+      max_unit = unit;
+    }
+  }
+
+  // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit.
+  template <int N>
+  __device__ void accumulate(const acc_t (&values)[N], int first, const ExtraTermInputs<acc_t>& extra) {
+    acc_t e[N];
 #pragma unroll
-      for (int k = 0; k < vec; ++k) add(static_cast<acc_t>(pack.values[k]), v * vec + k);
+    for (int i = 0; i < N; ++i) e[i] = fast_exp(values[i] - max);
+    if constexpr (kExtraTerms) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (extra.cost_row != nullptr) cost_exp += e[i] * extra.cost_row[first + i];
+        if (extra.smoothing) {
+          weighted_logit_sum +=
+              (extra.class_weight != nullptr ? extra.class_weight[first + i] : acc_t(1)) * values[i];
+        }
+      }
+    }
+#pragma unroll
+    for (int width = N / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int i = 0; i < width; ++i) e[i] += e[i + width];
+    }
+    sum_exp += e[0];
+  }
+
+  template <int N>
+  __device__ void add_unit(const acc_t (&values)[N], int first, int unit, const ExtraTermInputs<acc_t>& extra) {
+    acc_t unit_max = values[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) unit_max = larger(unit_max, values[i]);
+    raise_max(unit_max, unit);
+    accumulate(values, first, extra);
+  }
+
+  // As a RowScan to merge or finish; the argmax (best_value, best_index) is left for the caller.
+  __device__ RowScan<acc_t> row_scan() const {
+    RowScan<acc_t> scan;
+    scan.max = max;
+    scan.sum_exp = sum_exp;
+    scan.cost_exp = cost_exp;
+    scan.weighted_logit_sum = weighted_logit_sum;
+    return scan;
+  }
+};
+
+// Whether the fast scan of a row stands: false for a row with a NaN or an infinity (a NaN sum, an infinite
+// max, or an all -inf part), which must be scanned again with RowScan.
+template <typename acc_t>
+__device__ bool scan_is_finite(const RowScan<acc_t>& scan) {
+  return is_finite(scan.max) && is_finite(scan.sum_exp);
+}
+
+// The argmax of a scan whose max first occurs at element index `first_of_max`.
+template <typename acc_t>
+__device__ void set_argmax(RowScan<acc_t>& scan, int first_of_max) {
+  scan.best_value = scan.max;
+  scan.best_index = first_of_max;
+}
+
+// First i < count with row[i * stride] == value (present).
+template <typename scalar_t, typename acc_t>
+__device__ int first_index_of(const scalar_t* row, int64_t stride, int count, acc_t value) {
+  int i = 0;
+  while (i + 1 < count && static_cast<acc_t>(row[i * stride]) != value) ++i;
+  return i;
+}
+
+// The exact element-by-element scan of the lane's part of a row (rows that are not finite).
+template <typename scalar_t>
+__device__ RowScan<acc_type<scalar_t>> exact_scan(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
+                                                  const scalar_t* row, int64_t class_stride, int first, int step,
+                                                  int64_t y) {
+  using acc_t = acc_type<scalar_t>;
+  const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
+  RowScan<acc_t> scan;
+  for (int j = first; j < cfg.num_classes; j += step) {
+    scan.add(static_cast<acc_t>(row[j * class_stride]), j, extra.cost_row != nullptr ? extra.cost_row[j] : acc_t(0),
+             extra.smoothing ? class_weight_of(cfg, j) : acc_t(1));
+  }
+  return scan;
+}
+
+// The scan of the lane's part of a global row: packs v = lane, lane + G, ... or elements j = lane, lane + G, ...
+template <typename scalar_t, int Group, bool kExtraTerms>
+__device__ RowScan<acc_type<scalar_t>> scan_lane(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
+                                                 const scalar_t* __restrict__ row, int64_t class_stride,
+                                                 RowAccess access, int64_t y, bool want_argmax, int lane) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int vec = kVecSize<scalar_t>;
+  const int C = static_cast<int>(cfg.num_classes);
+  const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
+  LaneScan<acc_t, kExtraTerms> lane_scan;
+  if (access == RowAccess::Packs) {
+    for (int v = lane; v < C / vec; v += Group) {
+      const auto pack = load_pack(row + v * vec);
+      acc_t values[vec];
+#pragma unroll
+      for (int i = 0; i < vec; ++i) values[i] = static_cast<acc_t>(pack.values[i]);
+      lane_scan.add_unit(values, v * vec, v, extra);
     }
   } else {
-    for (int64_t j = lane; j < C; j += Group) add(static_cast<acc_t>(row[j * class_stride]), j);
+    for (int j = lane; j < C; j += Group) {
+      const acc_t values[1] = {static_cast<acc_t>(row[j * class_stride])};
+      lane_scan.add_unit(values, j, j, extra);
+    }
   }
+  RowScan<acc_t> scan = lane_scan.row_scan();
+  if (want_argmax && lane_scan.max_unit >= 0) {
+    const int unit_size = access == RowAccess::Packs ? vec : 1;
+    const int unit_first = lane_scan.max_unit * unit_size;
+    set_argmax(scan, unit_first + first_index_of(row + unit_first * class_stride, class_stride, unit_size,
+                                                 lane_scan.max));
+  }
+  return scan;
 }
 
 template <int Group, typename acc_t>
@@ -91,41 +285,96 @@ __device__ RowLoss<acc_t> broadcast_row_loss(const RowLoss<acc_t>& row) {
   return all;
 }
 
-// The lanes of a group write one row's gradient: zeros for an ignored row, NaN for an invalid one, else
-// d loss / d z for `scale` (grad_loss, over the total weight for 'mean') from the row's statistics.
-// `vectorized`: the input and the output rows are both vectorizable.
-template <typename scalar_t, int Group>
-__device__ void store_row_gradient(const CrossEntropyConfig<acc_type<scalar_t>>& cfg, TargetKind kind, int64_t y,
+// Per-row outputs of the forward and its per-thread sums (loss, class weight of the counted rows).
+template <typename scalar_t>
+struct ForwardRowOutputs {
+  using acc_t = acc_type<scalar_t>;
+  int num_stats;
+  acc_t* stats;
+  scalar_t* row_losses;  // nullptr unless reduction='none'
+};
+
+// Finishes row `row` from its merged scan (valid rows) and stores its statistics and loss: zeros for ignored
+// and invalid rows (the backward does not read them), a NaN loss for an invalid one. Adds to `sums`.
+template <typename scalar_t>
+__device__ __forceinline__ RowLoss<acc_type<scalar_t>> finish_and_store_row(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
+                                                             TargetKind kind, const RowScan<acc_type<scalar_t>>& scan,
+                                                             int64_t y, acc_type<scalar_t> target_logit, int64_t row,
+                                                             const ForwardRowOutputs<scalar_t>& out,
+                                                             acc_type<scalar_t> (&sums)[2]) {
+  using acc_t = acc_type<scalar_t>;
+  RowLoss<acc_t> result{};
+  acc_t row_loss = 0;
+  if (kind == TargetKind::Valid) {
+    result = finish_row(cfg, scan, y, target_logit);
+    row_loss = result.loss();
+    sums[1] += class_weight_of(cfg, y);
+  } else if (kind == TargetKind::Invalid) {
+    row_loss = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number for a bad label
+  }
+  store_row_stats(out.stats + row * out.num_stats, out.num_stats, result);
+  sums[0] += row_loss;
+  if (out.row_losses != nullptr) out.row_losses[row] = static_cast<scalar_t>(row_loss);
+  return result;
+}
+
+// d loss / d z_j = p_j (A + B (W[y, j] - F)) - D w_j - [j == y] E for one element (GradientCoefficients);
+// the B and D terms only in kExtraTerms kernels (they are 0 otherwise). `cost_row`: nullptr unless B != 0.
+template <bool kExtraTerms, typename acc_t>
+__device__ __forceinline__ acc_t gradient_element(const GradientCoefficients<acc_t>& k,
+                                                  const CrossEntropyConfig<acc_t>& cfg, const acc_t* cost_row,
+                                                  acc_t z, int j, int target) {
+  const acc_t prob = fast_exp((z - k.max) - k.log_sum);
+  acc_t g;
+  if constexpr (kExtraTerms) {
+    g = prob * (cost_row != nullptr ? k.a + k.b * (cost_row[j] - k.cost_factor) : k.a);
+    if (k.d != acc_t(0)) g -= k.d * class_weight_of(cfg, j);
+  } else {
+    g = prob * k.a;
+  }
+  if (j == target) g -= k.e;
+  return g;
+}
+
+// The value every element of a row that is not valid gets: 0 when ignored, NaN for an invalid label.
+template <typename acc_t>
+__device__ acc_t not_valid_row_gradient(TargetKind kind) {
+  return kind == TargetKind::Ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// The lanes of a group write one row's gradient, d loss / d z for `scale` (grad_loss, over the total weight for
+// 'mean') from the row's statistics. `vectorized`: the input and the output rows are both vectorizable.
+template <typename scalar_t, int Group, bool kExtraTerms>
+__device__ __forceinline__ void store_row_gradient(const CrossEntropyConfig<acc_type<scalar_t>>& cfg, TargetKind kind, int64_t y,
                                    const acc_type<scalar_t>* row_stats, int num_stats, acc_type<scalar_t> scale,
                                    const scalar_t* __restrict__ in_row, int64_t in_class_stride,
                                    scalar_t* __restrict__ out_row, int64_t out_class_stride, bool vectorized,
                                    int lane) {
   using acc_t = acc_type<scalar_t>;
   constexpr int vec = kVecSize<scalar_t>;
-  const int64_t C = cfg.num_classes;
+  const int C = static_cast<int>(cfg.num_classes);
   if (kind != TargetKind::Valid) {
-    const scalar_t fill = static_cast<scalar_t>(kind == TargetKind::Ignored ? acc_t(0)
-                                                                            : std::numeric_limits<acc_t>::quiet_NaN());
-    for (int64_t j = lane; j < C; j += Group) out_row[j * out_class_stride] = fill;
+    const scalar_t fill = static_cast<scalar_t>(not_valid_row_gradient<acc_t>(kind));
+    for (int j = lane; j < C; j += Group) out_row[j * out_class_stride] = fill;
     return;
   }
   const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
   const acc_t* cost_row = k.b != acc_t(0) ? cfg.cost + y * C : nullptr;
+  const int target = static_cast<int>(y);
   if (vectorized) {
-    for (int64_t v = lane; v < C / vec; v += Group) {
+    for (int v = lane; v < C / vec; v += Group) {
       auto pack = load_pack(in_row + v * vec);
 #pragma unroll
-      for (int e = 0; e < vec; ++e) {
-        const int64_t j = v * vec + e;
-        pack.values[e] =
-            static_cast<scalar_t>(gradient_element(k, cfg, cost_row, static_cast<acc_t>(pack.values[e]), j, y));
+      for (int i = 0; i < vec; ++i) {
+        pack.values[i] = static_cast<scalar_t>(gradient_element<kExtraTerms>(
+            k, cfg, cost_row, static_cast<acc_t>(pack.values[i]), v * vec + i, target));
       }
       store_pack(out_row + v * vec, pack);
     }
   } else {
-    for (int64_t j = lane; j < C; j += Group) {
+    for (int j = lane; j < C; j += Group) {
       const acc_t z = static_cast<acc_t>(in_row[j * in_class_stride]);
-      out_row[j * out_class_stride] = static_cast<scalar_t>(gradient_element(k, cfg, cost_row, z, j, y));
+      out_row[j * out_class_stride] = static_cast<scalar_t>(gradient_element<kExtraTerms>(k, cfg, cost_row, z, j, target));
     }
   }
 }
@@ -137,12 +386,19 @@ struct ForwardGradientArgs {
   RowLayout layout{};       // of out
   bool vectorized = false;  // the input and the output rows are both vectorizable
   bool mean = false;
-  const acc_type<scalar_t>* total_weight = nullptr;  // written by target_weight_kernel, read on the device
+  const acc_type<scalar_t>* total_weight = nullptr;  // 'mean': written by target_weight_kernel, read on the device
 };
 
-// The pre-pass of the forward that writes the gradient: the class weights of the valid targets, added with
-// forward_kernel's rows per thread and block sum (its sums[1]), so that launch_reduce_partials turns the
-// partials into bitwise the total weight the forward outputs.
+// The backward's scale for grad_loss = 1 (the total weight is only read for 'mean').
+template <typename scalar_t>
+__device__ acc_type<scalar_t> unit_gradient_scale(const ForwardGradientArgs<scalar_t>& gradient) {
+  using acc_t = acc_type<scalar_t>;
+  return reduced_gradient_scale(acc_t(1), gradient.mean, gradient.mean ? *gradient.total_weight : acc_t(1));
+}
+
+// The pre-pass of the forward that writes the gradient of 'mean': the class weights of the valid targets, added
+// with the forward's rows per thread and block sum (its sums[1]; the tile kernels count as Group = 1), so that
+// launch_reduce_partials turns the partials into bitwise the total weight the forward outputs.
 template <int Group, typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     target_weight_kernel(const int64_t* __restrict__ target, int64_t num_rows, CrossEntropyConfig<acc_t> cfg,
@@ -161,20 +417,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   store_block_partials<acc_t, 1>(weight, partials);
 }
 
-template <typename scalar_t, int Group, bool kWriteGradient>
-__global__ void __launch_bounds__(kBlockThreads)
+template <typename scalar_t, int Group, bool kWriteGradient, bool kExtraTerms>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
     forward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, RowLayout layout,
-                   int64_t num_rows, CrossEntropyConfig<acc_type<scalar_t>> cfg, bool vectorized, int num_stats,
-                   acc_type<scalar_t>* __restrict__ stats, scalar_t* __restrict__ row_losses,
-                   acc_type<scalar_t>* __restrict__ partials, ForwardGradientArgs<scalar_t> gradient) {
+                   int64_t num_rows, CrossEntropyConfig<acc_type<scalar_t>> call_cfg, RowAccess access,
+                   ForwardRowOutputs<scalar_t> outputs, acc_type<scalar_t>* __restrict__ partials,
+                   ForwardGradientArgs<scalar_t> gradient) {
   using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = specialized<kExtraTerms>(call_cfg);
   constexpr int kRowsPerIteration = kBlockThreads / Group;
   const int lane = threadIdx.x % Group;
   const int64_t C = cfg.num_classes;
+  const bool want_argmax = cfg.cost != nullptr && cfg.mode == CostMode::Argmax;
   acc_t sums[2] = {0, 0};  // loss, class weight of the counted rows
-  // The backward's scale for grad_loss = 1.
-  const acc_t gradient_scale =
-      kWriteGradient ? reduced_gradient_scale(acc_t(1), gradient.mean, *gradient.total_weight) : acc_t(0);
+  const acc_t gradient_scale = kWriteGradient ? unit_gradient_scale(gradient) : acc_t(0);
   // Every thread runs the same number of iterations, so the group shuffles below never diverge.
   for (int64_t first = int64_t(blockIdx.x) * kRowsPerIteration; first < num_rows;
        first += int64_t(gridDim.x) * kRowsPerIteration) {
@@ -185,69 +441,263 @@ __global__ void __launch_bounds__(kBlockThreads)
     const scalar_t* row_ptr = input + (in_range ? layout.row_offset(row) : 0);
     RowScan<acc_t> scan;
     if (kind == TargetKind::Valid) {
-      const acc_t* cost_row = cfg.cost != nullptr && cfg.mode == CostMode::Expected ? cfg.cost + y * C : nullptr;
-      scan_lane_elements<scalar_t, Group>(scan, cfg, row_ptr, layout.class_stride, vectorized, cost_row, lane);
+      scan = scan_lane<scalar_t, Group, kExtraTerms>(cfg, row_ptr, layout.class_stride, access, y, want_argmax, lane);
     }
     merge_group<Group>(scan);
-    RowLoss<acc_t> result{};  // ignored and invalid rows save zeros (the backward does not read them)
+    // A NaN or an infinity: the warp scans its rows again element by element (rare; uniform in the warp).
+    const bool rescan = kind == TargetKind::Valid && !scan_is_finite(scan);
+    if (__any_sync(0xffffffffu, rescan)) {
+      RowScan<acc_t> exact;
+      if (rescan) exact = exact_scan(cfg, row_ptr, layout.class_stride, lane, Group, y);
+      merge_group<Group>(exact);
+      if (rescan) scan = exact;
+    }
+    RowLoss<acc_t> result{};
     if (lane == 0 && in_range) {
-      acc_t row_loss = 0;
-      if (kind == TargetKind::Valid) {
-        result = finish_row(cfg, scan, y, static_cast<acc_t>(row_ptr[y * layout.class_stride]));
-        row_loss = result.loss();
-        sums[1] += class_weight_of(cfg, y);
-      } else if (kind == TargetKind::Invalid) {
-        row_loss = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number for a bad label
-      }
-      store_row_stats(stats + row * num_stats, num_stats, result);
-      sums[0] += row_loss;
-      if (row_losses != nullptr) row_losses[row] = static_cast<scalar_t>(row_loss);
+      const acc_t target_logit = kind == TargetKind::Valid ? static_cast<acc_t>(row_ptr[y * layout.class_stride]) : 0;
+      result = finish_and_store_row(cfg, kind, scan, y, target_logit, row, outputs, sums);
     }
     if constexpr (kWriteGradient) {
       // The group's second sweep over the row (in L1/L2), from the statistics the backward would read.
       acc_t row_stats[kMaxRowStats];
-      store_row_stats(row_stats, num_stats, broadcast_row_loss<Group>(result));
+      store_row_stats(row_stats, outputs.num_stats, broadcast_row_loss<Group>(result));
       if (in_range) {
-        store_row_gradient<scalar_t, Group>(cfg, kind, y, row_stats, num_stats, gradient_scale, row_ptr,
-                                            layout.class_stride, gradient.out + gradient.layout.row_offset(row),
-                                            gradient.layout.class_stride, gradient.vectorized, lane);
+        store_row_gradient<scalar_t, Group, kExtraTerms>(
+            cfg, kind, y, row_stats, outputs.num_stats, gradient_scale, row_ptr, layout.class_stride,
+            gradient.out + gradient.layout.row_offset(row), gradient.layout.class_stride, gradient.vectorized, lane);
       }
     }
   }
-  block_sum<acc_t, 2>(sums);
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x * 2] = sums[0];
-    partials[blockIdx.x * 2 + 1] = sums[1];
+  store_block_partials<acc_t, 2>(sums, partials);
+}
+
+// ------------------------------------------------------------------------------------------------ tile kernels
+
+// 16 bytes moved as they are, whatever the element type (4 words: 128-bit loads and stores).
+struct alignas(16) Chunk16 {
+  uint32_t words[4];
+};
+constexpr int kTileChunks = kTileRows * kTileRowBytes / 16 + 1;  // one more for the placement
+
+// Copies `count` elements with the whole block (no barrier): 16-byte accesses where `dst` and `src` have the
+// same address modulo 16 (a head and a tail element by element), else element by element; both coalesced.
+template <typename scalar_t>
+__device__ void block_copy(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int count) {
+  constexpr int vec = kVecSize<scalar_t>;
+  const auto address = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  const bool same_phase = (address(dst) - address(src)) % 16 == 0;
+  const int to_boundary = static_cast<int>((16 - address(src) % 16) % 16 / sizeof(scalar_t));
+  const int head = same_phase && to_boundary < count ? to_boundary : count;
+  const int packs = (count - head) / vec;
+  const int tail = head + packs * vec;
+  for (int i = threadIdx.x; i < head; i += kBlockThreads) dst[i] = src[i];
+  const auto* src_chunks = reinterpret_cast<const Chunk16*>(src + head);
+  auto* dst_chunks = reinterpret_cast<Chunk16*>(dst + head);
+  for (int v = threadIdx.x; v < packs; v += kBlockThreads) dst_chunks[v] = src_chunks[v];
+  for (int i = tail + threadIdx.x; i < count; i += kBlockThreads) dst[i] = src[i];
+}
+
+// The block's shared-memory tile of kTileRows rows, placed at the address of `global_rows` modulo 16 so that
+// block_copy moves it with 16-byte accesses.
+
+template <typename scalar_t>
+__device__ scalar_t* tile_for(Chunk16* storage, const scalar_t* global_rows) {
+  return reinterpret_cast<scalar_t*>(reinterpret_cast<unsigned char*>(storage) +
+                                     reinterpret_cast<uintptr_t>(global_rows) % 16);
+}
+
+// The scan of one row in shared memory: its max and first argmax (strictly larger values only: ties keep the
+// first index, a NaN never wins), then the exponentials. A row that is not finite is scanned again exactly,
+// from `global_row` (the same values).
+template <typename scalar_t, bool kExtraTerms>
+__device__ RowScan<acc_type<scalar_t>> scan_tile_row(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
+                                                     const scalar_t* z, const scalar_t* global_row, int64_t y) {
+  using acc_t = acc_type<scalar_t>;
+  const int C = static_cast<int>(cfg.num_classes);
+  const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+  int first_of_max = 0;
+  for (int j = 0; j < C; ++j) {
+    const acc_t value = static_cast<acc_t>(z[j]);
+    first_of_max = value > row_max ? j : first_of_max;
+    row_max = larger(row_max, value);
+  }
+  LaneScan<acc_t, kExtraTerms> lane_scan;
+  lane_scan.raise_max(row_max, 0);
+  for (int j = 0; j < C; ++j) {
+    const acc_t values[1] = {static_cast<acc_t>(z[j])};
+    lane_scan.accumulate(values, j, extra);
+  }
+  RowScan<acc_t> scan = lane_scan.row_scan();
+  if (!scan_is_finite(scan)) return exact_scan(cfg, global_row, 1, 0, 1, y);
+  set_argmax(scan, first_of_max);
+  return scan;
+}
+
+// One thread writes the gradient of its tile row in place (z becomes d loss / d z).
+template <typename scalar_t, bool kExtraTerms>
+__device__ __forceinline__ void tile_row_gradient(const CrossEntropyConfig<acc_type<scalar_t>>& cfg, TargetKind kind, int64_t y,
+                                  const acc_type<scalar_t>* row_stats, int num_stats, acc_type<scalar_t> scale,
+                                  scalar_t* z) {
+  using acc_t = acc_type<scalar_t>;
+  const int C = static_cast<int>(cfg.num_classes);
+  if (kind != TargetKind::Valid) {
+    const scalar_t fill = static_cast<scalar_t>(not_valid_row_gradient<acc_t>(kind));
+    for (int j = 0; j < C; ++j) z[j] = fill;
+    return;
+  }
+  const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
+  const acc_t* cost_row = k.b != acc_t(0) ? cfg.cost + y * C : nullptr;
+  for (int j = 0; j < C; ++j) {
+    z[j] = static_cast<scalar_t>(
+        gradient_element<kExtraTerms>(k, cfg, cost_row, static_cast<acc_t>(z[j]), j, static_cast<int>(y)));
   }
 }
 
-template <typename scalar_t, int Group>
-__global__ void __launch_bounds__(kBlockThreads)
-    backward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, RowLayout layout,
-                    RowLayout grad_layout, int64_t num_rows, CrossEntropyConfig<acc_type<scalar_t>> cfg,
-                    bool vectorized, int num_stats, const acc_type<scalar_t>* __restrict__ stats,
-                    const scalar_t* __restrict__ grad_loss, Reduction reduction,
-                    const acc_type<scalar_t>* __restrict__ total_weight, bool skip_unit_grad_loss,
-                    scalar_t* __restrict__ grad) {
+// The block's sweep over rows back to back of at most kTileRowBytes: for each kTileRows rows, copies them into
+// the shared-memory tile, calls row_work(row, tile_row, global_row) in each thread that has a row, then
+// tile_done(first_row, tile, elements) in every thread. Every thread of the block must call it.
+template <typename scalar_t, typename RowWork, typename TileDone>
+__device__ __forceinline__ void sweep_tiles(const scalar_t* __restrict__ input, int64_t num_rows, int num_classes,
+                            const RowWork& row_work, const TileDone& tile_done) {
+  __shared__ Chunk16 tile_storage[kTileChunks];
+  for (int64_t first = int64_t(blockIdx.x) * kTileRows; first < num_rows; first += int64_t(gridDim.x) * kTileRows) {
+    const int rows = static_cast<int>(num_rows - first < kTileRows ? num_rows - first : kTileRows);
+    const scalar_t* rows_in = input + first * num_classes;
+    scalar_t* tile = tile_for(tile_storage, rows_in);
+    block_copy(tile, rows_in, rows * num_classes);
+    __syncthreads();
+    if (threadIdx.x < rows) {
+      row_work(first + threadIdx.x, tile + threadIdx.x * num_classes, rows_in + threadIdx.x * num_classes);
+    }
+    tile_done(first, tile, rows * num_classes);
+    __syncthreads();  // the tile is read before the next rows overwrite it
+  }
+}
+
+// One row per thread, scanned in the tile; with kWriteGradient its gradient is formed there and copied out.
+template <typename scalar_t, bool kWriteGradient, bool kExtraTerms>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
+    tile_forward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, int64_t num_rows,
+                        CrossEntropyConfig<acc_type<scalar_t>> call_cfg, ForwardRowOutputs<scalar_t> outputs,
+                        acc_type<scalar_t>* __restrict__ partials, ForwardGradientArgs<scalar_t> gradient) {
   using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = specialized<kExtraTerms>(call_cfg);
+  const int C = static_cast<int>(cfg.num_classes);
+  acc_t sums[2] = {0, 0};  // loss, class weight of the counted rows
+  const acc_t gradient_scale = kWriteGradient ? unit_gradient_scale(gradient) : acc_t(0);
+  const auto row_work = [&](int64_t row, scalar_t* z, const scalar_t* global_row) {
+    const int64_t y = target[row];
+    const TargetKind kind = classify_target(y, C, cfg.ignore_index);
+    RowScan<acc_t> scan;
+    if (kind == TargetKind::Valid) scan = scan_tile_row<scalar_t, kExtraTerms>(cfg, z, global_row, y);
+    const acc_t target_logit = kind == TargetKind::Valid ? static_cast<acc_t>(z[y]) : acc_t(0);
+    const RowLoss<acc_t> result = finish_and_store_row(cfg, kind, scan, y, target_logit, row, outputs, sums);
+    if constexpr (kWriteGradient) {
+      acc_t row_stats[kMaxRowStats];
+      store_row_stats(row_stats, outputs.num_stats, result);
+      tile_row_gradient<scalar_t, kExtraTerms>(cfg, kind, y, row_stats, outputs.num_stats, gradient_scale, z);
+    }
+  };
+  const auto tile_done = [&](int64_t first, const scalar_t* tile, int elements) {
+    if constexpr (kWriteGradient) {
+      __syncthreads();
+      block_copy(gradient.out + first * C, tile, elements);
+    }
+  };
+  sweep_tiles(input, num_rows, C, row_work, tile_done);
+  store_block_partials<acc_t, 2>(sums, partials);
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+
+// What the backward needs besides the rows: the statistics and the upstream gradient.
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  int num_stats;
+  const acc_t* stats;
+  const scalar_t* grad_loss;
+  Reduction reduction;
+  const acc_t* total_weight;
+  bool skip_unit_grad_loss;  // in place: nothing to do when grad_loss is 1
+
+  // Whether the forward's gradient stands (every thread returns).
+  __device__ bool nothing_to_do() const {
+    return skip_unit_grad_loss && static_cast<acc_t>(grad_loss[0]) == acc_t(1);
+  }
+  __device__ acc_t uniform_scale() const {
+    return reduction == Reduction::None
+               ? acc_t(0)
+               : reduced_gradient_scale(static_cast<acc_t>(grad_loss[0]), reduction == Reduction::Mean, *total_weight);
+  }
+  __device__ acc_t row_scale(int64_t row, acc_t uniform) const {
+    return reduction == Reduction::None ? static_cast<acc_t>(grad_loss[row]) : uniform;
+  }
+};
+
+template <typename scalar_t, int Group, bool kExtraTerms>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
+    backward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, RowLayout layout,
+                    RowLayout grad_layout, int64_t num_rows, CrossEntropyConfig<acc_type<scalar_t>> call_cfg,
+                    bool vectorized, BackwardArgs<scalar_t> args, scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = specialized<kExtraTerms>(call_cfg);
   constexpr int kRowsPerIteration = kBlockThreads / Group;
-  // In-place backward with grad_loss 1: the forward's gradient stands (every thread returns).
-  if (skip_unit_grad_loss && static_cast<acc_t>(grad_loss[0]) == acc_t(1)) return;
+  if (args.nothing_to_do()) return;
   const int lane = threadIdx.x % Group;
-  const acc_t uniform_scale =
-      reduction == Reduction::None
-          ? acc_t(0)
-          : reduced_gradient_scale(static_cast<acc_t>(grad_loss[0]), reduction == Reduction::Mean, *total_weight);
+  const acc_t uniform_scale = args.uniform_scale();
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerIteration + threadIdx.x / Group; row < num_rows;
        row += int64_t(gridDim.x) * kRowsPerIteration) {
     const int64_t y = target[row];
     const TargetKind kind = classify_target(y, cfg.num_classes, cfg.ignore_index);
-    const acc_t scale = reduction == Reduction::None ? static_cast<acc_t>(grad_loss[row]) : uniform_scale;
-    store_row_gradient<scalar_t, Group>(cfg, kind, y, stats + row * num_stats, num_stats, scale,
-                                        input + layout.row_offset(row), layout.class_stride,
-                                        grad + grad_layout.row_offset(row), grad_layout.class_stride, vectorized,
-                                        lane);
+    store_row_gradient<scalar_t, Group, kExtraTerms>(
+        cfg, kind, y, args.stats + row * args.num_stats, args.num_stats, args.row_scale(row, uniform_scale),
+        input + layout.row_offset(row), layout.class_stride, grad + grad_layout.row_offset(row),
+        grad_layout.class_stride, vectorized, lane);
   }
+}
+
+template <typename scalar_t, bool kExtraTerms>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
+    tile_backward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target, int64_t num_rows,
+                         CrossEntropyConfig<acc_type<scalar_t>> call_cfg, BackwardArgs<scalar_t> args,
+                         scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  const CrossEntropyConfig<acc_t> cfg = specialized<kExtraTerms>(call_cfg);
+  if (args.nothing_to_do()) return;
+  const int C = static_cast<int>(cfg.num_classes);
+  const acc_t uniform_scale = args.uniform_scale();
+  const auto row_work = [&](int64_t row, scalar_t* z, const scalar_t*) {
+    const int64_t y = target[row];
+    tile_row_gradient<scalar_t, kExtraTerms>(cfg, classify_target(y, C, cfg.ignore_index), y,
+                                             args.stats + row * args.num_stats, args.num_stats,
+                                             args.row_scale(row, uniform_scale), z);
+  };
+  const auto tile_done = [&](int64_t first, const scalar_t* tile, int elements) {
+    __syncthreads();
+    block_copy(grad + first * C, tile, elements);
+  };
+  sweep_tiles(input, num_rows, C, row_work, tile_done);
+}
+
+// ------------------------------------------------------------------------------------------------ host side
+
+// How the rows of `input` are read, and by how many lanes each.
+template <typename scalar_t>
+RowAccess row_access(const CrossEntropyProblem& p, bool vectorized) {
+  if (rows_fit_tile<scalar_t>(p.layout, p.num_classes)) return RowAccess::Tile;
+  return vectorized ? RowAccess::Packs : RowAccess::Elements;
+}
+
+int lanes_for(const CrossEntropyProblem& p, int vec, bool vectorized) {
+  return lanes_per_row(vectorized ? p.num_classes / vec : p.num_classes, p.layout.class_stride != 1);
+}
+
+void check_class_count(const CrossEntropyProblem& p) {
+  // Indices inside a row are int32 in the kernels.
+  TORCH_CHECK_VALUE(p.num_classes <= std::numeric_limits<int>::max(), "at most 2^31 - 1 classes on CUDA, got ",
+                    p.num_classes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
@@ -257,6 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   const CrossEntropyProblem p =
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
+  check_class_count(p);
   at::Tensor loss = allocate_loss(p);
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
@@ -270,7 +721,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     using acc_t = acc_type<scalar_t>;
     const auto cfg = make_config<acc_t>(p, ignore_index, label_smoothing);
     const scalar_t* in = p.input.const_data_ptr<scalar_t>();
+    const int64_t* targets = p.target.const_data_ptr<int64_t>();
     const bool vectorized = rows_vectorizable<scalar_t>(in, p.layout, p.num_classes);
+    const RowAccess access = row_access<scalar_t>(p, vectorized);
+    const ForwardRowOutputs<scalar_t> outputs{p.num_stats, row_stats.data_ptr<acc_t>(),
+                                              p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr};
     ForwardGradientArgs<scalar_t> gradient_args;
     if (write_gradient) {
       gradient_args.out = gradient.data_ptr<scalar_t>();
@@ -280,30 +735,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
       gradient_args.mean = p.reduction == Reduction::Mean;
       gradient_args.total_weight = total_weight.const_data_ptr<acc_t>();
     }
-    const int64_t units = vectorized ? p.num_classes / kVecSize<scalar_t> : p.num_classes;
-    dispatch_lanes_per_row(lanes_per_row(units, p.layout.class_stride != 1), [&](auto lanes) {
-      constexpr int Group = decltype(lanes)::value;
+    const int lanes = access == RowAccess::Tile ? 1 : lanes_for(p, kVecSize<scalar_t>, vectorized);
+    dispatch_lanes_per_row(lanes, [&](auto lanes_tag) {
+      constexpr int Group = decltype(lanes_tag)::value;
       const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
-      const auto launch_forward = [&](auto write_gradient_tag, acc_t* partials) {
-        launch_kernel(forward_kernel<scalar_t, Group, decltype(write_gradient_tag)::value>, blocks, stream,
-            in, p.target.const_data_ptr<int64_t>(), p.layout, p.num_rows, cfg, vectorized, p.num_stats,
-            row_stats.data_ptr<acc_t>(), p.reduction == Reduction::None ? loss.data_ptr<scalar_t>() : nullptr,
-            partials, gradient_args);
-      };
-      at::Tensor partials = at::empty({blocks, 2}, row_stats.options());
-      if (write_gradient) {
+      if (gradient_args.mean) {
         // The pre-pass: total_weight first, as the final reduce below writes it again (the same bits).
         at::Tensor weight_partials = at::empty({blocks}, row_stats.options());
-        launch_kernel(target_weight_kernel<Group, acc_t>, blocks, stream,
-            p.target.const_data_ptr<int64_t>(), p.num_rows, cfg, weight_partials.data_ptr<acc_t>());
+        launch_kernel(target_weight_kernel<Group, acc_t>, blocks, stream, targets, p.num_rows, cfg,
+                      weight_partials.data_ptr<acc_t>());
         launch_reduce_partials<acc_t, 1>(weight_partials.const_data_ptr<acc_t>(), blocks,
                                          StoreTotalEpilogue<acc_t>{total_weight.data_ptr<acc_t>()}, stream);
-        launch_forward(std::true_type{}, partials.data_ptr<acc_t>());
-      } else {
-        launch_forward(std::false_type{}, partials.data_ptr<acc_t>());
       }
+      at::Tensor partials = at::empty({blocks, 2}, row_stats.options());
+      const auto launch_forward = [&](auto write_gradient_tag, auto extra_terms_tag) {
+        constexpr bool kWriteGradient = decltype(write_gradient_tag)::value;
+        constexpr bool kExtraTerms = decltype(extra_terms_tag)::value;
+        if (access == RowAccess::Tile) {
+          launch_kernel(tile_forward_kernel<scalar_t, kWriteGradient, kExtraTerms>, blocks, stream, in, targets,
+                        p.num_rows, cfg, outputs, partials.data_ptr<acc_t>(), gradient_args);
+        } else {
+          launch_kernel(forward_kernel<scalar_t, Group, kWriteGradient, kExtraTerms>, blocks, stream, in, targets,
+                        p.layout, p.num_rows, cfg, access, outputs, partials.data_ptr<acc_t>(), gradient_args);
+        }
+      };
+      dispatch_extra_terms(cfg, [&](auto extra_terms_tag) {
+        if (write_gradient) {
+          launch_forward(std::true_type{}, extra_terms_tag);
+        } else {
+          launch_forward(std::false_type{}, extra_terms_tag);
+        }
+      });
       const ReducedLossEpilogue<scalar_t> epilogue{p.reduction == Reduction::None ? nullptr : loss.data_ptr<scalar_t>(),
-                                               total_weight.data_ptr<acc_t>(), p.reduction == Reduction::Mean};
+                                                   total_weight.data_ptr<acc_t>(), p.reduction == Reduction::Mean};
       launch_reduce_partials<acc_t, 2>(partials.const_data_ptr<acc_t>(), blocks, epilogue, stream);
     });
   });
@@ -316,6 +780,7 @@ void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, co
                    const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
                    bool skip_unit_grad_loss, at::Tensor& grad_input) {
   if (grad_input.numel() == 0) return;
+  check_class_count(p);
   const at::Tensor grad = grad_loss.to(p.input.scalar_type()).contiguous();
   const at::Tensor stats = row_stats.contiguous();
   const RowLayout grad_layout = contiguous_row_layout(grad_input);
@@ -325,17 +790,27 @@ void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, co
     using acc_t = acc_type<scalar_t>;
     const auto cfg = make_config<acc_t>(p, ignore_index, label_smoothing);
     const scalar_t* in = p.input.const_data_ptr<scalar_t>();
+    const int64_t* targets = p.target.const_data_ptr<int64_t>();
+    scalar_t* out = grad_input.data_ptr<scalar_t>();
     const bool vectorized = rows_vectorizable<scalar_t>(in, p.layout, p.num_classes) &&
-                            rows_vectorizable<scalar_t>(grad_input.const_data_ptr<scalar_t>(), grad_layout,
-                                                        p.num_classes);
-    const int64_t units = vectorized ? p.num_classes / kVecSize<scalar_t> : p.num_classes;
-    dispatch_lanes_per_row(lanes_per_row(units, p.layout.class_stride != 1), [&](auto lanes) {
-      constexpr int Group = decltype(lanes)::value;
+                            rows_vectorizable<scalar_t>(out, grad_layout, p.num_classes);
+    const RowAccess access = row_access<scalar_t>(p, vectorized);
+    const BackwardArgs<scalar_t> args{p.num_stats, stats.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(),
+                                      p.reduction, total_weight.const_data_ptr<acc_t>(), skip_unit_grad_loss};
+    const int lanes = access == RowAccess::Tile ? 1 : lanes_for(p, kVecSize<scalar_t>, vectorized);
+    dispatch_lanes_per_row(lanes, [&](auto lanes_tag) {
+      constexpr int Group = decltype(lanes_tag)::value;
       const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
-      launch_kernel(backward_kernel<scalar_t, Group>, blocks, stream,
-          in, p.target.const_data_ptr<int64_t>(), p.layout, grad_layout, p.num_rows, cfg, vectorized, p.num_stats,
-          stats.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(), p.reduction,
-          total_weight.const_data_ptr<acc_t>(), skip_unit_grad_loss, grad_input.data_ptr<scalar_t>());
+      dispatch_extra_terms(cfg, [&](auto extra_terms_tag) {
+        constexpr bool kExtraTerms = decltype(extra_terms_tag)::value;
+        if (access == RowAccess::Tile) {
+          launch_kernel(tile_backward_kernel<scalar_t, kExtraTerms>, blocks, stream, in, targets, p.num_rows, cfg,
+                        args, out);
+        } else {
+          launch_kernel(backward_kernel<scalar_t, Group, kExtraTerms>, blocks, stream, in, targets, p.layout,
+                        grad_layout, p.num_rows, cfg, vectorized, args, out);
+        }
+      });
     });
   });
 }
