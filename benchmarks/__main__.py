@@ -185,11 +185,16 @@ def measure_regime_in_child(args, name: str) -> Dict:
             environment[variable] = value
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "regime.json"
-        command = [sys.executable, "-m", __package__, "--device", args.device, "--regime-json", str(out)]
-        command += ["--quick"] * args.quick + ["--smoke"] * args.smoke + ["--no-compile"] * args.no_compile
-        command += ["--headline"] * args.headline + ["--ops", *args.ops] * bool(args.ops)
-        subprocess.run(command, env=environment, check=True, cwd=Path(__file__).resolve().parent.parent)
+        subprocess.run(child_command(args, out), env=environment, check=True,
+                       cwd=Path(__file__).resolve().parent.parent)
         return json.loads(out.read_text())
+
+
+def child_command(args, out: Path) -> List[str]:
+    """The command that measures the same cases in a child process and writes its regime to `out`."""
+    command = [sys.executable, "-m", __package__, "--device", args.device, "--regime-json", str(out)]
+    command += ["--quick"] * args.quick + ["--smoke"] * args.smoke + ["--no-compile"] * args.no_compile
+    return command + ["--headline"] * args.headline + (["--ops", *args.ops] if args.ops else [])
 
 
 def print_case_list(cases: List[BenchCase], device: str) -> None:

@@ -1,6 +1,7 @@
 """The benchmark's report structure (no timing is checked): the CPU allocator regimes it measures, each in the
 JSON with its own copy bandwidth and rows, and named in the Markdown headers."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import summarise
+from benchmarks.__main__ import child_command, summarise
 from benchmarks.case import BenchCase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,14 @@ def test_cpu_benchmark_reports_both_allocator_regimes(tmp_path):
         assert "fwd_bwd_ms" in regime["rows"][0]["results"]["fused"]
     assert report["allocator_regime"] == "default" and report["rows"] == report["regimes"][0]["rows"]
     assert "default CPU allocator (4 KB pages)" in markdown and "THP_MEM_ALLOC_ENABLE=1 (2 MB pages)" in markdown
+
+
+@pytest.mark.parametrize("ops", [None, ["pearson", "bce"]])
+def test_child_process_measures_the_same_selection(ops):
+    args = argparse.Namespace(device="cpu", quick=True, smoke=False, no_compile=True, headline=False, ops=ops)
+    command = child_command(args, Path("out.json"))
+    assert command[command.index("--device") + 1] == "cpu" and "--quick" in command and "--no-compile" in command
+    assert command[command.index("--ops") + 1:] == ops if ops else "--ops" not in command
 
 
 def test_smoke_run_says_it_measured_one_regime(tmp_path):
