@@ -80,10 +80,11 @@ def call_operator(name: str, *args):
     autograd formulas are refused) and in eager mode, the same formulas are applied directly: the
     autograd.Function form when a backward will run, else the kernel below autograd. Both skip the Python layer
     torch.library puts in front of every call (~10-30 us: what a small loss takes in all). While torch.compile
-    traces, the operator itself, with its registered autograd formula."""
+    or torch.jit.trace traces, the operator itself, with its registered autograd formula (a traced
+    autograd.Function would be a Python call that torch.jit.save cannot export)."""
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[name].apply(*args)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return getattr(_ops, name)(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _EAGER_FUNCTIONS[name].apply(*args)

@@ -135,7 +135,7 @@ stage_bench() {
 # --require-cuda-init no: the process it starts is `timeout`, whose child (pytest) uses CUDA.
 SANITIZER_TOOLS=(memcheck racecheck initcheck synccheck)
 stage_sanitize() {
-  local stage_end=$((SECONDS + $1)) tool left limit code
+  local stage_end=$((SECONDS + $1)) tool left limit code failed=0
   local sanitizer
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null) \
     || { echo "compute-sanitizer not found"; return 1; }
@@ -158,7 +158,7 @@ stage_sanitize() {
     cat "$WORK/sanitize-$tool.log"
     echo "=== $tool: exit $code, $((SECONDS - t0)) s, $(grep -E 'ERROR SUMMARY' "$WORK/sanitize-$tool.log" | tail -1)," \
       "$(pytest_result "$WORK/sanitize-$tool.log")"
-    [ "$code" -ne 0 ] && STATUS=1
+    [ "$code" -ne 0 ] && STATUS=1 && failed=1
     # gVisor machines refuse the device: the other tools would too.
     if grep -qE 'Device not supported|error 999|Target application terminated before first instrumented' \
       "$WORK/sanitize-$tool.log"; then
@@ -166,6 +166,7 @@ stage_sanitize() {
       return 1
     fi
   done
+  return "$failed"
 }
 
 stage_slow() {

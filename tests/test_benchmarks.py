@@ -36,12 +36,14 @@ def test_cpu_benchmark_reports_both_allocator_regimes(tmp_path):
     assert "default CPU allocator (4 KB pages)" in markdown and "THP_MEM_ALLOC_ENABLE=1 (2 MB pages)" in markdown
 
 
-@pytest.mark.parametrize("ops", [None, ["pearson", "bce"]])
-def test_child_process_measures_the_same_selection(ops):
-    args = argparse.Namespace(device="cpu", quick=True, smoke=False, no_compile=True, headline=False, ops=ops)
+@pytest.mark.parametrize("ops, budget", [(None, None), (["pearson", "bce"], 60.0)])
+def test_child_process_measures_the_same_selection(ops, budget):
+    args = argparse.Namespace(device="cpu", quick=True, smoke=False, no_compile=True, headline=False, ops=ops,
+                              time_budget_s=budget)
     command = child_command(args, Path("out.json"))
     assert command[command.index("--device") + 1] == "cpu" and "--quick" in command and "--no-compile" in command
     assert command[command.index("--ops") + 1:] == ops if ops else "--ops" not in command
+    assert command[command.index("--time-budget-s") + 1] == "60.0" if budget else "--time-budget-s" not in command
 
 
 def test_smoke_run_says_it_measured_one_regime(tmp_path):

@@ -200,3 +200,21 @@ def test_jacrev_and_hessian_match_autograd(name):
     hessian = torch.func.jacrev(torch.func.jacrev(lambda a: fused(a, t).sum()))(x)
     expected = torch.autograd.functional.hessian(lambda a: fused(a, t).sum(), x)
     torch.testing.assert_close(hessian, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ce_argmax", "pearson_masked_per_timestep", "bce_sparse_focal"])
+def test_jit_trace_records_the_operator_and_saves(name, tmp_path):
+    """torch.jit.trace of a loss whose input requires grad records the operator (not a Python autograd.Function,
+    which torch.jit.save cannot export); the saved module computes the same loss and gradient."""
+    fused, _, shape, make_target, _ = _case(name)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = make_target(gen, torch.float64)
+    traced = torch.jit.trace(lambda x: fused(x, t), (x,), check_trace=False)
+    assert any(node.kind().startswith("fused_losses::") for node in traced.graph.nodes())
+    torch.jit.save(traced, str(tmp_path / "loss.pt"))
+    loaded = torch.jit.load(str(tmp_path / "loss.pt"))
+    expected = fused(x, t)
+    got = loaded(x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
