@@ -198,8 +198,9 @@ def test_cross_entropy(emulated, shape, dtype, options):
 @pytest.mark.parametrize("options", [1, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
 def test_cross_entropy_non_finite_logits(emulated, shape, dtype, options, layout):
-    """Rows with a NaN, +inf or -inf logits (the fast scan gives up on them and rescans exactly) match the
-    CPU kernel, whose edge cases follow F.cross_entropy; the finite rows beside them are unaffected."""
+    """Rows with a NaN, +inf or -inf logits (the fast scan gives up on NaN, +inf and all -inf rows and rescans
+    exactly) match the CPU kernel, whose edge cases follow F.cross_entropy; the finite rows beside them are
+    unaffected."""
     logits, target, cost, weight = ce_case(shape, dtype, CE_OPTIONS[options], "contiguous")
     last = shape[1] - 1
     logits[0, last // 2] = float("nan")
@@ -208,6 +209,7 @@ def test_cross_entropy_non_finite_logits(emulated, shape, dtype, options, layout
     logits[3, [0, last]] = float("inf")
     logits[4, : shape[1] // 2] = float("-inf")
     logits[5, last] = float("-inf")
+    logits[6, 1::3] = float("-inf")  # a masked vocabulary: -inf among finite logits in every lane's packs
     check_cross_entropy(emulated, LAYOUTS[layout](logits), target, cost, weight, CE_OPTIONS[options])
 
 

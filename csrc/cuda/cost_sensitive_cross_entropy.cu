@@ -18,8 +18,8 @@
 // The scan (LaneScan) works a pack (or a tile row) at a time: the pack's max first, one rescale of the running
 // sums when it raises the max, then exp(z - max) of each element through the SFU (fast_exp). The argmax is
 // deferred: the scan remembers the pack that last raised the max and the first index of the max is searched
-// there once, at the end. Rows whose scan is not finite (a NaN, an infinity) are scanned again element by
-// element with RowScan, whose edge cases follow F.cross_entropy. The expected-cost and smoothing sums (and the
+// there once, at the end. Rows whose scan is not finite (a NaN, +inf, or every logit -inf; a -inf among finite
+// logits is just a zero term) are scanned again element by element with RowScan, whose edge cases follow F.cross_entropy. The expected-cost and smoothing sums (and the
 // gradient's matching terms) are compiled only into the kExtraTerms kernels.
 #include "cost_sensitive_cross_entropy.h"
 #include "cuda/cuda_utils.cuh"
@@ -98,7 +98,7 @@ bool rows_fit_tile(const RowLayout& layout, int64_t num_classes) {
 
 // exp(x): for float the SFU's __expf (ex2.approx of x log2(e): a few ulp for the |x| below 20 that matter in a
 // softmax), for double the accurate exp.
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ float fast_exp(float x) { return FastFloatPrimitives::exp(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 // The larger of two values, ignoring a NaN (FMNMX).
@@ -145,12 +145,15 @@ struct LaneScan {
     }
   }
 
-  // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit.
+  // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit. While no finite
+  // logit has been seen (max is -inf), the unit holds only -inf (exp gives 0) or NaN (kept): shifting by 0
+  // instead of max keeps -inf - -inf from making a masked part of a row NaN and sending it to the rescan.
   template <int N>
   __device__ void accumulate(const acc_t (&values)[N], int first, const ExtraTermInputs<acc_t>& extra) {
+    const acc_t shift = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max;
     acc_t e[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = fast_exp(values[i] - max);
+    for (int i = 0; i < N; ++i) e[i] = fast_exp(values[i] - shift);
     if constexpr (kExtraTerms) {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -189,8 +192,8 @@ struct LaneScan {
   }
 };
 
-// Whether the fast scan of a row stands: false for a row with a NaN or an infinity (a NaN sum, an infinite
-// max, or an all -inf part), which must be scanned again with RowScan.
+// Whether the fast scan of a row stands: false for a row with a NaN, +inf or only -inf logits (a NaN sum or an
+// infinite max), which must be scanned again with RowScan.
 template <typename acc_t>
 __device__ bool scan_is_finite(const RowScan<acc_t>& scan) {
   return is_finite(scan.max) && is_finite(scan.sum_exp);
@@ -285,7 +288,7 @@ __device__ RowLoss<acc_t> broadcast_row_loss(const RowLoss<acc_t>& row) {
   return all;
 }
 
-// Per-row outputs of the forward and its per-thread sums (loss, class weight of the counted rows).
+// Where the forward stores each row's statistics and (reduction 'none') its loss.
 template <typename scalar_t>
 struct ForwardRowOutputs {
   using acc_t = acc_type<scalar_t>;
@@ -444,7 +447,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
       scan = scan_lane<scalar_t, Group, kExtraTerms>(cfg, row_ptr, layout.class_stride, access, y, want_argmax, lane);
     }
     merge_group<Group>(scan);
-    // A NaN or an infinity: the warp scans its rows again element by element (rare; uniform in the warp).
+    // A NaN, +inf or an all -inf row: the warp scans its rows again element by element (rare; uniform in the
+    // warp).
     const bool rescan = kind == TargetKind::Valid && !scan_is_finite(scan);
     if (__any_sync(0xffffffffu, rescan)) {
       RowScan<acc_t> exact;
@@ -695,9 +699,9 @@ int lanes_for(const CrossEntropyProblem& p, int vec, bool vectorized) {
 }
 
 void check_class_count(const CrossEntropyProblem& p) {
-  // Indices inside a row are int32 in the kernels.
-  TORCH_CHECK_VALUE(p.num_classes <= std::numeric_limits<int>::max(), "at most 2^31 - 1 classes on CUDA, got ",
-                    p.num_classes);
+  // Indices inside a row are int32 in the kernels, and a lane's index may step a warp past the last class.
+  TORCH_CHECK_VALUE(p.num_classes <= std::numeric_limits<int>::max() - kWarpSize,
+                    "at most 2^31 - 33 classes on CUDA, got ", p.num_classes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(

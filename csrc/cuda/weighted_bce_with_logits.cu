@@ -9,11 +9,13 @@
 // grad_output, retain_graph, torch.compile and CUDA graphs are correct.
 //
 // Three kernels, chosen on the host:
-// - flat: dense targets whose element-shaped operands are contiguous and 16-byte aligned. Each step of a
-//   thread handles kFlatElements consecutive elements through 16-byte loads of the logits and of the target
-//   in its own dtype (16 bool / uint8 targets per load). Weights are either contiguous or vary along the last
-//   merged dimension only (a (L,) pos_weight): those are read through the element's label. Grid-stride loop
-//   over a fixed grid (grid_size); the numel % kFlatElements tail takes one element per thread.
+// - flat: dense targets whose logits, target and output are contiguous and reach 16-byte alignment at the same
+//   element (a shared misalignment peels a short head). Each step of a thread handles kFlatElements
+//   consecutive elements through 16-byte loads of the logits and of the target in its own dtype (16 bool /
+//   uint8 targets per load). Weights are either contiguous (16-byte loads when aligned at the head, else
+//   element loads) or vary along the last merged dimension only (a (L,) pos_weight): those are read through
+//   the element's label. Compiled per focusing (plain / focal-ASL) and weights (none / some). Grid-stride loop
+//   over a fixed grid (grid_size); the head and the numel % kFlatElements tail take one element per thread.
 // - strided: every other dense layout (stride-0 broadcast views, transposed inputs), one element per step.
 // - sparse rows: a warp per row sets the row's positive labels as bits of a shared-memory bitmap from its K
 //   indices (a duplicate sets the same bit: rows are sets; an index outside [-1, L) makes the row NaN), then
