@@ -1,11 +1,12 @@
 """Fake (meta) kernels and autograd formulas of the fused_losses operators.
 
-The schemas live in csrc/fused_losses.cpp and the device kernels in csrc/cpu and csrc/cuda; this module
+The schemas live in csrc/op_schemas.h and the device kernels in csrc/cpu and csrc/cuda; this module
 teaches torch.compile the output shapes (fake kernels) and autograd the backward of each operator.
 """
 
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the library, registering the operators)
 from . import reference
@@ -47,9 +48,7 @@ def _register_autograd(name: str, setup_context, fused_backward, composite_backw
             return op(*args)
 
     def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"fused_losses.{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported; use reverse "
-            "mode: torch.func.grad, vjp, jacrev, and jacrev(jacrev(f)) for Hessians")
+        raise _forward_mode_error(name)
 
     torch.library.register_autograd(f"fused_losses::{name}", backward, setup_context=setup_context)
     torch.library.register_vmap(op, _vmap_by_loop(op, vmap_outputs))
@@ -75,6 +74,18 @@ def _register_autograd(name: str, setup_context, fused_backward, composite_backw
     })
 
 
+def _forward_mode_error(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"fused_losses.{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+        "supported; use reverse mode: torch.func.grad, vjp, jacrev, and jacrev(jacrev(f)) for Hessians")
+
+
+def _has_tangent(args) -> bool:
+    """Whether torch.autograd.forward_ad dual tensors are among args (never outside a dual_level)."""
+    return forward_ad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
 def call_operator(name: str, *args):
     """torch.ops.fused_losses.<name>(*args). While torch.func transforms are active (where torch.library's
     autograd formulas are refused) and in eager mode, the same formulas are applied directly: the
@@ -86,6 +97,8 @@ def call_operator(name: str, *args):
         return _FUNCTIONS[name].apply(*args)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return getattr(_ops, name)(*args)
+    if _has_tangent(args):  # the eager paths below would drop the tangent silently
+        raise _forward_mode_error(name)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _EAGER_FUNCTIONS[name].apply(*args)
     with torch._C._AutoDispatchBelowAutograd():

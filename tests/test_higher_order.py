@@ -4,6 +4,7 @@ vmap / vmap(grad) (per-sample gradients) against autograd and a Python loop."""
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import fused_losses
 from fused_losses import reference
@@ -148,9 +149,11 @@ def test_torch_func_grad_and_vjp_match_autograd(device, name):
     (g,) = torch.autograd.grad(fused(x, t.detach()).sum(), x, create_graph=True)
     (expected_hvp,) = torch.autograd.grad(g, x, direction)
     torch.testing.assert_close(hvp, expected_hvp, rtol=1e-9, atol=1e-12)
-    # Forward mode is refused with the op's name.
+    # Forward mode is refused with the op's name, through torch.func and through torch.autograd.forward_ad.
     with pytest.raises(NotImplementedError, match=r"fused_losses\.\w+: forward-mode AD"):
         torch.func.jvp(lambda a: fused(a, t.detach()), (x.detach(),), (direction,))
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=r"fused_losses\.\w+: forward-mode AD"):
+        fused(forward_ad.make_dual(x.detach(), direction), t.detach())
 
 
 @pytest.mark.parametrize("name", CASES)
