@@ -1,6 +1,7 @@
 // Host-side argument checking and problem set-up of the correlation losses (Pearson and CCC), shared by the
-// CPU and CUDA implementations. The operators take (B, T, D) views with the time axis at 1 (Python moves
-// the user's time axis there by a view); every kernel is stride-aware, nothing is copied.
+// CPU and CUDA implementations. The operators take (B, T) or (B, T, D) views with the time axis at 1 (Python
+// moves the user's time axis there by a view; a (B, T) input is one channel, taken as it is so that a small loss
+// pays for no view with an autograd node); every kernel is stride-aware, nothing is copied.
 #pragma once
 
 #include "common.h"
@@ -9,6 +10,7 @@
 
 #include <optional>
 #include <string_view>
+#include <vector>
 
 namespace fused_losses {
 
@@ -18,8 +20,8 @@ inline CorrelationKind parse_correlation_kind(std::string_view kind) {
   TORCH_CHECK_VALUE(false, "kind must be 'pearson' or 'concordance', got '", kind, "'");
 }
 
-// A (B, T, D) tensor as rows (sequences) s = b * D + d of T steps `class_stride` apart; a (B, T) mask is shared
-// by the D channels (inner stride 0).
+// A (B, T, D) tensor as rows (sequences) s = b * D + d of T steps `class_stride` apart; a (B, T) tensor is one
+// channel, and a (B, T) mask is shared by the D channels (inner stride 0 either way).
 inline RowLayout sequence_layout(const at::Tensor& t, int64_t channels) {
   RowLayout layout{};
   layout.inner = channels;
@@ -31,7 +33,7 @@ inline RowLayout sequence_layout(const at::Tensor& t, int64_t channels) {
 
 // Everything a kernel needs about one call, after checking the arguments.
 struct CorrelationProblem {
-  at::Tensor input, target;     // (B, T, D), any strides
+  at::Tensor input, target;     // (B, T, D) or (B, T) (D = 1), any strides
   std::optional<at::Tensor> mask;  // (B, T) bool, any strides
   int64_t batch = 0, time = 0, channels = 0;
   RowLayout input_layout{}, target_layout{}, mask_layout{};
@@ -41,6 +43,10 @@ struct CorrelationProblem {
   double eps = 0;
 
   int64_t sequences() const { return batch * channels; }
+  // The shape of per-sequence values: (B, D), or (B,) for a (B, T) input.
+  std::vector<int64_t> sequence_shape() const {
+    return input.dim() == 3 ? std::vector<int64_t>{batch, channels} : std::vector<int64_t>{batch};
+  }
   // The loss holds one value per step (reduction 'none' with per_timestep).
   bool per_step_output() const { return reduction == Reduction::None && per_timestep; }
 
@@ -55,7 +61,8 @@ inline CorrelationProblem make_correlation_problem(const at::Tensor& input, cons
                                                    std::string_view reduction, bool per_timestep, double eps) {
   CorrelationProblem p;
   check_floating_input(input, "input");
-  TORCH_CHECK_VALUE(input.dim() == 3, "input must have shape (batch, time, channels), got ", input.sizes());
+  TORCH_CHECK_VALUE(input.dim() == 2 || input.dim() == 3,
+                    "input must have shape (batch, time) or (batch, time, channels), got ", input.sizes());
   TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), "target must have the input's dtype (",
                    input.scalar_type(), "), got ", target.scalar_type());
   check_same_device(input, "input", target, "target");
@@ -63,7 +70,7 @@ inline CorrelationProblem make_correlation_problem(const at::Tensor& input, cons
                     target.sizes());
   p.batch = input.size(0);
   p.time = input.size(1);
-  p.channels = input.size(2);
+  p.channels = input.dim() == 3 ? input.size(2) : 1;
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be a bool tensor (True = valid step), got ",
                      mask->scalar_type());
@@ -85,11 +92,11 @@ inline CorrelationProblem make_correlation_problem(const at::Tensor& input, cons
   return p;
 }
 
-// Outputs of the forward: the loss ((B, D) per sequence, the input's layout per step, or a scalar), the
+// Outputs of the forward: the loss (sequence_shape() per sequence, the input's layout per step, or a scalar), the
 // per-sequence Moments (B, D, 8) and the total weight of the reduction, both in the accumulation dtype.
 inline at::Tensor allocate_correlation_loss(const CorrelationProblem& p) {
   if (p.reduction != Reduction::None) return at::empty({}, p.input.options());
-  return p.per_timestep ? at::empty_like(p.input) : at::empty({p.batch, p.channels}, p.input.options());
+  return p.per_timestep ? at::empty_like(p.input) : at::empty(p.sequence_shape(), p.input.options());
 }
 
 inline at::Tensor allocate_moments(const CorrelationProblem& p) {
@@ -112,9 +119,8 @@ inline void check_correlation_backward_arguments(const CorrelationProblem& p, co
     TORCH_CHECK_VALUE(grad_loss.sizes() == p.input.sizes(), "grad_loss must have the input's shape ",
                       p.input.sizes(), " for reduction='none' with per_timestep, got ", grad_loss.sizes());
   } else if (p.reduction == Reduction::None) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 2 && grad_loss.size(0) == p.batch && grad_loss.size(1) == p.channels,
-                      "grad_loss must have shape (", p.batch, ", ", p.channels, ") for reduction='none', got ",
-                      grad_loss.sizes());
+    TORCH_CHECK_VALUE(grad_loss.sizes() == at::IntArrayRef(p.sequence_shape()), "grad_loss must have shape ",
+                      at::IntArrayRef(p.sequence_shape()), " for reduction='none', got ", grad_loss.sizes());
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
   }

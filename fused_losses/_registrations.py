@@ -257,13 +257,13 @@ _MOMENTS_WIDTH = 8  # count, shifts and means of x and y, Cxx, Cyy, Cxy per sequ
 def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, eps, write_input_gradient,
                            write_target_gradient):
     acc = accumulation_dtype(input.dtype)
-    batch, _, channels = input.shape
+    batch, channels = input.shape[0], input.shape[2] if input.dim() == 3 else 1  # (B, T) is one channel
     if reduction != "none":
         loss = input.new_empty(())
     elif per_timestep:
         loss = torch.empty_like(input)  # the kernel keeps the input's (dense) strides
     else:
-        loss = input.new_empty((batch, channels))
+        loss = input.new_empty(input.shape[:1] + input.shape[2:])  # (B, D) or (B,)
     stats = input.new_empty((batch, channels, _MOMENTS_WIDTH), dtype=acc)
     return (loss, stats, input.new_empty((), dtype=acc), _forward_gradient_fake(input, write_input_gradient),
             _forward_gradient_fake(target, write_target_gradient))

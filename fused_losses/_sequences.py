@@ -1,5 +1,6 @@
 """The layout convention of the correlation losses: the user's (B, T) / (B, T, D) tensors with the time axis
-anywhere, viewed (never copied) as the (B, T, D) sequences with the time axis at 1 that the operators take.
+anywhere, viewed (never copied) as the (B, T) / (B, T, D) sequences with the time axis at 1 that the operators
+take.
 Pure PyTorch, shared by the functional API and the reference."""
 
 from typing import NamedTuple, Optional
@@ -13,8 +14,9 @@ __all__ = ["SequenceBatch", "as_sequence_batch"]
 
 
 class SequenceBatch(NamedTuple):
-    """Inputs of a correlation loss seen as the operators take them: (B, T, D) views with the time axis at 1
-    and a (B, T) bool mask (or None), plus what is needed to give the per-step output the user's layout."""
+    """Inputs of a correlation loss seen as the operators take them: (B, T) or (B, T, D) views with the time
+    axis at 1 and a (B, T) bool mask (or None), plus what is needed to give the per-step output the user's
+    layout."""
     input: Tensor
     target: Tensor
     mask: Optional[Tensor]
@@ -22,9 +24,9 @@ class SequenceBatch(NamedTuple):
     has_channels: bool
 
     def restore_layout(self, per_sequence_or_step: Tensor, per_step: bool) -> Tensor:
-        """(B, D) per-sequence or (B, T, D) per-step values in the user's layout ((B,) / (B, T) for 2-D input)."""
-        values = per_sequence_or_step if self.has_channels else per_sequence_or_step.squeeze(-1)
-        return values.movedim(1, self.time_axis) if per_step else values
+        """Per-sequence ((B, D), or (B,) for 2-D input) or per-step values (the operators' input layout) in the
+        user's layout."""
+        return per_sequence_or_step.movedim(1, self.time_axis) if per_step else per_sequence_or_step
 
 
 def _lengths_to_mask(lengths: Tensor, batch: int, steps: int, input: Tensor) -> Tensor:
@@ -79,8 +81,8 @@ def as_sequence_batch(input: Tensor, target: Tensor, mask: Optional[Tensor], dim
         mask = _lengths_to_mask(lengths, input.shape[others[0]], input.shape[time], input)
 
     def sequences(tensor: Tensor) -> Tensor:
-        if time != 1:  # each view op costs a few microseconds, a measurable part of a small loss
-            tensor = tensor.movedim(time, 1)
-        return tensor if ndim == 3 else tensor.unsqueeze(-1)
+        # Each view op costs a few microseconds (more on a tensor that requires grad: an autograd node), a
+        # measurable part of a small loss: none for the common (B, T) and (B, T, D) layouts.
+        return tensor if time == 1 else tensor.movedim(time, 1)
 
     return SequenceBatch(sequences(input), sequences(target), mask, time, ndim == 3)

@@ -49,7 +49,9 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
     """Two-pass masked moments in float32 (float64 for double), the loss formula, then the reduction."""
     batch = as_sequence_batch(input, target, mask, dim, lengths)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x, y = batch.input.to(acc), batch.target.to(acc)                       # (B, T, D)
+    x, y = batch.input.to(acc), batch.target.to(acc)
+    if not batch.has_channels:
+        x, y = x.unsqueeze(-1), y.unsqueeze(-1)                              # (B, T, D)
     valid = torch.ones_like(x[..., :1], dtype=torch.bool) if batch.mask is None else batch.mask.unsqueeze(-1)
     n = valid.sum(1).to(acc).expand(x.shape[0], x.shape[2])                  # (B, D)
     safe_n = n.clamp_min(1).unsqueeze(1)
@@ -67,17 +69,20 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
     else:
         gap = (mean_x - mean_y).squeeze(1)
         numerator, denominator = 2.0, cxx + cyy + n * (gap * gap + eps)
+    def user_channels(values: Tensor) -> Tensor:  # the operators' per-sequence / per-step shape
+        return values if batch.has_channels else values.squeeze(-1)
+
     zero = denominator == 0
     scale = torch.where(zero, 0.0, numerator / torch.where(zero, 1.0, denominator))  # loss = 1 - scale * Cxy
     if per_timestep:
         steps = torch.where(valid, 1 - (scale * n).unsqueeze(1) * dx * dy, 0)
         if reduction == "none":
-            return batch.restore_layout(steps.to(input.dtype), per_step=True)
+            return batch.restore_layout(user_channels(steps.to(input.dtype)), per_step=True)
         total = steps.sum()
         return (total if reduction == "sum" else total / n.sum()).to(input.dtype)
     loss = 1 - scale * cxy
     if reduction == "none":
-        return batch.restore_layout(loss.to(input.dtype), per_step=False)
+        return batch.restore_layout(user_channels(loss.to(input.dtype)), per_step=False)
     return (loss.sum() if reduction == "sum" else loss.mean()).to(input.dtype)
 
 

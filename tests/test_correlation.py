@@ -632,8 +632,41 @@ def test_errors(device):
     with pytest.raises(ValueError, match=r"kind must be 'pearson' or 'concordance'"):
         torch.ops.fused_losses.correlation_loss(x[..., None], y[..., None], None, "spearman", "mean", False, 0.0,
                                                 False, False)
-    with pytest.raises(ValueError, match=r"input must have shape \(batch, time, channels\)"):
-        torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "mean", False, 0.0, False, False)
+    with pytest.raises(ValueError, match=r"input must have shape \(batch, time\) or \(batch, time, channels\)"):
+        torch.ops.fused_losses.correlation_loss(x[0], y[0], None, "pearson", "mean", False, 0.0, False, False)
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \[2\] for reduction='none', got \[2, 1\]"):
+        _, stats, total, *_ = torch.ops.fused_losses.correlation_loss(x, y, None, "pearson", "none", False, 0.0,
+                                                                      False, False)
+        torch.ops.fused_losses.correlation_loss_backward(torch.ones(2, 1, device=device), x, y, None, stats, total,
+                                                         "pearson", "none", False, 0.0, True, False)
+
+
+@pytest.mark.parametrize("reduction, per_timestep", [("none", False), ("none", True), ("mean", False), ("sum", True)])
+def test_operator_takes_two_dimensional_sequences_as_one_channel(device, reduction, per_timestep):
+    """A (B, T) input goes to the operator as it is (no view with an autograd node in front of a small loss):
+    every output is the one of its (B, T, 1) view, in the (B, T) layout."""
+    x, y = torch.randn(3, 7, device=device), torch.randn(3, 7, device=device)
+    mask = torch.rand(3, 7, device=device) > 0.2
+    op = torch.ops.fused_losses.correlation_loss
+    for kind in ("pearson", "concordance"):
+        writes = reduction != "none"
+        flat = op(x, y, mask, kind, reduction, per_timestep, 1e-8, writes, writes)
+        channel = op(x[..., None], y[..., None], mask, kind, reduction, per_timestep, 1e-8, writes, writes)
+        loss_shape = {"none": x.shape if per_timestep else x.shape[:1]}.get(reduction, ())
+        assert flat[0].shape == loss_shape
+        assert torch.equal(flat[0], channel[0].reshape(loss_shape))
+        assert torch.equal(flat[1], channel[1]) and torch.equal(flat[2], channel[2])
+        if writes:
+            assert torch.equal(flat[3], channel[3].squeeze(-1)) and torch.equal(flat[4], channel[4].squeeze(-1))
+        grad_loss = torch.randn(loss_shape, device=device)
+        gradients = torch.ops.fused_losses.correlation_loss_backward(grad_loss, x, y, mask, flat[1], flat[2], kind,
+                                                                     reduction, per_timestep, 1e-8, True, True)
+        expected = torch.ops.fused_losses.correlation_loss_backward(
+            grad_loss.reshape(channel[0].shape), x[..., None], y[..., None], mask, channel[1], channel[2], kind,
+            reduction, per_timestep, 1e-8, True, True)
+        for got, want in zip(gradients, expected):
+            assert got.shape == x.shape and torch.equal(got, want.squeeze(-1))
+    torch.library.opcheck(op, (x, y, mask, "pearson", reduction, per_timestep, 1e-8, False, False))
 
 
 @pytest.mark.cuda
