@@ -603,7 +603,8 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                                "over shared memory (" + ("max and argmax, exponentials, " if base == "tile_forward_kernel"
                                                          else "") + "gradient); DRAM: logits read, gradient written")
     if op == "correlation" and base in ("reduce_items_kernel", "map_items_kernel"):
-        task, scalar = re.match(r"(\w+)<(\w+)>", arguments[1]).groups()
+        # Task<T> or GradientTask<T, kPerStepUpstream>
+        task, scalar, per_step_upstream = re.match(r"(\w+)<(\w+)(?:, (\w+))?>", arguments[1]).groups()
         size = TYPE_SIZES[scalar]
         pack = 16 // size
         if task == "MomentsTask":
@@ -616,6 +617,10 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         if task == "SequenceWeightTask":
             return SweepModel(("scalar",), 0, 1, counted_load_bytes=1,
                               what="valid-step count, one mask byte per step (unrolled); DRAM: mask read")
+        if task == "GradientTask" and per_step_upstream == "true":
+            return SweepModel(("write",), pack, 4 * size, vector_accesses=4,
+                              what="gradient of one pack of steps; DRAM: x, y, grad_output read, one gradient "
+                                   "written")
         if task == "GradientTask":
             return SweepModel(("write",), pack, 3 * size, vector_accesses=3,
                               what="gradient of one pack of steps; DRAM: x, y read, one gradient written")

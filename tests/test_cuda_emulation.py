@@ -314,6 +314,26 @@ def test_correlation(emulated, shape, dtype, options):
     check_correlation(emulated, *correlation_case(shape, dtype, opts, layout), opts)
 
 
+def offset_rows(tensor, offset=1):
+    """The same values with every sequence `offset` steps into a row of T + offset steps (dimension 1)."""
+    wide = torch.zeros(tensor.shape[0], tensor.shape[1] + offset, *tensor.shape[2:], dtype=tensor.dtype)
+    wide[:, offset:] = tensor
+    return wide[:, offset:]
+
+
+@pytest.mark.parametrize("shape", [(20, 100, 1), (6, 900, 1), (5, 61, 1)], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("options", [
+    CORRELATION_OPTIONS[1], CORRELATION_OPTIONS[3],
+    dict(kind="pearson", reduction="none", per_timestep=True, mask=True, sides=(True, True)),
+], ids=["sum", "mean_per_step", "none_per_step"])
+def test_correlation_mask_lined_up_off_16_bytes(emulated, shape, dtype, options):
+    """x, y and the mask start one step into rows of T + 1: they line up with each other, so every sweep peels
+    a head and reads packs, the mask's as one word per pack (MaskRow::load)."""
+    prediction, target, mask = correlation_case(shape, dtype, options, "contiguous")
+    check_correlation(emulated, offset_rows(prediction), offset_rows(target), offset_rows(mask), options)
+
+
 @pytest.mark.parametrize("shape", [(4, 700, 2), (2, 5000, 1), (3, 900, 1)], ids=str)
 @pytest.mark.parametrize("kind", ["pearson", "concordance"])
 def test_correlation_float32_far_from_zero(emulated, shape, kind):

@@ -69,10 +69,13 @@ def _correlation(group, masked, chunked=False):
     """csrc/cuda/correlation_loss.cu, every operand lined up (one plan of `group` lanes for every sweep):
     the moments (reduce_items_kernel, + combine_chunks_kernel when cut into chunks) and the forward's
     CorrelationLossEpilogue; the gradient (map_items_kernel<GradientTask>: the backward, and the chunked
-    forward that writes it); per time step the per-step loss and the backward's upstream sums. The 2-pass
+    forward that writes it; with a per-step upstream, its own variant); per time step the per-step loss and
+    the backward's upstream sums. The 2-pass
     'mean' forward of a one-chunk plan needs the total weight before the moments: with a mask the
     SequenceWeightTask pre-pass and its ReducedLossEpilogue reduce, without one a fill (PyTorch's kernel)."""
-    kernels = [f"reduce_items_kernel<{group}, MomentsTask<{{T}}>>", f"map_items_kernel<{group}, GradientTask<{{T}}>>",
+    kernels = [f"reduce_items_kernel<{group}, MomentsTask<{{T}}>>",
+               f"map_items_kernel<{group}, GradientTask<{{T}}, false>>",
+               f"map_items_kernel<{group}, GradientTask<{{T}}, true>>",
                f"map_items_kernel<{group}, PerStepLossTask<{{T}}>>", f"reduce_items_kernel<{group}, UpstreamSumsTask<{{T}}>>",
                "reduce_partials_kernel<{A}, 2, CorrelationLossEpilogue<{T}>>"]
     if chunked:
@@ -123,11 +126,12 @@ KERNELS = {
     "corr_G1_strided_chunked": _correlation(1, masked=True, chunked=True),  # T = 1500 >= 2 chunks of 512
     "corr_G4": _correlation(4, masked=True),  # fp32 T = 100: 25 packs
     "corr_G32": _correlation(32, masked=False),  # fp32 T = 1000: 250 packs; no mask: the host's total weight
-    # Rows one element past 16 bytes (stride T + 1): x and y line up with each other, so the moments sweep (and
-    # the mask pre-pass on its plan) peels a head and stays in packs; the passes that also touch an aligned
-    # output or upstream fall back to single steps, so 1000 loads: the block.
+    # Rows one element past 16 bytes (stride T + 1), the mask's too: x, y and the mask line up with each other,
+    # so the moments sweep (and the mask pre-pass on its plan) peels a head and stays in packs; the passes that
+    # also touch an aligned output or upstream fall back to single steps, so 1000 loads: the block.
     "corr_G32_misaligned": ["reduce_items_kernel<32, MomentsTask<{T}>>", "reduce_items_kernel<32, SequenceWeightTask<{T}>>",
-                            "map_items_kernel<256, GradientTask<{T}>>", "map_items_kernel<256, PerStepLossTask<{T}>>",
+                            "map_items_kernel<256, GradientTask<{T}, false>>",
+                            "map_items_kernel<256, GradientTask<{T}, true>>", "map_items_kernel<256, PerStepLossTask<{T}>>",
                             "reduce_items_kernel<256, UpstreamSumsTask<{T}>>",
                             "reduce_partials_kernel<{A}, 2, CorrelationLossEpilogue<{T}>>",
                             "reduce_partials_kernel<{A}, 2, ReducedLossEpilogue<{T}>>"],
@@ -229,7 +233,7 @@ def _cross_entropy_case(device, shape, dtype, cost_mode=None, weight=True, smoot
 
 def _correlation_case(device, shape, kind="pearson", offset=0, masked=True):
     """(B, T) or (B, T, D) float32 sequences, masked or not; `offset` (2-D only) starts every row `offset`
-    elements into a row of T + offset (so rows are not 16-byte aligned, x and y alike)."""
+    elements into a row of T + offset (so rows are not 16-byte aligned, x, y and the mask alike)."""
     gen = torch.Generator().manual_seed(shape[1])
     x = torch.randn(shape, generator=gen)
     y = 0.6 * x + 0.8 * torch.randn(shape, generator=gen)
@@ -237,6 +241,8 @@ def _correlation_case(device, shape, kind="pearson", offset=0, masked=True):
     mask[:, :2] = True
     x, y = x.to(device), y.to(device)
     mask = mask.to(device) if masked else None
+    if offset and masked:  # sliced on the device: a copy there would be contiguous again
+        mask = torch.cat([mask[:, :offset], mask], dim=1)[:, offset:]
     fused = {"pearson": fused_losses.pearson_correlation_loss, "ccc": fused_losses.concordance_correlation_loss}[kind]
     ref = {"pearson": reference.pearson_correlation_loss, "ccc": reference.concordance_correlation_loss}[kind]
     per_timestep = {}

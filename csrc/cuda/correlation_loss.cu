@@ -20,7 +20,9 @@
 // partial Moments (Chan-mergeable) a second kernel merges in chunk order. All reductions run in a fixed order
 // and the split depends on the problem only, so results are bitwise reproducible.
 // Steps are read as 16-byte packs when every operand has unit time stride and the same alignment at every
-// sequence start; the sweep peels the unaligned head and tail of each chunk element by element.
+// sequence start (the mask's bytes of a pack then one word); the sweep peels the unaligned head and tail of each
+// chunk element by element. The kernels' register budget (64, 4 blocks per SM): docs/design.md, "Registers
+// (issue 15)".
 #include "correlation_loss.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -42,6 +44,10 @@ template <typename T>
 struct Row {
   T* ptr;
   int64_t stride;
+
+  // The vectorised sweep's operands have unit stride (packs_line_up): with the constant in place of the field,
+  // the compiler keeps no stride register through that sweep.
+  __device__ void assume_unit_stride() { stride = 1; }
 
   template <int N, typename acc_t>
   __device__ void load(int64_t t, acc_t (&out)[N]) const {
@@ -69,18 +75,28 @@ struct Row {
   }
 };
 
-// The mask row of a sequence (nullptr: every step is valid). Read byte by byte at its own stride, through
-// element_as: any non-zero byte is a valid step.
+// An unsigned integer of N bytes (N = 2, 4, 8): the mask bytes of one pack of steps.
+template <int N>
+using MaskWord = std::conditional_t<N == 8, uint64_t, std::conditional_t<N == 4, uint32_t, uint16_t>>;
+
+// The mask row of a sequence (nullptr: every step is valid); any non-zero byte is a valid step. One step (N = 1)
+// is read at the row's stride; the N steps of a pack as one N-byte word (unit stride and an address that is a
+// multiple of N: packs_line_up checks both), which takes one register where N byte loads took N.
 struct MaskRow {
   const bool* ptr;
   int64_t stride;
 
   template <int N>
   __device__ void load(int64_t t, bool (&out)[N]) const {
-    const bool* first = ptr + t * stride;  // one 64-bit product per call; i * stride is loop-invariant
+    if constexpr (N == 1) {
+      out[0] = ptr == nullptr || element_as<int>(ptr[t * stride]) != 0;
+    } else {
+      const MaskWord<N> word = ptr == nullptr ? MaskWord<N>(0) : *reinterpret_cast<const MaskWord<N>*>(ptr + t);
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || element_as<int>(first[i * stride]) != 0;
+      for (int i = 0; i < N; ++i) out[i] = ptr == nullptr || ((word >> (8 * i)) & 0xff) != 0;  // little-endian
+    }
   }
+  __device__ void assume_unit_stride() { stride = 1; }
 };
 
 // A (B, T, D) tensor (or a (B, T) mask) on the device with its layout; data nullptr for an absent one, whose
@@ -151,6 +167,12 @@ struct StepReader {
   __device__ int misalignment() const {
     return static_cast<int>((reinterpret_cast<uintptr_t>(x.ptr) / sizeof(scalar_t)) % kVecSize<scalar_t>);
   }
+
+  __device__ void assume_unit_stride() {
+    x.assume_unit_stride();
+    y.assume_unit_stride();
+    valid.assume_unit_stride();
+  }
 };
 
 // The steps of one sequence as deviations from its saved centres: what every pass after the statistics reads.
@@ -176,6 +198,7 @@ struct CentredSteps {
   }
 
   __device__ int misalignment() const { return steps.misalignment(); }
+  __device__ void assume_unit_stride() { steps.assume_unit_stride(); }
   __device__ void end_run() {}  // these sweeps need no break between runs
 };
 
@@ -184,12 +207,17 @@ __device__ Moments<acc_t> saved_moments(const acc_t* stats, int64_t seq) {
   return Moments<acc_t>::load(stats + seq * Moments<acc_t>::kWidth);
 }
 
-// True when every operand has unit time stride and the same address modulo 16 bytes at every sequence start,
-// so one head peel aligns them all.
+// True when x, y and the other operands of a sweep have unit time stride and the same address modulo 16 bytes
+// at every sequence start, so one head peel aligns them all, and the mask (if any) has unit time stride and
+// holds the validity bytes of each aligned pack at an address that is a multiple of the pack (MaskRow::load).
 template <typename scalar_t>
-bool packs_line_up(c10::ArrayRef<OperandView> operands) {
-  const OperandView& first = operands.front();
+bool packs_line_up(const Inputs<scalar_t>& in, c10::ArrayRef<OperandView> others = {}) {
+  constexpr int64_t kPack = kVecSize<scalar_t>;
+  const OperandView first = view_of(in.x);
+  if (reinterpret_cast<uintptr_t>(first.data) % sizeof(scalar_t) != 0) return false;
   const auto same_modulo_16 = [](int64_t a, int64_t b) { return (a - b) * int64_t(sizeof(scalar_t)) % 16 == 0; };
+  std::vector<OperandView> operands{first, view_of(in.y)};
+  operands.insert(operands.end(), others.begin(), others.end());
   for (const OperandView& operand : operands) {
     const auto byte_gap = reinterpret_cast<intptr_t>(operand.data) - reinterpret_cast<intptr_t>(first.data);
     if (operand.layout.class_stride != 1 || byte_gap % 16 != 0 ||
@@ -198,7 +226,14 @@ bool packs_line_up(c10::ArrayRef<OperandView> operands) {
       return false;
     }
   }
-  return reinterpret_cast<uintptr_t>(first.data) % sizeof(scalar_t) == 0;
+  if (in.mask.data == nullptr) return true;
+  // Mask byte of step t at (x's address in elements + t) modulo the pack, at every sequence start.
+  const RowLayout& mask = in.mask.layout;
+  const auto mask_gap = reinterpret_cast<intptr_t>(in.mask.data) -
+                        reinterpret_cast<intptr_t>(first.data) / static_cast<intptr_t>(sizeof(scalar_t));
+  return mask.class_stride == 1 && mask_gap % kPack == 0 &&
+         (mask.outer_stride - first.layout.outer_stride) % kPack == 0 &&
+         (mask.inner <= 1 || (mask.inner_stride - first.layout.inner_stride) % kPack == 0);
 }
 
 // ----------------------------------------------------------------------------- work split
@@ -207,9 +242,10 @@ bool packs_line_up(c10::ArrayRef<OperandView> operands) {
 // G = 1 launch read consecutive sequences.
 struct ChunkPlan {
   int64_t sequences, steps, chunk_steps, chunks;
-  int lanes;  // G, lanes per item
+  int lanes;           // G, lanes per item
+  int64_t item_count;  // sequences * chunks, kept so that the kernels read it instead of holding the product
 
-  __host__ __device__ int64_t items() const { return sequences * chunks; }
+  __host__ __device__ int64_t items() const { return item_count; }
   __device__ int64_t sequence(int64_t item) const { return item % sequences; }
   __device__ int64_t chunk_begin(int64_t item) const { return (item / sequences) * chunk_steps; }
   __device__ int64_t chunk_end(int64_t item) const {
@@ -231,7 +267,7 @@ constexpr int64_t kMinLoadsPerLane = 32, kMinChunkSteps = 512, kRunLoads = 16;
 
 ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous, int pack) {
   const int64_t units = (steps + pack - 1) / pack;  // loads per input and sequence
-  ChunkPlan plan{sequences, steps, std::max<int64_t>(steps, 1), 1, 1};
+  ChunkPlan plan{sequences, steps, std::max<int64_t>(steps, 1), 1, 1, sequences};
   if (!time_contiguous || units <= 4) {
     plan.lanes = 1;
   } else if (units <= 64) {
@@ -249,6 +285,7 @@ ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous
   const int64_t granule = int64_t(plan.lanes) * pack;  // chunks of whole packs, the same number per lane
   plan.chunk_steps = ((steps + wanted - 1) / wanted + granule - 1) / granule * granule;
   plan.chunks = (steps + plan.chunk_steps - 1) / plan.chunk_steps;
+  plan.item_count = plan.sequences * plan.chunks;
   return plan;
 }
 
@@ -284,20 +321,24 @@ __device__ void visit_in_runs(Visitor& visitor, int64_t count, int lane, const V
 
 // Visits steps [begin, end) of one item: lane `lane` of the group takes every Group-th step (scalar sweep) or
 // pack (vectorised sweep, after the head up to the first 16-byte boundary). Calls visitor.at<N>(t), and
-// visitor.end_run() between runs of steps or packs (visit_in_runs).
+// visitor.end_run() between runs of steps or packs (visit_in_runs). The head and tail peels are shorter than a
+// pack, so they are not unrolled (an unrolled peel held the most registers of the kernel).
 template <int Group, int Pack, typename Visitor>
 __device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool vectorized, int lane) {
-  if (!vectorized) {
+  if (Pack == 1 || !vectorized) {  // packs of one step (SequenceWeightTask: a mask byte) are the scalar sweep
     visit_in_runs<Group>(visitor, end - begin, lane, [&](int64_t i) { visitor.template at<1>(begin + i); });
     return;
   }
+  visitor.assume_unit_stride();
   const int64_t head = (Pack - (visitor.misalignment() + begin) % Pack) % Pack;
   const int64_t aligned_begin = begin + head < end ? begin + head : end;
   const int64_t packs = (end - aligned_begin) / Pack;
   const int64_t tail_begin = aligned_begin + packs * Pack;
+#pragma unroll 1
   for (int64_t t = begin + lane; t < aligned_begin; t += Group) visitor.template at<1>(t);
   visit_in_runs<Group>(visitor, packs, lane,
                        [&](int64_t i) { visitor.template at<Pack>(aligned_begin + i * Pack); });
+#pragma unroll 1
   for (int64_t t = tail_begin + lane; t < end; t += Group) visitor.template at<1>(t);
 }
 
@@ -325,7 +366,11 @@ __global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
   using acc_t = typename State::value_type;
   constexpr int kItemsPerIteration = kBlockThreads / Group;
   const int lane = threadIdx.x % Group;
-  acc_t sums[2] = {0, 0};
+  // The thread's (weighted loss, weight) sums change once per finished sequence: they wait in shared memory
+  // (volatile: not carried in registers), which leaves their registers to the sweeps.
+  __shared__ acc_t thread_sums[kBlockThreads][2];
+  volatile acc_t* finished_sums = thread_sums[threadIdx.x];
+  finished_sums[0] = finished_sums[1] = acc_t(0);
   // Every thread runs the same number of iterations, so the group merges never diverge.
   for (int64_t first = int64_t(blockIdx.x) * kItemsPerIteration; first < plan.items();
        first += int64_t(gridDim.x) * kItemsPerIteration) {
@@ -340,7 +385,10 @@ __global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
     merge_group<Group>(state);
     if (lane == 0 && in_range) {
       if (plan.chunks == 1) {
+        acc_t sums[2] = {finished_sums[0], finished_sums[1]};
         task.finish(plan.sequence(item), state, sums);
+        finished_sums[0] = sums[0];
+        finished_sums[1] = sums[1];
       } else {
         state.store(chunk_states + item * State::kWidth);
       }
@@ -357,6 +405,7 @@ __global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
     }
   }
   if (block_sums != nullptr) {
+    acc_t sums[2] = {finished_sums[0], finished_sums[1]};
     block_sum<acc_t, 2>(sums);
     if (threadIdx.x == 0) {
       block_sums[blockIdx.x * 2] = sums[0];
@@ -446,14 +495,15 @@ void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStrea
 // ----------------------------------------------------------------------------- correlation tasks
 
 // Gradient: d loss / d x and / or d loss / d y of every step, for the backward's grad_loss or, in the forward
-// that writes the gradient, for grad_loss = 1.
-template <typename scalar_t>
+// that writes the gradient, for grad_loss = 1. kPerStepUpstream (reduction='none' with per_timestep, backward
+// only) compiles the per-step upstream row in: without it, the visitor's rows and coefficients fit the 64
+// registers of 4 blocks per SM in every sweep; with it (six rows in the strided sweep), 80 registers and 3
+// blocks, where 64 spill.
+template <typename scalar_t, bool kPerStepUpstream>
 struct GradientTask {
   using acc_t = acc_type<scalar_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
-  // Its visitor holds up to five rows and six coefficients: at 64 registers (4 blocks) it spills, and so do
-  // the half types, whose packs convert twice the values, at 80 (3 blocks).
-  static constexpr int kMinBlocksPerSM = std::is_same_v<scalar_t, float> ? 3 : 1;
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(kPerStepUpstream ? 3 : 4);
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   const acc_t* stats;
@@ -461,12 +511,12 @@ struct GradientTask {
   bool per_sequence_upstream, mean;
   bool keeps_unit_gradient;          // in-place backward: the forward's gradient stands when grad_loss is 1
   const acc_t* total_weight;         // read for 'mean' only
-  Operand<const scalar_t> upstream;  // per-step grad_output (data nullptr otherwise)
-  const acc_t* upstream_sums;        // (B D, 3) with a per-step upstream, else nullptr
+  Operand<const scalar_t> upstream;  // per-step grad_output (kPerStepUpstream)
+  const acc_t* upstream_sums;        // (B D, 3) of that upstream (kPerStepUpstream)
   Operand<scalar_t> grad_x, grad_y;  // data nullptr when not requested
 
   struct Visitor : CentredSteps<scalar_t> {
-    Row<const scalar_t> g;  // ptr nullptr without a per-step upstream
+    Row<const scalar_t> g;  // the per-step upstream (kPerStepUpstream)
     Row<scalar_t> gx, gy;   // ptr nullptr when not requested
     GradientCoefficients<acc_t> coef;
     template <int N>
@@ -474,7 +524,7 @@ struct GradientTask {
       acc_t dx[N], dy[N], cross[N], out[N];
       bool valid[N];
       this->template load_deviations<N>(t, dx, dy, valid);
-      if (g.ptr != nullptr) {
+      if constexpr (kPerStepUpstream) {
         g.template load<N>(t, cross);
 #pragma unroll
         for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
@@ -493,6 +543,12 @@ struct GradientTask {
         gy.template store<N>(t, out);
       }
     }
+    __device__ void assume_unit_stride() {
+      CentredSteps<scalar_t>::assume_unit_stride();
+      g.assume_unit_stride();
+      gx.assume_unit_stride();
+      gy.assume_unit_stride();
+    }
   };
 
   // Read on the device, so the in-place backward needs no host synchronisation.
@@ -503,7 +559,7 @@ struct GradientTask {
   // The visitor of sequence `seq` whose moments are `m` (saved, or just computed by the forward).
   __device__ Visitor visitor_for(int64_t seq, const Moments<acc_t>& m) const {
     GradientCoefficients<acc_t> coef;
-    if (upstream_sums != nullptr) {
+    if constexpr (kPerStepUpstream) {
       const UpstreamSums<acc_t> sums = UpstreamSums<acc_t>::load(upstream_sums + seq * UpstreamSums<acc_t>::kWidth);
       coef = make_gradient_coefficients(cfg, m, acc_t(0), &sums);
     } else {
@@ -563,21 +619,23 @@ struct MomentsTask {
   using acc_t = acc_type<scalar_t>;
   using State = Moments<acc_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
-  static constexpr int kMinBlocksPerSM = GradientTask<scalar_t>::kMinBlocksPerSM;  // its second sweep is one
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   static constexpr bool kSecondSweep = true;
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   acc_t* stats;
   scalar_t* sequence_losses;  // (B, D) for reduction='none' without per_timestep, else nullptr
-  GradientTask<scalar_t> gradient;
+  GradientTask<scalar_t, /*kPerStepUpstream=*/false> gradient;
   bool sweeps_again, second_sweep_vectorized;
 
   // Each run of a lane's loads (visit_in_runs) is summed around its own first valid step (ShiftedSums) and
-  // folded into `folded` by a Chan merge: plain sums of longer runs would lose float32 digits (a G = 1 lane
-  // may sweep thousands of strided steps).
+  // folded into the lane's moments by a Chan merge: plain sums of longer runs would lose float32 digits (a
+  // G = 1 lane may sweep thousands of strided steps). The folded moments wait in the thread's slot of shared
+  // memory between runs, so that their 8 registers serve the loads of the run; volatile keeps the compiler from
+  // carrying them through the run in registers after all.
   struct Visitor {
     StepReader<scalar_t> steps;
-    State folded;
+    volatile acc_t* folded;  // State::kWidth values in shared memory, this thread's own
     ShiftedSums<acc_t> run;
     template <int N>
     __device__ void at(int64_t t) {
@@ -587,25 +645,40 @@ struct MomentsTask {
       run.add(x, y, valid);
     }
     __device__ void end_run() {
-      folded.merge(run.moments());
+      store_folded(result());
       run = {};
     }
     __device__ int misalignment() const { return steps.misalignment(); }
+    __device__ void assume_unit_stride() { steps.assume_unit_stride(); }
     __device__ State result() const {
-      State lane = folded;
+      acc_t values[State::kWidth];
+#pragma unroll
+      for (int k = 0; k < State::kWidth; ++k) values[k] = folded[k];
+      State lane = State::load(values);
       lane.merge(run.moments());
       return lane;
     }
+    __device__ void store_folded(const State& m) {
+      acc_t values[State::kWidth];
+      m.store(values);
+#pragma unroll
+      for (int k = 0; k < State::kWidth; ++k) folded[k] = values[k];
+    }
   };
 
-  __device__ Visitor visitor(int64_t seq) const { return {StepReader<scalar_t>(in, seq), State{}, {}}; }
+  __device__ Visitor visitor(int64_t seq) const {
+    __shared__ acc_t folded_moments[kBlockThreads][State::kWidth];
+    Visitor visitor{StepReader<scalar_t>(in, seq), folded_moments[threadIdx.x], {}};
+    visitor.store_folded(State{});
+    return visitor;
+  }
 
   __device__ void finish(int64_t seq, const State& m, acc_t (&sums)[2]) const {
     const acc_t loss = finish_sequence(cfg, m, stats + seq * State::kWidth, sums);
     if (sequence_losses != nullptr) sequence_losses[seq] = static_cast<scalar_t>(loss);
   }
 
-  __device__ typename GradientTask<scalar_t>::Visitor second_visitor(int64_t seq, const State& m) const {
+  __device__ auto second_visitor(int64_t seq, const State& m) const {
     return gradient.visitor_for(seq, m);
   }
 };
@@ -632,28 +705,24 @@ struct SequenceWeightTask {
   static constexpr int kPack = 1;  // the mask is read step by step
   static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   static constexpr bool kSecondSweep = false;
-  Operand<const bool> mask;  // data nullptr: every step is valid
+  Operand<const bool> mask;  // never absent: without a mask the host knows the total weight
   CorrelationConfig<acc_t> cfg;
 
   struct Visitor {
-    MaskRow valid;
+    Row<const bool> valid;
     State state;
     template <int N>
     __device__ void at(int64_t t) {
-      bool ok[N];
-      valid.template load<N>(t, ok);
 #pragma unroll
-      for (int i = 0; i < N; ++i) state.n += ok[i] ? acc_t(1) : acc_t(0);
+      for (int i = 0; i < N; ++i) state.n += element_as<acc_t>(valid.ptr[(t + i) * valid.stride]);
     }
     __device__ int misalignment() const { return 0; }
+    __device__ void assume_unit_stride() {}  // never vectorised: the mask is read step by step
     __device__ void end_run() {}
     __device__ State result() const { return state; }
   };
 
-  __device__ Visitor visitor(int64_t seq) const {
-    const Row<const bool> row = mask.row(seq);
-    return {MaskRow{row.ptr, row.stride}, State{}};
-  }
+  __device__ Visitor visitor(int64_t seq) const { return {mask.row(seq), State{}}; }
 
   __device__ void finish(int64_t, const State& count, acc_t (&sums)[2]) const {
     Moments<acc_t> counted;  // only its count n enters sequence_weight
@@ -692,6 +761,10 @@ struct UpstreamSumsTask {
         state.gy += g_valid * dy[i];
       }
     }
+    __device__ void assume_unit_stride() {
+      CentredSteps<scalar_t>::assume_unit_stride();
+      g.assume_unit_stride();
+    }
     __device__ State result() const { return state; }
   };
 
@@ -725,6 +798,10 @@ struct PerStepLossTask {
       for (int i = 0; i < N; ++i) c[i] = valid[i] ? per_timestep_loss(k, dx[i], dy[i]) : acc_t(0);
       out.template store<N>(t, c);
     }
+    __device__ void assume_unit_stride() {
+      CentredSteps<scalar_t>::assume_unit_stride();
+      out.assume_unit_stride();
+    }
   };
 
   __device__ Visitor visitor(int64_t seq) const {
@@ -739,12 +816,13 @@ struct PerStepLossTask {
 
 // A GradientTask writing into the non-empty ones of grad_input and grad_target; grad_loss nullptr stands for
 // grad_loss = 1 (the forward).
-template <typename scalar_t>
-GradientTask<scalar_t> make_gradient_task(const CorrelationProblem& p, const Inputs<scalar_t>& in,
-                                          const acc_type<scalar_t>* stats, const scalar_t* grad_loss,
-                                          const acc_type<scalar_t>* total_weight, at::Tensor& grad_input,
-                                          at::Tensor& grad_target) {
-  GradientTask<scalar_t> task{};
+template <typename scalar_t, bool kPerStepUpstream>
+GradientTask<scalar_t, kPerStepUpstream> make_gradient_task(const CorrelationProblem& p, const Inputs<scalar_t>& in,
+                                                            const acc_type<scalar_t>* stats,
+                                                            const scalar_t* grad_loss,
+                                                            const acc_type<scalar_t>* total_weight,
+                                                            at::Tensor& grad_input, at::Tensor& grad_target) {
+  GradientTask<scalar_t, kPerStepUpstream> task{};
   task.in = in;
   task.cfg = p.config<acc_type<scalar_t>>();
   task.stats = stats;
@@ -758,17 +836,18 @@ GradientTask<scalar_t> make_gradient_task(const CorrelationProblem& p, const Inp
 }
 
 // Whether a GradientTask's sweep may use packs: every operand it reads or writes lines up.
-template <typename scalar_t>
-bool gradient_packs_line_up(const GradientTask<scalar_t>& task) {
-  std::vector<OperandView> operands{view_of(task.in.x), view_of(task.in.y)};
+template <typename scalar_t, bool kPerStepUpstream>
+bool gradient_packs_line_up(const GradientTask<scalar_t, kPerStepUpstream>& task) {
+  std::vector<OperandView> others;
   for (const OperandView& operand : {view_of(task.upstream), view_of(task.grad_x), view_of(task.grad_y)}) {
-    if (operand.data != nullptr) operands.push_back(operand);
+    if (operand.data != nullptr) others.push_back(operand);
   }
-  return packs_line_up<scalar_t>(operands);
+  return packs_line_up<scalar_t>(task.in, others);
 }
 
-template <typename scalar_t>
-void run_gradient(const CorrelationProblem& p, const GradientTask<scalar_t>& task, cudaStream_t stream) {
+template <typename scalar_t, bool kPerStepUpstream>
+void run_gradient(const CorrelationProblem& p, const GradientTask<scalar_t, kPerStepUpstream>& task,
+                  cudaStream_t stream) {
   const bool vectorized = gradient_packs_line_up(task);
   run_map(task, plan_sweep<scalar_t>(p, vectorized), vectorized, stream);
 }
@@ -835,15 +914,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
     using acc_t = acc_type<scalar_t>;
     const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
     const auto cfg = p.config<acc_t>();
-    const bool vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y)});
+    const bool vectorized = packs_line_up<scalar_t>(in);
     const ChunkPlan plan = plan_sweep<scalar_t>(p, vectorized);
     MomentsTask<scalar_t> task{};
     task.in = in;
     task.cfg = cfg;
     task.stats = moments.data_ptr<acc_t>();
     task.sequence_losses = p.reduction == Reduction::None && !p.per_timestep ? loss.data_ptr<scalar_t>() : nullptr;
-    task.gradient = make_gradient_task<scalar_t>(p, in, moments.const_data_ptr<acc_t>(), /*grad_loss=*/nullptr,
-                                                 total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
+    task.gradient = make_gradient_task<scalar_t, false>(p, in, moments.const_data_ptr<acc_t>(), /*grad_loss=*/nullptr,
+                                                        total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
     const bool writes_gradient = task.gradient.grad_x.data != nullptr || task.gradient.grad_y.data != nullptr;
     // One chunk per sequence: the moments kernel writes the gradient too, while the rows are in cache.
     task.sweeps_again = writes_gradient && plan.chunks == 1;
@@ -870,7 +949,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
       const PerStepLossTask<scalar_t> step_task{in, cfg, moments.const_data_ptr<acc_t>(),
                                                 make_operand(loss.data_ptr<scalar_t>(), loss, p.channels)};
       const bool step_vectorized =
-          packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(step_task.out)});
+          packs_line_up<scalar_t>(in, {view_of(step_task.out)});
       const ChunkPlan step_plan = plan_sweep<scalar_t>(p, step_vectorized);
       run_map(step_task, step_plan, step_vectorized, stream);
     }
@@ -890,20 +969,25 @@ void backward_into(const CorrelationProblem& p, const at::Tensor& grad_loss, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const Inputs<scalar_t> in = make_inputs<scalar_t>(p);
-    GradientTask<scalar_t> task =
-        make_gradient_task<scalar_t>(p, in, moments.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(),
-                                     total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
-    task.keeps_unit_gradient = keeps_unit_gradient;
-    at::Tensor upstream_sums;
-    if (p.per_step_output()) {
-      task.upstream = make_operand(grad.const_data_ptr<scalar_t>(), grad, p.channels);
-      upstream_sums = at::empty({p.sequences(), UpstreamSums<acc_t>::kWidth}, moments.options());
-      const UpstreamSumsTask<scalar_t> sums_task{in, task.upstream, task.stats, upstream_sums.data_ptr<acc_t>()};
-      const bool sums_vectorized = packs_line_up<scalar_t>({view_of(in.x), view_of(in.y), view_of(task.upstream)});
-      const ChunkPlan sums_plan = plan_sweep<scalar_t>(p, sums_vectorized);
-      run_reduction(sums_task, sums_plan, sums_vectorized, /*with_sums=*/false, moments.options(), stream);
-      task.upstream_sums = upstream_sums.const_data_ptr<acc_t>();
+    const auto task_for = [&](auto per_step_upstream) {
+      auto task = make_gradient_task<scalar_t, decltype(per_step_upstream)::value>(
+          p, in, moments.const_data_ptr<acc_t>(), grad.const_data_ptr<scalar_t>(),
+          total_weight.const_data_ptr<acc_t>(), grad_input, grad_target);
+      task.keeps_unit_gradient = keeps_unit_gradient;
+      return task;
+    };
+    if (!p.per_step_output()) {
+      run_gradient(p, task_for(std::false_type{}), stream);
+      return;
     }
+    auto task = task_for(std::true_type{});
+    task.upstream = make_operand(grad.const_data_ptr<scalar_t>(), grad, p.channels);
+    const at::Tensor upstream_sums = at::empty({p.sequences(), UpstreamSums<acc_t>::kWidth}, moments.options());
+    const UpstreamSumsTask<scalar_t> sums_task{in, task.upstream, task.stats, upstream_sums.data_ptr<acc_t>()};
+    const bool sums_vectorized = packs_line_up<scalar_t>(in, {view_of(task.upstream)});
+    const ChunkPlan sums_plan = plan_sweep<scalar_t>(p, sums_vectorized);
+    run_reduction(sums_task, sums_plan, sums_vectorized, /*with_sums=*/false, moments.options(), stream);
+    task.upstream_sums = upstream_sums.const_data_ptr<acc_t>();
     run_gradient(p, task, stream);
   });
 }
