@@ -131,12 +131,12 @@ struct alignas(2 * sizeof(acc_t)) ExtraTermOperands {
   acc_t cost, weight;
 };
 
-// Where the scan and gradient loops read the extra terms' operands (ExtraTermOperands) from. The loops are
-// compiled once per source type, so what a row has (a cost row, class weights) is a compile-time fact there
-// and the loops carry no per-element branches; an operand a row does not have is not read: its term is left
-// out (cost) or taken as 1 (weight).
+// Where the scan and gradient loops read the extra terms' operands (ExtraTermOperands) from: kAny, and with it
+// kCostRow and kClassWeights, operands(j). The loops are compiled once per source type, so what a row has (a
+// cost row, class weights) is a compile-time fact there and the loops carry no per-element branches; an operand
+// a row does not have is not read: its term is left out (cost) or taken as 1 (weight).
 struct NoExtraTerms {  // the kernels without kExtraTerms
-  static constexpr bool kAny = false, kCostRow = false, kClassWeights = false;
+  static constexpr bool kAny = false;
 };
 
 // A row's cost row and class weights in global memory (each read only when its flag is set).
@@ -373,8 +373,9 @@ __device__ __forceinline__ RowLoss<acc_type<scalar_t>> finish_and_store_row(cons
 }
 
 // d loss / d z_j = p_j (A + B (W[y, j] - F)) - D w_j - [j == y] E for one element (GradientCoefficients);
-// the B and D terms only with extra terms (they are 0 otherwise): B (W[y, j] - F) where `extra` has the cost
-// row (B != 0), D w_j always (D is 0 without smoothing, w_j 1 without class weights).
+// the B and D terms only with extra terms (they are 0 otherwise), each one FMA: B (W[y, j] - F) where `extra`
+// has the cost row (B != 0), D w_j always (D is 0 without smoothing, w_j 1 without class weights). Both
+// gradient schedules call this, so they round alike.
 template <typename ExtraTerms, typename acc_t>
 __device__ __forceinline__ acc_t gradient_element(const GradientCoefficients<acc_t>& k, const ExtraTerms& extra,
                                                   acc_t z, int j, int target) {
@@ -382,8 +383,8 @@ __device__ __forceinline__ acc_t gradient_element(const GradientCoefficients<acc
   acc_t g;
   if constexpr (ExtraTerms::kAny) {
     const ExtraTermOperands<acc_t> op = extra.operands(j);
-    g = prob * (ExtraTerms::kCostRow ? k.a + k.b * (op.cost - k.cost_factor) : k.a);
-    g -= k.d * op.weight;
+    g = prob * (ExtraTerms::kCostRow ? std::fma(k.b, op.cost - k.cost_factor, k.a) : k.a);
+    g = std::fma(-k.d, op.weight, g);
   } else {
     g = prob * k.a;
   }
