@@ -132,6 +132,10 @@ CE_OPTIONS = [
     dict(cost_mode="expected", reduction="sum", cost=True, weight=False, label_smoothing=0.0, ignore=False),
     dict(cost_mode="expected", reduction="none", cost=True, weight=True, label_smoothing=0.1, ignore=True),
     dict(cost_mode="argmax", reduction="sum", cost=True, weight=True, label_smoothing=0.2, ignore=True),
+    # The extra-term loops without class weights: expected cost with smoothing (a cost row, weights 1), and
+    # smoothing alone (neither operand read).
+    dict(cost_mode="expected", reduction="mean", cost=True, weight=False, label_smoothing=0.1, ignore=True),
+    dict(cost_mode="argmax", reduction="sum", cost=False, weight=False, label_smoothing=0.3, ignore=False),
 ]
 IGNORE_INDEX = -100
 

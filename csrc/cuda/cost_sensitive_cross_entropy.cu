@@ -96,9 +96,9 @@ bool rows_fit_tile(const RowLayout& layout, int64_t num_classes) {
          num_classes * int64_t(sizeof(scalar_t)) <= kTileRowBytes;
 }
 
-// exp(x): for float the SFU's __expf (ex2.approx of x log2(e): a few ulp for the |x| below 20 that matter in a
-// softmax), for double the accurate exp.
-__device__ __forceinline__ float fast_exp(float x) { return FastFloatPrimitives::exp(x); }
+// exp(x): for float one MUFU.EX2 of x log2(e) (__expf's error: a few ulp for the |x| below 20 that matter in a
+// softmax; terms under 2^-126 of the row's max flush to 0, docs/design.md), for double the accurate exp.
+__device__ __forceinline__ float fast_exp(float x) { return FastFloatPrimitives::exp_flush_subnormal(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 // The larger of two values, ignoring a NaN (FMNMX).
@@ -125,6 +125,53 @@ __device__ ExtraTermInputs<acc_t> extra_term_inputs(const CrossEntropyConfig<acc
   return {expected ? cfg.cost + y * cfg.num_classes : nullptr, cfg.class_weight, cfg.label_smoothing != acc_t(0)};
 }
 
+// The extra terms' operands of one element j of a row: the cost W[y, j] and the class weight w_j.
+template <typename acc_t>
+struct alignas(2 * sizeof(acc_t)) ExtraTermOperands {
+  acc_t cost, weight;
+};
+
+// Where the scan and gradient loops read the extra terms' operands (ExtraTermOperands) from: kAny, and with it
+// kCostRow and kClassWeights, operands(j). The loops are compiled once per source type, so what a row has (a
+// cost row, class weights) is a compile-time fact there and the loops carry no per-element branches; an operand
+// a row does not have is not read: its term is left out (cost) or taken as 1 (weight).
+struct NoExtraTerms {  // the kernels without kExtraTerms
+  static constexpr bool kAny = false;
+};
+
+// A row's cost row and class weights in global memory (each read only when its flag is set).
+template <typename acc_t, bool kHasCostRow, bool kHasClassWeights>
+struct GlobalExtraTerms {
+  static constexpr bool kAny = true, kCostRow = kHasCostRow, kClassWeights = kHasClassWeights;
+  const acc_t* cost_row;
+  const acc_t* class_weight;
+  __device__ ExtraTermOperands<acc_t> operands(int j) const {
+    ExtraTermOperands<acc_t> op{acc_t(0), acc_t(1)};
+    if constexpr (kCostRow) op.cost = cost_row[j];
+    if constexpr (kClassWeights) op.weight = class_weight[j];
+    return op;
+  }
+};
+
+// Calls f with the GlobalExtraTerms of a row whose cost row and class weights are `cost_row` and `class_weight`
+// (nullptr when the row has none), or with NoExtraTerms in the kernels without kExtraTerms.
+template <bool kExtraTerms, typename acc_t, typename F>
+__device__ __forceinline__ void with_extra_terms(const acc_t* cost_row, const acc_t* class_weight, const F& f) {
+  if constexpr (!kExtraTerms) {
+    f(NoExtraTerms{});
+  } else if (cost_row != nullptr) {
+    if (class_weight != nullptr) {
+      f(GlobalExtraTerms<acc_t, true, true>{cost_row, class_weight});
+    } else {
+      f(GlobalExtraTerms<acc_t, true, false>{cost_row, nullptr});
+    }
+  } else if (class_weight != nullptr) {
+    f(GlobalExtraTerms<acc_t, false, true>{nullptr, class_weight});
+  } else {
+    f(GlobalExtraTerms<acc_t, false, false>{nullptr, nullptr});
+  }
+}
+
 // The online softmax of part of a row, a unit (a pack, an element, a tile row) at a time: raise_max with the
 // unit's max, then accumulate each element. Only finite rows give the right sums (see the file comment).
 template <typename acc_t, bool kExtraTerms>
@@ -145,23 +192,24 @@ struct LaneScan {
     }
   }
 
-  // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit. While no finite
+  // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit, and with
+  // `extra` (ExtraTerms) the expected-cost and weighted-logit sums (FMAs: one rounding each). While no finite
   // logit has been seen (max is -inf), the unit holds only -inf (exp gives 0) or NaN (kept): shifting by 0
   // instead of max keeps -inf - -inf from making a masked part of a row NaN and sending it to the rescan.
-  template <int N>
-  __device__ void accumulate(const acc_t (&values)[N], int first, const ExtraTermInputs<acc_t>& extra) {
+  template <int N, typename ExtraTerms>
+  __device__ void accumulate(const acc_t (&values)[N], int first, const ExtraTerms& extra) {
     const acc_t shift = max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max;
     acc_t e[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) e[i] = fast_exp(values[i] - shift);
-    if constexpr (kExtraTerms) {
+    if constexpr (ExtraTerms::kAny) {
+      static_assert(kExtraTerms, "extra terms need the kExtraTerms scan");
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        if (extra.cost_row != nullptr) cost_exp += e[i] * extra.cost_row[first + i];
-        if (extra.smoothing) {
-          weighted_logit_sum +=
-              (extra.class_weight != nullptr ? extra.class_weight[first + i] : acc_t(1)) * values[i];
-        }
+        const ExtraTermOperands<acc_t> op = extra.operands(first + i);
+        if constexpr (ExtraTerms::kCostRow) cost_exp = std::fma(e[i], op.cost, cost_exp);
+        weighted_logit_sum = ExtraTerms::kClassWeights ? std::fma(op.weight, values[i], weighted_logit_sum)
+                                                       : weighted_logit_sum + values[i];
       }
     }
 #pragma unroll
@@ -172,8 +220,8 @@ struct LaneScan {
     sum_exp += e[0];
   }
 
-  template <int N>
-  __device__ void add_unit(const acc_t (&values)[N], int first, int unit, const ExtraTermInputs<acc_t>& extra) {
+  template <int N, typename ExtraTerms>
+  __device__ void add_unit(const acc_t (&values)[N], int first, int unit, const ExtraTerms& extra) {
     acc_t unit_max = values[0];
 #pragma unroll
     for (int i = 1; i < N; ++i) unit_max = larger(unit_max, values[i]);
@@ -237,22 +285,25 @@ __device__ RowScan<acc_type<scalar_t>> scan_lane(const CrossEntropyConfig<acc_ty
   using acc_t = acc_type<scalar_t>;
   constexpr int vec = kVecSize<scalar_t>;
   const int C = static_cast<int>(cfg.num_classes);
-  const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
+  const ExtraTermInputs<acc_t> inputs = extra_term_inputs(cfg, y);
   LaneScan<acc_t, kExtraTerms> lane_scan;
-  if (access == RowAccess::Packs) {
-    for (int v = lane; v < C / vec; v += Group) {
-      const auto pack = load_pack(row + v * vec);
-      acc_t values[vec];
+  with_extra_terms<kExtraTerms>(inputs.cost_row, inputs.smoothing ? inputs.class_weight : nullptr,
+                                [&](const auto& extra) {
+    if (access == RowAccess::Packs) {
+      for (int v = lane; v < C / vec; v += Group) {
+        const auto pack = load_pack(row + v * vec);
+        acc_t values[vec];
 #pragma unroll
-      for (int i = 0; i < vec; ++i) values[i] = static_cast<acc_t>(pack.values[i]);
-      lane_scan.add_unit(values, v * vec, v, extra);
+        for (int i = 0; i < vec; ++i) values[i] = static_cast<acc_t>(pack.values[i]);
+        lane_scan.add_unit(values, v * vec, v, extra);
+      }
+    } else {
+      for (int j = lane; j < C; j += Group) {
+        const acc_t values[1] = {static_cast<acc_t>(row[j * class_stride])};
+        lane_scan.add_unit(values, j, j, extra);
+      }
     }
-  } else {
-    for (int j = lane; j < C; j += Group) {
-      const acc_t values[1] = {static_cast<acc_t>(row[j * class_stride])};
-      lane_scan.add_unit(values, j, j, extra);
-    }
-  }
+  });
   RowScan<acc_t> scan = lane_scan.row_scan();
   if (want_argmax && lane_scan.max_unit >= 0) {
     const int unit_size = access == RowAccess::Packs ? vec : 1;
@@ -322,21 +373,33 @@ __device__ __forceinline__ RowLoss<acc_type<scalar_t>> finish_and_store_row(cons
 }
 
 // d loss / d z_j = p_j (A + B (W[y, j] - F)) - D w_j - [j == y] E for one element (GradientCoefficients);
-// the B and D terms only in kExtraTerms kernels (they are 0 otherwise). `cost_row`: nullptr unless B != 0.
-template <bool kExtraTerms, typename acc_t>
-__device__ __forceinline__ acc_t gradient_element(const GradientCoefficients<acc_t>& k,
-                                                  const CrossEntropyConfig<acc_t>& cfg, const acc_t* cost_row,
+// the B and D terms only with extra terms (they are 0 otherwise), each one FMA: B (W[y, j] - F) where `extra`
+// has the cost row (B != 0), D w_j always (D is 0 without smoothing, w_j 1 without class weights). Both
+// gradient schedules call this, so they round alike.
+template <typename ExtraTerms, typename acc_t>
+__device__ __forceinline__ acc_t gradient_element(const GradientCoefficients<acc_t>& k, const ExtraTerms& extra,
                                                   acc_t z, int j, int target) {
   const acc_t prob = fast_exp((z - k.max) - k.log_sum);
   acc_t g;
-  if constexpr (kExtraTerms) {
-    g = prob * (cost_row != nullptr ? k.a + k.b * (cost_row[j] - k.cost_factor) : k.a);
-    if (k.d != acc_t(0)) g -= k.d * class_weight_of(cfg, j);
+  if constexpr (ExtraTerms::kAny) {
+    const ExtraTermOperands<acc_t> op = extra.operands(j);
+    g = prob * (ExtraTerms::kCostRow ? std::fma(k.b, op.cost - k.cost_factor, k.a) : k.a);
+    g = std::fma(-k.d, op.weight, g);
   } else {
     g = prob * k.a;
   }
   if (j == target) g -= k.e;
   return g;
+}
+
+// Calls f with the extra terms a row's gradient reads (with_extra_terms): the cost row when B != 0, the class
+// weights when D != 0.
+template <bool kExtraTerms, typename acc_t, typename F>
+__device__ __forceinline__ void with_gradient_extra_terms(const CrossEntropyConfig<acc_t>& cfg,
+                                                          const GradientCoefficients<acc_t>& k, int64_t y,
+                                                          const F& f) {
+  with_extra_terms<kExtraTerms>(k.b != acc_t(0) ? cfg.cost + y * cfg.num_classes : nullptr,
+                                k.d != acc_t(0) ? cfg.class_weight : nullptr, f);
 }
 
 // The value every element of a row that is not valid gets: 0 when ignored, NaN for an invalid label.
@@ -362,24 +425,25 @@ __device__ __forceinline__ void store_row_gradient(const CrossEntropyConfig<acc_
     return;
   }
   const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
-  const acc_t* cost_row = k.b != acc_t(0) ? cfg.cost + y * C : nullptr;
   const int target = static_cast<int>(y);
-  if (vectorized) {
-    for (int v = lane; v < C / vec; v += Group) {
-      auto pack = load_pack(in_row + v * vec);
+  with_gradient_extra_terms<kExtraTerms>(cfg, k, y, [&](const auto& extra) {
+    if (vectorized) {
+      for (int v = lane; v < C / vec; v += Group) {
+        auto pack = load_pack(in_row + v * vec);
 #pragma unroll
-      for (int i = 0; i < vec; ++i) {
-        pack.values[i] = static_cast<scalar_t>(gradient_element<kExtraTerms>(
-            k, cfg, cost_row, static_cast<acc_t>(pack.values[i]), v * vec + i, target));
+        for (int i = 0; i < vec; ++i) {
+          pack.values[i] = static_cast<scalar_t>(
+              gradient_element(k, extra, static_cast<acc_t>(pack.values[i]), v * vec + i, target));
+        }
+        store_pack(out_row + v * vec, pack);
       }
-      store_pack(out_row + v * vec, pack);
+    } else {
+      for (int j = lane; j < C; j += Group) {
+        const acc_t z = static_cast<acc_t>(in_row[j * in_class_stride]);
+        out_row[j * out_class_stride] = static_cast<scalar_t>(gradient_element(k, extra, z, j, target));
+      }
     }
-  } else {
-    for (int j = lane; j < C; j += Group) {
-      const acc_t z = static_cast<acc_t>(in_row[j * in_class_stride]);
-      out_row[j * out_class_stride] = static_cast<scalar_t>(gradient_element<kExtraTerms>(k, cfg, cost_row, z, j, target));
-    }
-  }
+  });
 }
 
 // Where the forward that also writes the gradient (for grad_loss = 1) puts it.
@@ -510,17 +574,59 @@ __device__ scalar_t* tile_for(Chunk16* storage, const scalar_t* global_rows) {
                                      reinterpret_cast<uintptr_t>(global_rows) % 16);
 }
 
+// The tile kernels' extra-term operands: every (target, class) pair of the call staged in shared memory once
+// per block (C <= kTileRowBytes / sizeof(scalar_t): at most 32 x 32 pairs, 8 KB), so that the tile's row loops
+// read one pair per element without branches: W[y, j] in expected mode (else 0: with B = F = 0 the gradient's
+// cost term adds exactly 0) and w_j with smoothing (else 1; D is 0 then).
+template <typename acc_t>
+struct StagedExtraTerms {
+  static constexpr bool kAny = true, kCostRow = true, kClassWeights = true;
+  const ExtraTermOperands<acc_t>* row;  // the target's C pairs
+  __device__ ExtraTermOperands<acc_t> operands(int j) const { return row[j]; }
+};
+
+// Stages the pairs (every thread of the block calls it; they are read after sweep_tiles' first barrier) and
+// returns the table, or nullptr without kExtraTerms.
+template <typename scalar_t, bool kExtraTerms>
+__device__ const ExtraTermOperands<acc_type<scalar_t>>* stage_extra_terms(const CrossEntropyConfig<acc_type<scalar_t>>& cfg) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (!kExtraTerms) {
+    return nullptr;
+  } else {
+    constexpr int kMaxClasses = kTileRowBytes / sizeof(scalar_t);
+    __shared__ ExtraTermOperands<acc_t> staged[kMaxClasses * kMaxClasses];
+    const int C = static_cast<int>(cfg.num_classes);
+    const bool expected = cfg.cost != nullptr && cfg.mode == CostMode::Expected;
+    const bool smoothing = cfg.label_smoothing != acc_t(0);
+    for (int i = threadIdx.x; i < C * C; i += kBlockThreads) {
+      staged[i] = {expected ? cfg.cost[i] : acc_t(0), smoothing ? class_weight_of(cfg, i % C) : acc_t(1)};
+    }
+    return staged;
+  }
+}
+
+// The extra terms of a tile row with target y: its staged pairs, or none.
+template <bool kExtraTerms, typename acc_t>
+__device__ auto tile_extra_terms(const ExtraTermOperands<acc_t>* staged, int64_t y, int num_classes) {
+  if constexpr (kExtraTerms) {
+    return StagedExtraTerms<acc_t>{staged + y * num_classes};
+  } else {
+    return NoExtraTerms{};
+  }
+}
+
 // The scan of one row in shared memory: its max and first argmax (strictly larger values only: ties keep the
 // first index, a NaN never wins), then the exponentials. A row that is not finite is scanned again exactly,
 // from `global_row` (the same values).
-template <typename scalar_t, bool kExtraTerms>
+template <typename scalar_t, bool kExtraTerms, typename ExtraTerms>
 __device__ RowScan<acc_type<scalar_t>> scan_tile_row(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
-                                                     const scalar_t* z, const scalar_t* global_row, int64_t y) {
+                                                     const scalar_t* z, const scalar_t* global_row, int64_t y,
+                                                     const ExtraTerms& extra) {
   using acc_t = acc_type<scalar_t>;
   const int C = static_cast<int>(cfg.num_classes);
-  const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
   acc_t row_max = -std::numeric_limits<acc_t>::infinity();
   int first_of_max = 0;
+#pragma unroll 4
   for (int j = 0; j < C; ++j) {
     const acc_t value = static_cast<acc_t>(z[j]);
     first_of_max = value > row_max ? j : first_of_max;
@@ -528,6 +634,7 @@ __device__ RowScan<acc_type<scalar_t>> scan_tile_row(const CrossEntropyConfig<ac
   }
   LaneScan<acc_t, kExtraTerms> lane_scan;
   lane_scan.raise_max(row_max, 0);
+#pragma unroll 4
   for (int j = 0; j < C; ++j) {
     const acc_t values[1] = {static_cast<acc_t>(z[j])};
     lane_scan.accumulate(values, j, extra);
@@ -539,10 +646,10 @@ __device__ RowScan<acc_type<scalar_t>> scan_tile_row(const CrossEntropyConfig<ac
 }
 
 // One thread writes the gradient of its tile row in place (z becomes d loss / d z).
-template <typename scalar_t, bool kExtraTerms>
+template <typename scalar_t, typename ExtraTerms>
 __device__ __forceinline__ void tile_row_gradient(const CrossEntropyConfig<acc_type<scalar_t>>& cfg, TargetKind kind, int64_t y,
                                   const acc_type<scalar_t>* row_stats, int num_stats, acc_type<scalar_t> scale,
-                                  scalar_t* z) {
+                                  const ExtraTerms& extra, scalar_t* z) {
   using acc_t = acc_type<scalar_t>;
   const int C = static_cast<int>(cfg.num_classes);
   if (kind != TargetKind::Valid) {
@@ -551,10 +658,9 @@ __device__ __forceinline__ void tile_row_gradient(const CrossEntropyConfig<acc_t
     return;
   }
   const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
-  const acc_t* cost_row = k.b != acc_t(0) ? cfg.cost + y * C : nullptr;
+#pragma unroll 4
   for (int j = 0; j < C; ++j) {
-    z[j] = static_cast<scalar_t>(
-        gradient_element<kExtraTerms>(k, cfg, cost_row, static_cast<acc_t>(z[j]), j, static_cast<int>(y)));
+    z[j] = static_cast<scalar_t>(gradient_element(k, extra, static_cast<acc_t>(z[j]), j, static_cast<int>(y)));
   }
 }
 
@@ -590,17 +696,19 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
   const int C = static_cast<int>(cfg.num_classes);
   acc_t sums[2] = {0, 0};  // loss, class weight of the counted rows
   const acc_t gradient_scale = kWriteGradient ? unit_gradient_scale(gradient) : acc_t(0);
+  const ExtraTermOperands<acc_t>* staged = stage_extra_terms<scalar_t, kExtraTerms>(cfg);
   const auto row_work = [&](int64_t row, scalar_t* z, const scalar_t* global_row) {
     const int64_t y = target[row];
     const TargetKind kind = classify_target(y, C, cfg.ignore_index);
+    const auto extra = tile_extra_terms<kExtraTerms>(staged, kind == TargetKind::Valid ? y : 0, C);
     RowScan<acc_t> scan;
-    if (kind == TargetKind::Valid) scan = scan_tile_row<scalar_t, kExtraTerms>(cfg, z, global_row, y);
+    if (kind == TargetKind::Valid) scan = scan_tile_row<scalar_t, kExtraTerms>(cfg, z, global_row, y, extra);
     const acc_t target_logit = kind == TargetKind::Valid ? static_cast<acc_t>(z[y]) : acc_t(0);
     const RowLoss<acc_t> result = finish_and_store_row(cfg, kind, scan, y, target_logit, row, outputs, sums);
     if constexpr (kWriteGradient) {
       acc_t row_stats[kMaxRowStats];
       store_row_stats(row_stats, outputs.num_stats, result);
-      tile_row_gradient<scalar_t, kExtraTerms>(cfg, kind, y, row_stats, outputs.num_stats, gradient_scale, z);
+      tile_row_gradient<scalar_t>(cfg, kind, y, row_stats, outputs.num_stats, gradient_scale, extra, z);
     }
   };
   const auto tile_done = [&](int64_t first, const scalar_t* tile, int elements) {
@@ -672,11 +780,13 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
   if (args.nothing_to_do()) return;
   const int C = static_cast<int>(cfg.num_classes);
   const acc_t uniform_scale = args.uniform_scale();
+  const ExtraTermOperands<acc_t>* staged = stage_extra_terms<scalar_t, kExtraTerms>(cfg);
   const auto row_work = [&](int64_t row, scalar_t* z, const scalar_t*) {
     const int64_t y = target[row];
-    tile_row_gradient<scalar_t, kExtraTerms>(cfg, classify_target(y, C, cfg.ignore_index), y,
-                                             args.stats + row * args.num_stats, args.num_stats,
-                                             args.row_scale(row, uniform_scale), z);
+    const TargetKind kind = classify_target(y, C, cfg.ignore_index);
+    tile_row_gradient<scalar_t>(cfg, kind, y, args.stats + row * args.num_stats, args.num_stats,
+                                args.row_scale(row, uniform_scale),
+                                tile_extra_terms<kExtraTerms>(staged, kind == TargetKind::Valid ? y : 0, C), z);
   };
   const auto tile_done = [&](int64_t first, const scalar_t* tile, int elements) {
     __syncthreads();

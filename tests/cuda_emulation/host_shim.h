@@ -112,6 +112,13 @@ inline int __any_sync(unsigned int mask, int predicate) {
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float x, float y) { return x / y; }
+namespace fused_losses::host_emulation {
+// FastFloatPrimitives::exp_flush_subnormal (ex2.approx.ftz on the device): exp with a subnormal result flushed to 0.
+inline float exp_flush_subnormal(float x) {
+  const float result = std::exp(x);
+  return std::fpclassify(result) == FP_SUBNORMAL ? 0.0f : result;
+}
+}  // namespace fused_losses::host_emulation
 
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
