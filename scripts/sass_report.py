@@ -638,11 +638,12 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                                + "; DRAM: logits, target read" + (", gradient written" if written else ""))
     if op == "bce" and base == "sparse_rows_kernel":
         # sparse_rows_kernel<Pass, T, kFocusing, kWeighted>: the sweep of negatives (the patches of the K
-        # positives per row are outside it).
+        # positives per row are outside it); a pack per 16-byte logits load (the compiler unrolls some by 2).
         bce_pass, scalar, focusing, weighted = arguments
         size = TYPE_SIZES[scalar]
         written = 0 if bce_pass == "Forward" else size
         return SweepModel(("vector",), 16 // size, size + written, vector_accesses=1 + (written > 0),
+                          elements_per_vector=16 // size,
                           what="one 16-byte pack of a row's logits, every element a negative"
                                + (", focusing formulas" if focusing == "true" else ", plain BCE formulas")
                                + (", weight / grad_loss loads" if weighted == "true" else "")

@@ -436,6 +436,7 @@ def sparse_index_case(case, dtype, layout):
     elif case == "padding":
         indices[torch.rand(rows, max_positives, generator=generator) < 0.4] = -1  # anywhere in the list
         indices[0] = -1
+        logits = logits.t().contiguous().t()  # and labels strided: the element-wise sweep and gathers
     elif case == "several_batches":  # beyond one batch of 32 positions and the small build's 64-label chunk
         indices[:, 40:80] = indices[:, :40]  # duplicates in later batches of the list
         indices[:, 90:] = -1
