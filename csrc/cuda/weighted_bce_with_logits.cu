@@ -304,9 +304,8 @@ __device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int
 // paths, but 2 for the focusing backward with weight / grad_loss operands (a pack's weights, scales and the
 // focusing terms spill under 64 registers); the double paths are not limited.
 template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
-constexpr int kSparseMinBlocks = std::is_same_v<scalar_t, double>                         ? 1
-                                 : pass == Pass::Backward && kFocusing && kWeighted ? 2
-                                                                                     : 4;
+constexpr int kSparseMinBlocks =
+    std::is_same_v<scalar_t, double> ? 1 : (pass == Pass::Backward && kFocusing && kWeighted ? 2 : 4);
 
 // A warp per row, in two steps per chunk of kChunkLabels labels (docs/design.md, "Sparse targets"): a dense
 // sweep evaluates every element as a negative (y = 0): no label test in the loop, and no pos_weight; then,
@@ -477,7 +476,8 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     allocate_partials(blocks);
     with_kernel_variant(args.cfg.focusing, args.weight != nullptr || args.grad_loss != nullptr,
                         [&](auto focusing, auto weighted) {
-                          launch_kernel(sparse_rows_kernel<pass, scalar_t, decltype(focusing)::value, decltype(weighted)::value>, blocks, stream, args,
+                          constexpr bool kFocusing = decltype(focusing)::value, kWeighted = decltype(weighted)::value;
+                          launch_kernel(sparse_rows_kernel<pass, scalar_t, kFocusing, kWeighted>, blocks, stream, args,
                                         p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout,
                                         vectorized);
                         });
