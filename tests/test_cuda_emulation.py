@@ -465,6 +465,30 @@ def test_sparse_bce_index_lists(emulated, case, dtype, reduction, focusing):
     check_bce(emulated, logits, None, indices, weight, pos_weight, options)
 
 
+@pytest.mark.parametrize("row, label, value, sum_differs", [
+    (1, 5, float("-inf"), True), (2, 4, float("-inf"), False), (1, 5, float("inf"), False),
+    (2, 4, float("inf"), False), (3, 0, float("nan"), False)])
+def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs):
+    """Infinite and NaN logits at a positive (row 1 label 5, row 3 label 0) or a negative: per-element losses and
+    gradients as the CPU kernel's; so is the sum, but for a positive at -inf, whose sweep term (a negative's
+    formula at -inf is NaN on both devices) makes the sum NaN where the CPU's is inf (docs/design.md, "Sparse
+    targets")."""
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    logits[row, label] = value
+    indices = torch.tensor([[3, -1], [5, 6], [-1, -1], [0, 0]])
+    for reduction in ("none", "sum"):
+        args = (None, indices, None, None, reduction, 0.0, 0.0, 0.0)
+        got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
+        expected = CPU_OPS.weighted_bce_with_logits(logits, *args, False)[0]
+        if reduction == "sum" and sum_differs:
+            assert got.isnan() and expected.isinf()
+        else:
+            torch.testing.assert_close(got, expected, equal_nan=True)
+        grad_loss = grad_loss_for(got, torch.float32)
+        torch.testing.assert_close(emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args),
+                                   CPU_OPS.weighted_bce_with_logits_backward(grad_loss, logits, *args), equal_nan=True)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_sparse_bce_invalid_index_gives_nan_row(emulated, reduction):
     """An index outside [-1, L) makes its row NaN on CUDA (the CPU raises): never a silent number. Here in the
