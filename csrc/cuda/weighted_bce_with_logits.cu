@@ -307,15 +307,27 @@ template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
 constexpr int kSparseMinBlocks =
     std::is_same_v<scalar_t, double> ? 1 : (pass == Pass::Backward && kFocusing && kWeighted ? 2 : 4);
 
+// How a sweep reads an optional operand: never (absent), without a null test (present), or testing for null
+// per element (maybe: one loop for either, where versions per case would not fit the registers).
+enum class OperandRead { kAbsent, kPresent, kMaybe };
+template <OperandRead mode>
+using OperandReadTag = std::integral_constant<OperandRead, mode>;
+
+template <OperandRead mode, typename T, typename acc_t>
+__device__ __forceinline__ acc_t read_operand(const T* __restrict__ data, int64_t offset, acc_t absent) {
+  if constexpr (mode == OperandRead::kAbsent) return absent;
+  else if constexpr (mode == OperandRead::kPresent) return static_cast<acc_t>(data[offset]);
+  else return read_or(data, offset, absent);
+}
+
 // A warp per row, in two steps per chunk of kChunkLabels labels (docs/design.md, "Sparse targets"): a dense
 // sweep evaluates every element as a negative (y = 0): no label test in the loop, and no pos_weight; then,
 // after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and patch each
 // positive label of the chunk once: the sum gets loss_pos - loss_neg, the stored value (loss or gradient) is
 // overwritten with the positive one, computed directly. A row with an invalid index is NaN throughout.
 // kFocusing: gamma or clip non-zero (else the plain formulas only); kWeighted: a weight or per-element grad_loss
-// operand (pos_weight is read by the patches only). Only the backward has a per-element grad_loss, so a
-// weighted forward has a weight: read without a null test. `layout` is exactly (N, L): row r, label c of
-// operand k is at r * strides[k][0] + c * strides[k][1].
+// operand (pos_weight is read by the patches only). `layout` is exactly (N, L): row r, label c of operand k is
+// at r * strides[k][0] + c * strides[k][1].
 template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
 __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t, kFocusing, kWeighted>)
     sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
@@ -332,72 +344,88 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
   const bool several_batches = max_positives > kWarpSize;
   const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
-  // The row, chunk and batch loops are uniform over the warp, so every lane reaches every vote and __syncwarp.
-  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
-       row += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t* row_indices = indices + row * max_positives;
-    const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
-    scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
-    if (row_has_invalid_index(row_indices, max_positives, num_labels, lane)) {
-      constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
-      sum += kNaN;
-      if (writes_output<pass>(args)) {
-        for (int64_t label = lane; label < num_labels; label += kWarpSize) row_out[label] = static_cast<scalar_t>(kNaN);
-      }
-      continue;
-    }
-    const auto offset = [&](BceOperand operand, int64_t label) {
-      return row * layout.strides[operand][0] + label * layout.strides[operand][1];
-    };
-    // Label `label` of the row as a negative (y = 0, no pos_weight) or a positive.
-    const auto element = [&](int64_t label, acc_t z, bool positive) {
-      constexpr bool kElementScale = kWeighted && pass == Pass::Backward;
-      acc_t w = acc_t(1);
-      if constexpr (kElementScale) w = read_or(args.weight, offset(kWeight, label), acc_t(1));
-      else if constexpr (kWeighted) w = args.weight[offset(kWeight, label)];
-      const acc_t q = positive ? read_or(args.pos_weight, offset(kPosWeight, label), acc_t(1)) : acc_t(1);
-      const acc_t scale = kElementScale ? read_or(args.grad_loss, offset(kGradLoss, label), scale_all) : scale_all;
-      return evaluate_element<pass>(cfg, z, positive ? acc_t(1) : acc_t(0), w, q, scale);
-    };
-    for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
-      const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
-      if (several_batches) {
-        for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
-      }
-      if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
-        for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
-          acc_t z[vec], value[vec];
-          load_packs<vec>(row_logits + first, z);
-#pragma unroll
-          for (int k = 0; k < vec; ++k) {
-            const ElementResult<acc_t> result = element(first + k, z[k], false);
-            sum += result.summed;
-            value[k] = result.stored;
+  // Every row, reading the weight and the per-element grad_loss as `weight_read` / `scale_read`
+  // (OperandReadTag) say. The row, chunk and batch loops are uniform over the warp, so every lane reaches every
+  // vote and __syncwarp.
+  const auto all_rows = [&](auto weight_read, auto scale_read) {
+    for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
+         row += int64_t(gridDim.x) * kWarpsPerBlock) {
+      const int64_t* row_indices = indices + row * max_positives;
+      const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
+      scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
+      if (row_has_invalid_index(row_indices, max_positives, num_labels, lane)) {
+        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
+        sum += kNaN;
+        if (writes_output<pass>(args)) {
+          for (int64_t label = lane; label < num_labels; label += kWarpSize) {
+            row_out[label] = static_cast<scalar_t>(kNaN);
           }
-          if (writes_output<pass>(args)) store_packs<vec>(row_out + first, value);
         }
-      } else {
-        for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
-          const ElementResult<acc_t> result =
-              element(label, static_cast<acc_t>(row_logits[label * logit_stride]), false);
-          sum += result.summed;
-          if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(result.stored);
-        }
+        continue;
       }
-      __syncwarp();  // the sweep's stores (and the cleared bitmap) are visible before the patches
-      for (int64_t base = 0; base < max_positives; base += kWarpSize) {
-        const int64_t position = base + lane;
-        const int64_t label = position < max_positives ? row_indices[position] : int64_t(-1);
-        if (first_in_chunk(label, chunk, chunk_end, bitmap, several_batches, lane)) {
-          const acc_t z = static_cast<acc_t>(row_logits[label * logit_stride]);
-          const ElementResult<acc_t> positive = element(label, z, true);
-          if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(positive.stored);
-          // The sum only: loss_pos - loss_neg (docs/design.md, "Sparse targets": its rounding).
-          if constexpr (pass != Pass::Backward) sum += positive.summed - element(label, z, false).summed;
+      const auto offset = [&](BceOperand operand, int64_t label) {
+        return row * layout.strides[operand][0] + label * layout.strides[operand][1];
+      };
+      // Label `label` of the row as a negative (y = 0, no pos_weight) or a positive.
+      const auto element = [&](int64_t label, acc_t z, bool positive) {
+        const acc_t w = read_operand<decltype(weight_read)::value>(args.weight, offset(kWeight, label), acc_t(1));
+        const acc_t q = positive ? read_or(args.pos_weight, offset(kPosWeight, label), acc_t(1)) : acc_t(1);
+        const acc_t scale =
+            read_operand<decltype(scale_read)::value>(args.grad_loss, offset(kGradLoss, label), scale_all);
+        return evaluate_element<pass>(cfg, z, positive ? acc_t(1) : acc_t(0), w, q, scale);
+      };
+      for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
+        const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
+        if (several_batches) {
+          for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
         }
-        if (several_batches) __syncwarp();  // the batch's bits are set before the next batch tests them
+        if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
+          for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
+            acc_t z[vec], value[vec];
+            load_packs<vec>(row_logits + first, z);
+#pragma unroll
+            for (int k = 0; k < vec; ++k) {
+              const ElementResult<acc_t> result = element(first + k, z[k], false);
+              sum += result.summed;
+              value[k] = result.stored;
+            }
+            if (writes_output<pass>(args)) store_packs<vec>(row_out + first, value);
+          }
+        } else {
+          for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
+            const ElementResult<acc_t> result =
+                element(label, static_cast<acc_t>(row_logits[label * logit_stride]), false);
+            sum += result.summed;
+            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(result.stored);
+          }
+        }
+        __syncwarp();  // the sweep's stores (and the cleared bitmap) are visible before the patches
+        for (int64_t base = 0; base < max_positives; base += kWarpSize) {
+          const int64_t position = base + lane;
+          const int64_t label = position < max_positives ? row_indices[position] : int64_t(-1);
+          if (first_in_chunk(label, chunk, chunk_end, bitmap, several_batches, lane)) {
+            const acc_t z = static_cast<acc_t>(row_logits[label * logit_stride]);
+            const ElementResult<acc_t> positive = element(label, z, true);
+            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(positive.stored);
+            // The sum only: loss_pos - loss_neg (docs/design.md, "Sparse targets": its rounding).
+            if constexpr (pass != Pass::Backward) sum += positive.summed - element(label, z, false).summed;
+          }
+          if (several_batches) __syncwarp();  // the batch's bits are set before the next batch tests them
+        }
       }
     }
+  };
+  using Absent = OperandReadTag<OperandRead::kAbsent>;
+  using Present = OperandReadTag<OperandRead::kPresent>;
+  using Maybe = OperandReadTag<OperandRead::kMaybe>;
+  if constexpr (pass == Pass::Backward && kWeighted && kFocusing) {  // a weight, a per-element grad_loss or both
+    if (args.weight == nullptr) all_rows(Absent{}, Present{});
+    else if (args.grad_loss == nullptr) all_rows(Present{}, Absent{});
+    else all_rows(Present{}, Present{});
+  } else if constexpr (pass == Pass::Backward && kWeighted) {
+    all_rows(Maybe{}, Maybe{});  // three plain versions need more than 64 registers (spills around the rows)
+  } else {  // only the backward has a per-element grad_loss: a weighted forward has a weight
+    all_rows(std::conditional_t<kWeighted, Present, Absent>{}, Absent{});
   }
   store_partial_sum(args, sum);
 }
