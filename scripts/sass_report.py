@@ -642,12 +642,17 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                                + (", weight / pos_weight / grad_loss loads" if weighted == "true" else "")
                                + "; DRAM: logits, target read" + (", gradient written" if written else ""))
     if op == "bce" and base == "sparse_rows_kernel":
-        bce_pass, scalar = arguments
+        # sparse_rows_kernel<Pass, T, kFocusing, kWeighted>: the sweep of negatives (the patches of the K
+        # positives per row are outside it); a pack per 16-byte logits load (the compiler unrolls some by 2).
+        bce_pass, scalar, focusing, weighted = arguments
         size = TYPE_SIZES[scalar]
         written = 0 if bce_pass == "Forward" else size
         return SweepModel(("vector",), 16 // size, size + written, vector_accesses=1 + (written > 0),
-                          what="one 16-byte pack of a row's logits, labels from the shared-memory bitmap; DRAM: "
-                               "logits read" + (", gradient written" if written else ""))
+                          elements_per_vector=16 // size,
+                          what="one 16-byte pack of a row's logits, every element a negative"
+                               + (", focusing formulas" if focusing == "true" else ", plain BCE formulas")
+                               + (", weight / grad_loss loads" if weighted == "true" else "")
+                               + "; DRAM: logits read" + (", gradient written" if written else ""))
     if op == "bce" and base == "strided_kernel":
         bce_pass, scalar, target = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]

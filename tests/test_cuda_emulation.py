@@ -87,8 +87,8 @@ def grad_loss_for(loss, dtype, scale=0.75):
 
 @pytest.mark.parametrize("lane_mask, source_lane, width", [(1, 0, 32), (16, 31, 32), (2, 3, 4), (4, 5, 4), (8, 1, 8)])
 def test_shim_warp_collectives_follow_cuda(emulated, lane_mask, source_lane, width):
-    """__shfl_xor_sync / __shfl_sync / __any_sync as the CUDA programming guide defines them: within segments of
-    `width` lanes; an xor partner in a later segment leaves the lane its own value."""
+    """__shfl_xor_sync / __shfl_sync / __any_sync / __match_any_sync as the CUDA programming guide defines them:
+    within segments of `width` lanes; an xor partner in a later segment leaves the lane its own value."""
     out = emulated.selftest_collectives(2, lane_mask, source_lane, width)
     thread = torch.arange(2 * 256)
     lane = thread % 32
@@ -100,6 +100,10 @@ def test_shim_warp_collectives_follow_cuda(emulated, lane_mask, source_lane, wid
     assert torch.equal(out[:, 0], expected_xor)
     assert torch.equal(out[:, 1], expected_broadcast)
     assert torch.equal(out[:, 2], expected_any)
+    warp_lanes = torch.arange(32)
+    expected_match = [sum(1 << int(other) for other in warp_lanes if (t - lane[t] + other) % 5 == t % 5)
+                      for t in range(len(thread))]
+    assert out[:, 3].tolist() == expected_match
 
 
 def test_shim_shared_memory_is_per_block_between_barriers(emulated):
@@ -440,14 +444,98 @@ def test_weighted_bce(emulated, shape, dtype, options):
     check_bce(emulated, *bce_case(shape, dtype, BCE_OPTIONS[options], layout), BCE_OPTIONS[options])
 
 
-def test_sparse_bce_invalid_index_gives_nan_row(emulated):
-    """An index outside [-1, L) makes its row NaN on CUDA (the CPU raises): never a silent number."""
-    sparse_options = next(options for options in BCE_OPTIONS if options["target"] == "sparse")
-    logits, _, indices, _, pos_weight = bce_case((20, 200), torch.float32, sparse_options, "contiguous")
-    indices[5, 0] = 200
-    loss, _ = emulated.weighted_bce_with_logits(logits, None, indices, None, pos_weight, "none", 0.0, 0.0, 0.0,
-                                                False)
-    assert loss[5].isnan().all() and not loss[torch.arange(20) != 5].isnan().any()
+def sparse_index_case(case, dtype, layout):
+    """Index lists that stress the sparse kernel's patch step (a sweep of negatives, then the listed positives
+    patched once each), with (L,) pos_weight, per-element weight and focusing where the case says."""
+    generator = torch.Generator().manual_seed(_seed(case, dtype))
+    rows, labels, max_positives = {"duplicates": (40, 200, 12), "padding": (40, 130, 9), "no_positives": (30, 90, 0),
+                                   "several_batches": (12, 300, 100), "all_positive": (9, 70, 75),
+                                   "large_logits": (40, 200, 12)}[case]
+    scale = 60.0 if case == "large_logits" else 3.0
+    logits = LAYOUTS[layout]((torch.randn(rows, labels, generator=generator) * scale).to(dtype))
+    indices = torch.randint(0, labels, (rows, max_positives), generator=generator)
+    if case in ("duplicates", "large_logits"):
+        indices[:, 1::3] = indices[:, 0:1]  # one label repeated at several positions of the row
+        indices[::2, -1] = indices[::2, -2]
+    elif case == "padding":
+        indices[torch.rand(rows, max_positives, generator=generator) < 0.4] = -1  # anywhere in the list
+        indices[0] = -1
+        logits = logits.t().contiguous().t()  # and labels strided: the element-wise sweep and gathers
+    elif case == "several_batches":  # beyond one batch of 32 positions and the small build's 64-label chunk
+        indices[:, 40:80] = indices[:, :40]  # duplicates in later batches of the list
+        indices[:, 90:] = -1
+    elif case == "all_positive":  # every label listed, in a random order, with a few listed twice
+        indices = torch.stack([torch.randperm(labels, generator=generator) for _ in range(rows)])
+        indices = torch.cat([indices, indices[:, :max_positives - labels]], dim=1)
+    weight = torch.rand(rows, labels, generator=generator) + 0.5 if case != "padding" else None
+    pos_weight = torch.rand(labels, generator=generator) + 0.5
+    return logits, indices, weight, pos_weight
+
+
+SPARSE_CASES = ["duplicates", "padding", "no_positives", "several_batches", "all_positive", "large_logits"]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction, focusing", [("mean", (0.0, 0.0, 0.0)), ("sum", (1.0, 4.0, 0.05)),
+                                                 ("none", (2.0, 2.0, 0.0))])
+def test_sparse_bce_index_lists(emulated, case, dtype, reduction, focusing):
+    """Rows are sets: repeated labels count once, -1 is ignored anywhere, K = 0 is all negatives, lists longer
+    than a batch of positions and rows with every label positive; also |logits| up to ~250, where a positive's
+    loss_pos - loss_neg correction of the sum cancels (docs/design.md, "Sparse targets")."""
+    options = dict(reduction=reduction, focusing=focusing)
+    layout = layout_for(SPARSE_CASES.index(case), dtype)
+    logits, indices, weight, pos_weight = sparse_index_case(case, dtype, layout)
+    check_bce(emulated, logits, None, indices, weight, pos_weight, options)
+
+
+@pytest.mark.parametrize("row, label, value, sum_differs", [
+    (1, 5, float("-inf"), True), (2, 4, float("-inf"), False), (1, 5, float("inf"), False),
+    (2, 4, float("inf"), False), (3, 0, float("nan"), False)])
+def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs):
+    """Infinite and NaN logits at a positive (row 1 label 5, row 3 label 0) or a negative: per-element losses and
+    gradients as the CPU kernel's; so is the sum, but for a positive at -inf, whose sweep term (a negative's
+    formula at -inf is NaN on both devices) makes the sum NaN where the CPU's is inf (docs/design.md, "Sparse
+    targets")."""
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    logits[row, label] = value
+    indices = torch.tensor([[3, -1], [5, 6], [-1, -1], [0, 0]])
+    for reduction in ("none", "sum"):
+        args = (None, indices, None, None, reduction, 0.0, 0.0, 0.0)
+        got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
+        expected = CPU_OPS.weighted_bce_with_logits(logits, *args, False)[0]
+        if reduction == "sum" and sum_differs:
+            assert got.isnan() and expected.isinf()
+        else:
+            torch.testing.assert_close(got, expected, equal_nan=True)
+        grad_loss = grad_loss_for(got, torch.float32)
+        torch.testing.assert_close(emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args),
+                                   CPU_OPS.weighted_bce_with_logits_backward(grad_loss, logits, *args), equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_sparse_bce_invalid_index_gives_nan_row(emulated, reduction):
+    """An index outside [-1, L) makes its row NaN on CUDA (the CPU raises): never a silent number. Here in the
+    first position, after a duplicate, and in the second batch of 32 positions."""
+    logits, indices, weight, pos_weight = sparse_index_case("several_batches", torch.float32, "contiguous")
+    rows, labels = logits.shape
+    invalid_rows = torch.tensor([0, 5, 11])
+    indices[0, 0] = labels
+    indices[5, 41] = -2
+    indices[11, 70] = labels + 7
+    args = (None, indices, weight, pos_weight, reduction, 0.0, 0.0, 0.0)
+    valid = torch.ones(rows, dtype=torch.bool)
+    valid[invalid_rows] = False
+    loss, _ = emulated.weighted_bce_with_logits(logits, *args, False)
+    if reduction == "none":
+        assert loss[invalid_rows].isnan().all() and not loss[valid].isnan().any()
+    else:
+        assert loss.isnan()
+        _, gradient = emulated.weighted_bce_with_logits(logits, *args, True)
+        assert gradient[invalid_rows].isnan().all() and not gradient[valid].isnan().any()
+    grad_loss = grad_loss_for(loss, torch.float32)
+    grad = emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args)
+    assert grad[invalid_rows].isnan().all() and not grad[valid].isnan().any()
 
 
 # The float32 formulas of the CUDA kernels with __expf, __logf and __fdividef each off by its documented worst

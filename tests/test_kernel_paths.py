@@ -99,8 +99,18 @@ def _bce_flat(target, focusing, weighted):
 
 BCE_STRIDED = ["strided_kernel<(Pass)0, {T}, {Y}>", "strided_kernel<(Pass)1, {T}, {Y}>",
                "strided_kernel<(Pass)2, {T}, {Y}>", "reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
-BCE_SPARSE = ["sparse_rows_kernel<(Pass)0, {T}>", "sparse_rows_kernel<(Pass)1, {T}>", "sparse_rows_kernel<(Pass)2, {T}>",
-              "reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
+
+
+def _bce_sparse(focusing, weighted):
+    """sparse_rows_kernel<pass, T, focusing, weighted>, as _bce_flat; weighted: a weight or per-element grad_loss
+    operand (pos_weight is read by the patches of the positives only, in every variant)."""
+    f, w = ("true" if focusing else "false"), ("true" if weighted else "false")
+    kernels = [f"sparse_rows_kernel<(Pass){p}, {{T}}, {f}, {w}>" for p in range(3)]
+    if not weighted:
+        kernels.append(f"sparse_rows_kernel<(Pass)1, {{T}}, {f}, true>")
+    return kernels + ["reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
+
+
 TARGETS = {"float": "{T}", "bool": "bool", "uint8": "unsigned char"}
 
 
@@ -140,7 +150,7 @@ KERNELS = {
     # Weighted BCE: flat (contiguous logits and target whose bases are equally far from 16 bytes, a short head
     # peeled; weights contiguous or periodic along the labels) in its four variants (focusing: gamma / clip;
     # weighted) for each target type, strided (any other layout) or sparse rows (positive indices; packs when
-    # rows are aligned, 4096-label chunks).
+    # rows are aligned, 4096-label chunks; its own focusing / weighted variants).
     **{f"bce_flat_{form}_{'focal' if focusing else 'plain'}_{'weighted' if weighted else 'unweighted'}":
        _bce_flat(TARGETS[form], focusing, weighted)
        for form in TARGETS for focusing in (True, False) for weighted in (True, False)},
@@ -148,10 +158,11 @@ KERNELS = {
     "bce_strided_float": [k.replace("{Y}", "{T}") for k in BCE_STRIDED],  # transposed logits
     "bce_strided_bool": [k.replace("{Y}", "bool") for k in BCE_STRIDED],  # broadcast (stride-0) target
     "bce_strided_uint8": [k.replace("{Y}", "unsigned char") for k in BCE_STRIDED],  # transposed logits
-    "bce_sparse_vector": BCE_SPARSE,  # L = 128
-    "bce_sparse_scalar": BCE_SPARSE,  # bf16 L = 101
-    "bce_sparse_chunked": BCE_SPARSE,  # L = 5000: two bitmap chunks per row
-    "bce_sparse_grid_stride": BCE_SPARSE,  # 140000 rows > 16384 blocks x 8 warps: bitmaps reused
+    # Sparse rows: the four (focusing, weighted) variants across the layouts.
+    "bce_sparse_vector": _bce_sparse(True, True),  # L = 128; a weight
+    "bce_sparse_scalar": _bce_sparse(False, False),  # bf16 L = 101
+    "bce_sparse_chunked": _bce_sparse(True, False),  # L = 5000: two chunks per row; K = 40: two index batches
+    "bce_sparse_grid_stride": _bce_sparse(False, True),  # 140000 rows > 16384 blocks x 8 warps; a weight
 }
 
 # Compiled kernels that no input launches, with the reason (test_every_kernel_has_a_case).
@@ -259,9 +270,11 @@ def _correlation_case(device, shape, kind="pearson", offset=0, masked=True):
     return loss_fn, reference_fn, [x, y], per_timestep
 
 
-def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, focusing=True, weighted=True):
-    """focusing: gamma_neg 2 and clip 0.05, else plain BCE; weighted: a pos_weight. layout 'misaligned': logits
-    and target contiguous, both one element off 16 bytes (the flat kernel peels a head)."""
+def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, focusing=True, weighted=True,
+              weight=False):
+    """focusing: gamma_neg 2 and clip 0.05, else plain BCE; weighted: a pos_weight; weight: a (L,) weight.
+    layout 'misaligned': logits and target contiguous, both one element off 16 bytes (the flat kernel peels a
+    head)."""
     rows, labels = shape
     gen = torch.Generator().manual_seed(labels)
     scores = torch.rand(rows, labels, generator=gen)
@@ -275,8 +288,9 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
         x = torch.randn(rows, labels, generator=gen)
     x = (3 * x).to(device, dtype)
     pos_weight = (torch.rand(labels, generator=gen) + 0.5).to(device) if weighted else None
+    label_weight = (torch.rand(labels, generator=gen) + 0.5).to(device) if weight else None
     options = dict(gamma_neg=2.0, clip=0.05) if focusing else {}
-    kwargs = dict(pos_weight=pos_weight, **options)
+    kwargs = dict(weight=label_weight, pos_weight=pos_weight, **options)
     if form == "sparse":
         kwargs["positive_indices"] = indices.to(device)
     else:
@@ -295,8 +309,8 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
 
     def reference_fn(z, reduction):
         return reference.weighted_bce_with_logits(
-            z, dense.double(), pos_weight=None if pos_weight is None else pos_weight.cpu().double(),
-            reduction=reduction, **options)
+            z, dense.double(), weight=None if label_weight is None else label_weight.cpu().double(),
+            pos_weight=None if pos_weight is None else pos_weight.cpu().double(), reduction=reduction, **options)
 
     return loss_fn, reference_fn, [x]
 
@@ -322,10 +336,11 @@ CASES = {
     "bce_strided_float": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="transposed"),
     "bce_strided_bool": lambda d: _bce_case(d, (40, 30), torch.float32, "bool", layout="broadcast"),
     "bce_strided_uint8": lambda d: _bce_case(d, (40, 30), torch.bfloat16, "uint8", layout="transposed"),
-    "bce_sparse_vector": lambda d: _bce_case(d, (40, 128), torch.float32, "sparse"),
-    "bce_sparse_scalar": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse"),
+    "bce_sparse_vector": lambda d: _bce_case(d, (40, 128), torch.float32, "sparse", weight=True),
+    "bce_sparse_scalar": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse", focusing=False),
     "bce_sparse_chunked": lambda d: _bce_case(d, (8, 5000), torch.float32, "sparse", max_positives=40),
-    "bce_sparse_grid_stride": lambda d: _bce_case(d, (140_000, 8), torch.float32, "sparse", max_positives=2),
+    "bce_sparse_grid_stride": lambda d: _bce_case(d, (140_000, 8), torch.float32, "sparse", max_positives=2,
+                                                  focusing=False, weight=True),
 }
 CORRELATION_CASES = {
     "corr_G1_strided": lambda d: _correlation_case(d, (3, 50, 2)),

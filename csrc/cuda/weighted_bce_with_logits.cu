@@ -17,10 +17,9 @@
 //   the element's label. Compiled per focusing (plain / focal-ASL) and weights (none / some). Grid-stride loop
 //   over a fixed grid (grid_size); the head and the numel % kFlatElements tail take one element per thread.
 // - strided: every other dense layout (stride-0 broadcast views, transposed inputs), one element per step.
-// - sparse rows: a warp per row sets the row's positive labels as bits of a shared-memory bitmap from its K
-//   indices (a duplicate sets the same bit: rows are sets; an index outside [-1, L) makes the row NaN), then
-//   walks the row, with 16-byte loads when rows are aligned. Labels go in chunks of kChunkLabels, so any L
-//   and K fit.
+// - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
+//   label test), then patches the row's positives from its K indices: a label listed twice counts once, an
+//   index outside [-1, L) makes the row NaN. Labels go in chunks of kChunkLabels, so any L and K fit.
 #include "cuda/cuda_utils.cuh"
 #include "weighted_bce_with_logits.h"
 
@@ -266,16 +265,71 @@ __global__ void __launch_bounds__(kBlockThreads)
 // --------------------------------------------------------------------------------------------- sparse rows
 
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
+constexpr unsigned kFullWarp = 0xffffffffu;
 #ifdef FUSED_LOSSES_SMALL_LIMITS
 constexpr int64_t kChunkLabels = 64;  // the emulation's small-limit build: several chunks per test row
 #else
-constexpr int64_t kChunkLabels = 4096;  // labels per bitmap: 512 bytes of shared memory per warp
+constexpr int64_t kChunkLabels = 4096;  // labels per chunk: a 512-byte shared-memory bitmap per warp
 #endif
 constexpr int kChunkWords = kChunkLabels / 32;
 
-// `layout` is exactly (N, L): row r, label c of operand k is at r * strides[k][0] + c * strides[k][1].
-template <Pass pass, typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
+// True in every lane when an index of the row is outside [-1, L): the row is then NaN. A vote per batch of
+// kWarpSize positions (no flag carried through the loop).
+__device__ __forceinline__ bool row_has_invalid_index(const int64_t* __restrict__ row_indices, int64_t max_positives,
+                                                      int64_t num_labels, int lane) {
+  for (int64_t base = 0; base < max_positives; base += kWarpSize) {
+    const int64_t label = base + lane < max_positives ? row_indices[base + lane] : int64_t(-1);
+    if (__any_sync(kFullWarp, label < -1 || label >= num_labels)) return true;
+  }
+  return false;
+}
+
+// Whether the lane's index, `label` at position base + lane of the row's list, is the first position of the
+// list holding that label, among the labels of the chunk [chunk, chunk_end): a lower lane of the same batch of
+// kWarpSize positions (__match_any_sync), or an earlier batch, whose first positions have set the label's bit
+// in `bitmap` (cleared before the first batch; with one batch, no bitmap). Deterministic: which position counts
+// depends on the list only. Every lane must call it, and a __syncwarp must separate two batches.
+__device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int64_t chunk_end, uint32_t* bitmap,
+                                               bool several_batches, int lane) {
+  const bool in_chunk = label >= chunk && label < chunk_end;
+  const unsigned same_label = __match_any_sync(kFullWarp, static_cast<unsigned long long>(in_chunk ? label : -1));
+  if (!in_chunk || (same_label & ((1u << lane) - 1)) != 0) return false;
+  if (!several_batches) return true;
+  const int64_t bit = label - chunk;
+  const uint32_t mask = 1u << (bit % 32);
+  return (atomicOr(&bitmap[bit / 32], mask) & mask) == 0;  // no other lane of the batch sets this bit
+}
+
+// Resident blocks the sparse kernels are compiled for: 4 (at most 64 registers at 256 threads) on the float
+// paths, but 2 for the focusing backward with weight / grad_loss operands (a pack's weights, scales and the
+// focusing terms spill under 64 registers); the double paths are not limited.
+template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
+constexpr int kSparseMinBlocks =
+    std::is_same_v<scalar_t, double> ? 1 : (pass == Pass::Backward && kFocusing && kWeighted ? 2 : 4);
+
+// How a sweep reads an optional operand: never (absent), without a null test (present), or testing for null
+// per element (maybe: one loop for either, where versions per case would not fit the registers).
+enum class OperandRead { kAbsent, kPresent, kMaybe };
+template <OperandRead mode>
+using OperandReadTag = std::integral_constant<OperandRead, mode>;
+
+template <OperandRead mode, typename T, typename acc_t>
+__device__ __forceinline__ acc_t read_operand(const T* __restrict__ data, int64_t offset, acc_t absent) {
+  if constexpr (mode == OperandRead::kAbsent) return absent;
+  else if constexpr (mode == OperandRead::kPresent) return static_cast<acc_t>(data[offset]);
+  else return read_or(data, offset, absent);
+}
+
+// A warp per row, in two steps per chunk of kChunkLabels labels (docs/design.md, "Sparse targets"): a dense
+// sweep evaluates every element as a negative (y = 0): no label test in the loop, and no pos_weight; then,
+// after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and patch each
+// positive label of the chunk once: the sum gets loss_pos - loss_neg, the stored value (loss or gradient) is
+// overwritten with the positive one, computed directly. A row with an invalid index is NaN throughout.
+// kFocusing: gamma or clip non-zero (else the plain formulas only); kWeighted: a weight or per-element grad_loss
+// operand (pos_weight is read by the patches only). `layout` is exactly (N, L): row r, label c of operand k is
+// at r * strides[k][0] + c * strides[k][1].
+template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
+__global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t, kFocusing, kWeighted>)
     sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
                        BceLayout layout, bool vectorized) {
   using acc_t = acc_type<scalar_t>;
@@ -284,64 +338,94 @@ __global__ void __launch_bounds__(kBlockThreads)
   __shared__ uint32_t bitmaps[kWarpsPerBlock][kChunkWords];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   uint32_t* bitmap = bitmaps[warp];
+  const BceConfig<acc_t> cfg = kernel_config<kFocusing>(args.cfg);
   const int64_t num_rows = layout.sizes[0], num_labels = layout.sizes[1];
-  const auto offset = [&](BceOperand operand, int64_t row, int64_t label) {
-    return row * layout.strides[operand][0] + label * layout.strides[operand][1];
-  };
+  const int64_t logit_stride = layout.strides[kLogits][1];
+  const bool several_batches = max_positives > kWarpSize;
   const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
-  // The row and chunk loops are uniform over the warp, so every lane reaches every vote and __syncwarp.
-  for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
-       row += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t* row_indices = indices + row * max_positives;
-    const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
-    for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
-      const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
-      for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
-      __syncwarp();
-      bool invalid = false;
-      for (int64_t k = lane; k < max_positives; k += kWarpSize) {
-        const int64_t label = row_indices[k];
-        invalid |= label < -1 || label >= num_labels;
-        if (label >= chunk && label < chunk_end) {
-          const int64_t bit = label - chunk;
-          atomicOr(&bitmap[bit / 32], 1u << (bit % 32));  // integer OR: order-independent
-        }
-      }
-      const bool row_invalid = __any_sync(0xffffffffu, invalid);  // every chunk scans all K indices
-      __syncwarp();  // the bitmap is complete and visible to every lane
-      const auto element = [&](int64_t label, acc_t z) -> ElementResult<acc_t> {
-        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-        if (row_invalid) return {kNaN, kNaN};  // never a silent number
-        const int64_t bit = label - chunk;
-        const acc_t y = (bitmap[bit / 32] >> (bit % 32)) & 1u ? acc_t(1) : acc_t(0);
-        return evaluate_element<pass>(args.cfg, z, y, read_or(args.weight, offset(kWeight, row, label), acc_t(1)),
-                                      read_or(args.pos_weight, offset(kPosWeight, row, label), acc_t(1)),
-                                      read_or(args.grad_loss, offset(kGradLoss, row, label), scale_all));
-      };
+  // Every row, reading the weight and the per-element grad_loss as `weight_read` / `scale_read`
+  // (OperandReadTag) say. The row, chunk and batch loops are uniform over the warp, so every lane reaches every
+  // vote and __syncwarp.
+  const auto all_rows = [&](auto weight_read, auto scale_read) {
+    for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
+         row += int64_t(gridDim.x) * kWarpsPerBlock) {
+      const int64_t* row_indices = indices + row * max_positives;
+      const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
       scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
-      if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
-        for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
-          acc_t z[vec], value[vec];
-          load_packs<vec>(row_logits + first, z);
-#pragma unroll
-          for (int k = 0; k < vec; ++k) {
-            const ElementResult<acc_t> result = element(first + k, z[k]);
-            sum += result.summed;
-            value[k] = result.stored;
+      if (row_has_invalid_index(row_indices, max_positives, num_labels, lane)) {
+        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
+        sum += kNaN;
+        if (writes_output<pass>(args)) {
+          for (int64_t label = lane; label < num_labels; label += kWarpSize) {
+            row_out[label] = static_cast<scalar_t>(kNaN);
           }
-          if (row_out != nullptr) store_packs<vec>(row_out + first, value);
         }
-      } else {
-        for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
-          const ElementResult<acc_t> result =
-              element(label, static_cast<acc_t>(row_logits[label * layout.strides[kLogits][1]]));
-          sum += result.summed;
-          if (row_out != nullptr) row_out[label] = static_cast<scalar_t>(result.stored);
+        continue;
+      }
+      const auto offset = [&](BceOperand operand, int64_t label) {
+        return row * layout.strides[operand][0] + label * layout.strides[operand][1];
+      };
+      // Label `label` of the row as a negative (y = 0, no pos_weight) or a positive.
+      const auto element = [&](int64_t label, acc_t z, bool positive) {
+        const acc_t w = read_operand<decltype(weight_read)::value>(args.weight, offset(kWeight, label), acc_t(1));
+        const acc_t q = positive ? read_or(args.pos_weight, offset(kPosWeight, label), acc_t(1)) : acc_t(1);
+        const acc_t scale =
+            read_operand<decltype(scale_read)::value>(args.grad_loss, offset(kGradLoss, label), scale_all);
+        return evaluate_element<pass>(cfg, z, positive ? acc_t(1) : acc_t(0), w, q, scale);
+      };
+      for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
+        const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
+        if (several_batches) {
+          for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
+        }
+        if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
+          for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
+            acc_t z[vec], value[vec];
+            load_packs<vec>(row_logits + first, z);
+#pragma unroll
+            for (int k = 0; k < vec; ++k) {
+              const ElementResult<acc_t> result = element(first + k, z[k], false);
+              sum += result.summed;
+              value[k] = result.stored;
+            }
+            if (writes_output<pass>(args)) store_packs<vec>(row_out + first, value);
+          }
+        } else {
+          for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
+            const ElementResult<acc_t> result =
+                element(label, static_cast<acc_t>(row_logits[label * logit_stride]), false);
+            sum += result.summed;
+            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(result.stored);
+          }
+        }
+        __syncwarp();  // the sweep's stores (and the cleared bitmap) are visible before the patches
+        for (int64_t base = 0; base < max_positives; base += kWarpSize) {
+          const int64_t position = base + lane;
+          const int64_t label = position < max_positives ? row_indices[position] : int64_t(-1);
+          if (first_in_chunk(label, chunk, chunk_end, bitmap, several_batches, lane)) {
+            const acc_t z = static_cast<acc_t>(row_logits[label * logit_stride]);
+            const ElementResult<acc_t> positive = element(label, z, true);
+            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(positive.stored);
+            // The sum only: loss_pos - loss_neg (docs/design.md, "Sparse targets": its rounding).
+            if constexpr (pass != Pass::Backward) sum += positive.summed - element(label, z, false).summed;
+          }
+          if (several_batches) __syncwarp();  // the batch's bits are set before the next batch tests them
         }
       }
-      __syncwarp();  // every lane is done with the bitmap before the next chunk clears it
     }
+  };
+  using Absent = OperandReadTag<OperandRead::kAbsent>;
+  using Present = OperandReadTag<OperandRead::kPresent>;
+  using Maybe = OperandReadTag<OperandRead::kMaybe>;
+  if constexpr (pass == Pass::Backward && kWeighted && kFocusing) {  // a weight, a per-element grad_loss or both
+    if (args.weight == nullptr) all_rows(Absent{}, Present{});
+    else if (args.grad_loss == nullptr) all_rows(Present{}, Absent{});
+    else all_rows(Present{}, Present{});
+  } else if constexpr (pass == Pass::Backward && kWeighted) {
+    all_rows(Maybe{}, Maybe{});  // three plain versions need more than 64 registers (spills around the rows)
+  } else {  // only the backward has a per-element grad_loss: a weighted forward has a weight
+    all_rows(std::conditional_t<kWeighted, Present, Absent>{}, Absent{});
   }
   store_partial_sum(args, sum);
 }
@@ -392,6 +476,15 @@ std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t*
   return std::nullopt;
 }
 
+// Calls f(kFocusing, kWeighted) with the two flags as std::bool_constant: one kernel instantiation each.
+template <typename F>
+void with_kernel_variant(bool focusing, bool weighted, const F& f) {
+  if (focusing && weighted) f(std::true_type{}, std::true_type{});
+  else if (focusing) f(std::true_type{}, std::false_type{});
+  else if (weighted) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
 // Launches one pass over every element. For a reduced forward, `partials` receives the (blocks,) per-block
 // sums; returns the number of blocks.
 template <Pass pass, typename scalar_t, typename target_t>
@@ -409,8 +502,13 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
                             (args.out == nullptr || is_aligned_16(args.out));
     const int64_t blocks = grid_size(p.num_rows(), kWarpsPerBlock);
     allocate_partials(blocks);
-    launch_kernel(sparse_rows_kernel<pass, scalar_t>, blocks, stream,
-        args, p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout, vectorized);
+    with_kernel_variant(args.cfg.focusing, args.weight != nullptr || args.grad_loss != nullptr,
+                        [&](auto focusing, auto weighted) {
+                          constexpr bool kFocusing = decltype(focusing)::value, kWeighted = decltype(weighted)::value;
+                          launch_kernel(sparse_rows_kernel<pass, scalar_t, kFocusing, kWeighted>, blocks, stream, args,
+                                        p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout,
+                                        vectorized);
+                        });
     return blocks;
   } else {
     constexpr int E = kFlatElements<scalar_t, target_t>;

@@ -3,11 +3,11 @@
 //
 // A launch runs its blocks one after another; the threads of a block are fibers (ucontext) on the calling
 // thread, switched only where a thread waits for others: __syncthreads, __syncwarp and the warp collectives
-// (__shfl_sync, __shfl_xor_sync, __any_sync). Each barrier completes when every thread of its block or warp
-// has arrived, so a barrier that some threads skip, or a thread that returns while others wait, is reported
-// as an error instead of hanging (on the GPU it is undefined behaviour). Lanes of a warp do not run in
-// lockstep, so code that assumes they do without a __syncwarp gives wrong results here. What the emulation
-// cannot check: the memory model, races between blocks, timing, shared-memory bank conflicts.
+// (__shfl_sync, __shfl_xor_sync, __any_sync, __match_any_sync). Each barrier completes when every thread of
+// its block or warp has arrived, so a barrier that some threads skip, or a thread that returns while others
+// wait, is reported as an error instead of hanging (on the GPU it is undefined behaviour). Lanes of a warp do
+// not run in lockstep, so code that assumes they do without a __syncwarp gives wrong results here. What the
+// emulation cannot check: the memory model, races between blocks, timing, shared-memory bank conflicts.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -104,6 +104,20 @@ inline int __any_sync(unsigned int mask, int predicate) {
   }
   emulation::end_warp_exchange(mask);
   return any;
+}
+
+// The lanes of the mask whose `value` equals the caller's, as a bit mask.
+inline unsigned int __match_any_sync(unsigned int mask, unsigned long long value) {
+  namespace emulation = ::fused_losses::host_emulation;
+  emulation::publish_to_warp(mask, &value, sizeof(value));
+  unsigned int same = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (((mask >> lane) & 1u) && *static_cast<const unsigned long long*>(emulation::lane_value(lane)) == value) {
+      same |= 1u << lane;
+    }
+  }
+  emulation::end_warp_exchange(mask);
+  return same;
 }
 
 // The fast approximate intrinsics as the exact functions they approximate: the emulation checks the kernels'

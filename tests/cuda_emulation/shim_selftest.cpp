@@ -9,13 +9,15 @@ namespace {
 using fused_losses::cuda::kBlockThreads;
 using fused_losses::cuda::launch_kernel;
 
-// out[thread] = (xor partner, broadcast source, any-vote) for segments of `width` lanes.
+// out[thread] = (xor partner, broadcast source, any-vote, lanes of the warp with the same value % 5) for
+// segments of `width` lanes.
 __global__ void collectives_kernel(int64_t* out, int lane_mask, int source_lane, int width) {
   const int value = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  int64_t* row = out + 3 * value;
+  int64_t* row = out + 4 * value;
   row[0] = __shfl_xor_sync(0xffffffffu, value, lane_mask, width);
   row[1] = __shfl_sync(0xffffffffu, value, source_lane, width);
   row[2] = __any_sync(0xffffffffu, threadIdx.x == 95 && blockIdx.x == 1);  // lane 31 of warp 2, block 1
+  row[3] = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(value % 5));
 }
 
 // Threads of a block exchange values through shared memory between two barriers: out[t] = value of t + 1.
@@ -42,7 +44,7 @@ __global__ void divergent_kernel(int64_t mistake) {
 }
 
 at::Tensor collectives(int64_t blocks, int64_t lane_mask, int64_t source_lane, int64_t width) {
-  at::Tensor out = at::empty({blocks * kBlockThreads, 3}, at::kLong);
+  at::Tensor out = at::empty({blocks * kBlockThreads, 4}, at::kLong);
   launch_kernel(collectives_kernel, blocks, nullptr, out.data_ptr<int64_t>(), static_cast<int>(lane_mask),
                 static_cast<int>(source_lane), static_cast<int>(width));
   return out;
