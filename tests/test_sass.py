@@ -33,27 +33,21 @@ def _load_sass_report():
 sass_report = _load_sass_report()
 
 # STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28): the float32 correlation moments kernel at
-# one lane per sequence under its 3-blocks launch bound (24 / 20 bytes, outside the sweep loops) and one weighted
-# BCE flat kernel at its 2-blocks bound.
+# one lane per sequence under its 3-blocks launch bound (24 / 20 bytes, outside the sweep loops) and the weighted
+# ASL BCE flat forwards (bf16 logits with uint8 targets, weighted; fp32 with bool, 2-pass) at their 4-blocks bound.
 KNOWN_SPILLS = {
     "correlation/reduce_items_kernel<1, MomentsTask<fp32>>",
-    "bce/flat_kernel<ForwardWithGradient, fp32, uint8, false, true>",  # 4 / 12 bytes at 128 registers
+    "bce/flat_kernel<Forward, bf16, uint8, asl, true>",  # 4 / 12 bytes at 64 registers
+    "bce/flat_kernel<ForwardWithGradient, fp32, bool, asl, false>",
 }
 
 # float32 / bf16 / fp16 kernels above 64 registers at 256 threads (< 4 blocks per SM) in the same build: the
-# correlation moments and gradient kernels (80 registers, 3 blocks, in float32; 105-113 in bf16 / fp16) and
-# the weighted dense BCE flat kernels (71-128).
+# correlation moments and gradient kernels (80 registers, 3 blocks, in float32; 105-113 in bf16 / fp16).
 KNOWN_REGISTER_MISSES = {
     *(f"correlation/map_items_kernel<{g}, GradientTask<{t}>>" for g in (1, 4, 32, 256)
       for t in ("bf16", "fp16", "fp32")),
     *(f"correlation/reduce_items_kernel<{g}, MomentsTask<{t}>>" for g in (1, 4, 32, 256)
       for t in ("bf16", "fp16", "fp32")),
-    # The weighted BCE flat kernels (compiled for 2 blocks/SM: a step's weights do not fit 64 registers),
-    # except float32 logits with a float32 target (4 elements per step).
-    *(f"bce/flat_kernel<{p}, {t}, {target}, {focusing}, true>"
-      for p in ("Backward", "Forward", "ForwardWithGradient") for focusing in ("false", "true")
-      for t in ("bf16", "fp16", "fp32")
-      for target in ((t, "bool", "fp32", "uint8") if t != "fp32" else ("bool", "uint8"))),
 }
 
 
