@@ -31,6 +31,7 @@ struct BceConfig {
   acc_t gamma_neg = 0;
   acc_t clip = 0;
   bool focusing = false;  // any of the three is non-zero; false is plain BCE with its cheaper formulas
+  bool clipped = false;   // clip is non-zero (ASL's shifted negative term)
 };
 
 template <typename acc_t>
@@ -40,6 +41,7 @@ BceConfig<acc_t> make_bce_config(double gamma_pos, double gamma_neg, double clip
   cfg.gamma_neg = static_cast<acc_t>(gamma_neg);
   cfg.clip = static_cast<acc_t>(clip);
   cfg.focusing = gamma_pos != 0.0 || gamma_neg != 0.0 || clip != 0.0;
+  cfg.clipped = clip != 0.0;
   return cfg;
 }
 
@@ -54,6 +56,7 @@ struct ScalarMath {
   C10_HOST_DEVICE static acc_t log1p(acc_t x) { return std::log1p(x); }
   // log1p(x) for x in [0, 1] only (the softplus tail log1p(exp(-|z|))): a policy may use a cheaper form.
   C10_HOST_DEVICE static acc_t log1p_unit_interval(acc_t x) { return std::log1p(x); }
+  C10_HOST_DEVICE static acc_t fma(acc_t a, acc_t b, acc_t c) { return std::fma(a, b, c); }
   C10_HOST_DEVICE static acc_t abs(acc_t x) { return std::abs(x); }
   C10_HOST_DEVICE static acc_t min(acc_t a, acc_t b) { return a < b ? a : b; }
   C10_HOST_DEVICE static acc_t max(acc_t a, acc_t b) { return a > b ? a : b; }
@@ -74,30 +77,61 @@ C10_HOST_DEVICE inline V divide(V a, V b) {
   }
 }
 
+// 2 atanh(s) for |s| <= 1/3 in float32, an odd series summed to s^13 in Horner's order (the fewest
+// instructions: the kernels evaluate many elements at once, so a long dependency chain costs nothing). Truncation: the first term left out, 2 s^15 / 15, is below s^14 / 15 <= 3^-14 / 15 < 2^-26 of the
+// sum 2 s (1 + ...): an eighth of a float32 ulp, under the rounding of the terms kept. `Math` supplies fma over
+// its Value type: scalars on the GPU (FastFloatMath), at::vec::Vectorized lanes on the CPU (its VecMath).
+template <typename Math, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V twice_atanh_series(V s) {
+  const V s2 = s * s;
+  // 2 atanh(s) = 2 s + s^3 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6 + 2/11 s^8 + 2/13 s^10)
+  V series = Math::fma(s2, V(2.0f / 13), V(2.0f / 11));
+  series = Math::fma(series, s2, V(2.0f / 9));
+  series = Math::fma(series, s2, V(2.0f / 7));
+  series = Math::fma(series, s2, V(2.0f / 5));
+  series = Math::fma(series, s2, V(2.0f / 3));
+  return Math::fma(s * s2, series, V(2.0f) * s);
+}
+
+// log1p(e) for e in [0, 1] (the softplus tail log1p(exp(-|z|))) without a general log1p: 2 atanh(s) with
+// s = e / (2 + e) in [0, 1/3]. s has no cancellation, so the result keeps a relative accuracy down to e -> 0,
+// where log(1 + e) from a fast log keeps only an absolute one. `divide` through the policy (a fast division
+// on the GPU).
+template <typename Math, typename V = typename Math::Value>
+C10_HOST_DEVICE inline V log1p_unit_interval_series(V e) {
+  return twice_atanh_series<Math>(divide<Math>(e, V(2.0f) + e));
+}
+
 // float32 elementary functions from fast approximate primitives: `Primitives` has exp(x), log(x) and
 // divide(a, b) (on the GPU CUDA's __expf, __logf and __fdividef: cuda_utils.cuh). The error this adds is
 // bounded in docs/design.md ("Fast float32 math") and tested by injecting each primitive's documented worst
-// error (tests/test_cuda_emulation.py, test_fast_float_math_accuracy). log1p keeps the exact function (the
-// ASL clip's log1p(-p_m) over (clip - 1, 0]: a fast log loses its relative accuracy near 0).
+// error (tests/test_cuda_emulation.py, test_fast_float_math_accuracy).
 template <typename Primitives>
 struct FastFloatMath : ScalarMath<float> {
   C10_HOST_DEVICE static float exp(float x) { return Primitives::exp(x); }
   C10_HOST_DEVICE static float log(float x) { return Primitives::log(x); }
   C10_HOST_DEVICE static float divide(float a, float b) { return Primitives::divide(a, b); }
-  // log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3]: one division and an odd series in s, relative
-  // accuracy down to e -> 0 where log(1 + e) from a fast log keeps only an absolute one. The series stops at
-  // s^13: the first term left out is below 2^-26 of the sum.
-  C10_HOST_DEVICE static float log1p_unit_interval(float e) {
-    const float s = Primitives::divide(e, 2.0f + e);
-    const float s2 = s * s;
-    float series = std::fma(2.0f / 13, s2, 2.0f / 11);
-    series = std::fma(series, s2, 2.0f / 9);
-    series = std::fma(series, s2, 2.0f / 7);
-    series = std::fma(series, s2, 2.0f / 5);
-    series = std::fma(series, s2, 2.0f / 3);
-    return std::fma(s * s2, series, 2.0f * s);
+  C10_HOST_DEVICE static float log1p_unit_interval(float e) { return log1p_unit_interval_series<FastFloatMath>(e); }
+  // log(1 - m) for m in [0, 1) given complement = 1 - m (formed without cancellation): -2 atanh(m / (2 - m))
+  // for m <= 1/2 (the argument stays in [0, 1/3]: relative accuracy as m -> 0, where a fast log of 1 - m
+  // keeps only an absolute one), else the fast log of the complement (below 1/2: |log| >= 0.69, so the log's
+  // error stays relative). Both are evaluated and one selected: no branch.
+  C10_HOST_DEVICE static float log_complement(float m, float complement) {
+    const float series = -twice_atanh_series<FastFloatMath>(Primitives::divide(m, 2.0f - m));
+    return m <= 0.5f ? series : Primitives::log(complement);
   }
 };
+
+// log(1 - m) for the ASL shifted probability m = p_m in [0, 1), with complement = 1 - p_m = (1 - p) + clip:
+// the policy's log_complement where it has one (the GPU's fast form), else the exact log1p(-m).
+template <typename Math, typename V>
+C10_HOST_DEVICE inline V log_complement(V m, V complement) {
+  if constexpr (requires { Math::log_complement(m, complement); }) {
+    return Math::log_complement(m, complement);
+  } else {
+    return Math::log1p(-m);
+  }
+}
 
 // sigmoid(z) and its complement, with their logs, from one exp(-|z|).
 template <typename V>
@@ -137,12 +171,13 @@ C10_HOST_DEVICE inline V bce_loss_from_parts(const BceConfig<acc_t>& cfg, const 
   V negative = -s.log_one_minus_p;
   if (cfg.focusing) {
     positive = positive * power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos);
-    if (cfg.clip == acc_t(0)) {
+    if (!cfg.clipped) {
       negative = negative * power_from_log<Math>(s.log_p, cfg.gamma_neg);
     } else {
-      // p_m = 0 gives log1p(0) = 0 and a factor of 0 or 1: no special case needed.
+      // p_m = 0 gives log(1) = 0 and a factor of 0 or 1: no special case needed.
       const V shifted = Math::max(s.p - V(cfg.clip), V(0));
-      negative = -Math::log1p(-shifted) * power_from_log<Math>(Math::log(shifted), cfg.gamma_neg);
+      negative = -log_complement<Math>(shifted, s.one_minus_p + V(cfg.clip)) *
+                 power_from_log<Math>(Math::log(shifted), cfg.gamma_neg);
     }
   }
   return w * (q * y * positive + (V(1) - y) * negative);
@@ -159,7 +194,7 @@ C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const 
       positive = power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos) *
                  (V(cfg.gamma_pos) * s.p * s.log_p - s.one_minus_p);
     }
-    if (cfg.clip == acc_t(0)) {
+    if (!cfg.clipped) {
       if (cfg.gamma_neg != acc_t(0)) {
         negative = power_from_log<Math>(s.log_p, cfg.gamma_neg) *
                    (s.p - V(cfg.gamma_neg) * s.one_minus_p * s.log_one_minus_p);
@@ -170,9 +205,9 @@ C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const 
       const V shifted = Math::max(s.p - V(cfg.clip), V(0));
       const auto active = Math::greater(shifted, V(0));
       const V safe_shifted = Math::select(active, shifted, V(1));
-      const V log_complement = Math::log1p(-shifted);
+      const V log_one_minus_shifted = log_complement<Math>(shifted, s.one_minus_p + V(cfg.clip));
       const V dloss_dshifted = divide<Math>(V(1), V(1) - shifted) -
-                               divide<Math>(V(cfg.gamma_neg) * log_complement, safe_shifted);
+                               divide<Math>(V(cfg.gamma_neg) * log_one_minus_shifted, safe_shifted);
       const V value = power_from_log<Math>(Math::log(safe_shifted), cfg.gamma_neg) * dloss_dshifted * s.p *
                       s.one_minus_p;
       negative = Math::select(active, value, V(0));
@@ -183,7 +218,7 @@ C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const 
 
 template <typename Math, typename acc_t, typename V = typename Math::Value>
 C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
-  const bool clipped = cfg.focusing && cfg.clip != acc_t(0);
+  const bool clipped = cfg.focusing && cfg.clipped;
   return bce_loss_from_parts<Math>(cfg, sigmoid_parts<Math>(z, clipped, true), y, w, q);
 }
 

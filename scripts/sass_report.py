@@ -115,6 +115,8 @@ OPS = {
 }
 # enum class Pass { Forward, Backward, ForwardWithGradient } (weighted_bce_with_logits.cu).
 BCE_PASSES = ("Forward", "Backward", "ForwardWithGradient")
+# enum class Focusing { Plain, Focal, Asymmetric } (weighted_bce_with_logits.cu).
+BCE_FOCUSING = ("plain", "focal", "asl")
 TYPE_NAMES = [(r"\bBFloat16\b", "bf16"), (r"\bHalf\b", "fp16"), (r"\bfloat\b", "fp32"), (r"\bdouble\b", "fp64"),
               (r"\bunsigned char\b", "uint8"), (r"\blong\b", "int64")]
 TYPE_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "bool": 1, "uint8": 1, "int64": 8}
@@ -133,6 +135,7 @@ def short_kernel_name(demangled: str) -> str:
             name = name[:position]
             break
     name = re.sub(r"\(Pass\)(\d)", lambda m: BCE_PASSES[int(m.group(1))], name)
+    name = re.sub(r"\(Focusing\)(\d)", lambda m: BCE_FOCUSING[int(m.group(1))], name)
     for pattern, short in TYPE_NAMES:
         name = re.sub(pattern, short, name)
     return name.replace("> >", ">>")
@@ -628,21 +631,25 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
             return SweepModel(("write",), pack, 3 * size, vector_accesses=3,
                               what="per-step losses of one pack; DRAM: x, y read, losses written")
     if op == "bce" and base == "flat_kernel":
-        # flat_kernel<Pass, T, target_t, kFocusing, kWeighted>: the weighted kernels' loop also holds the packed
-        # and element-wise weight loads (periodic (L,) weights come from L1: no DRAM bytes counted).
+        # flat_kernel<Pass, T, target_t, Focusing, kWeighted>: the weighted kernels' loop also holds the weight /
+        # pos_weight / grad_loss sub-pack loads in every form (packs, broadcast, elements); their DRAM bytes are
+        # counted as one element-shaped float weight (periodic (L,) or per-row weights come from L1 / L2).
         bce_pass, scalar, target, focusing, weighted = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
         elements = 16 // min(size, target_size)  # kFlatElements
         written = 0 if bce_pass == "Forward" else size
-        return SweepModel(("vector",), elements, size + target_size + written,
+        weight_bytes = (8 if scalar == "fp64" else 4) if weighted == "true" else 0
+        return SweepModel(("vector",), elements, size + target_size + written + weight_bytes,
                           vector_accesses=elements * (size + target_size + written) // 16,
                           what="kFlatElements elements: 16-byte loads of logits and target"
                                + (", 16-byte stores of the gradient" if written else "")
-                               + (", focusing formulas" if focusing == "true" else ", plain BCE formulas")
-                               + (", weight / pos_weight / grad_loss loads" if weighted == "true" else "")
-                               + "; DRAM: logits, target read" + (", gradient written" if written else ""))
+                               + {"plain": ", plain BCE formulas", "focal": ", focal formulas (no clip)",
+                                  "asl": ", ASL formulas (clip)"}[focusing]
+                               + (", weight / pos_weight / grad_loss sub-pack loads" if weighted == "true" else "")
+                               + "; DRAM: logits, target read" + (", one float weight read" if weight_bytes else "")
+                               + (", gradient written" if written else ""))
     if op == "bce" and base == "sparse_rows_kernel":
-        # sparse_rows_kernel<Pass, T, kFocusing, kWeighted>: the sweep of negatives (the patches of the K
+        # sparse_rows_kernel<Pass, T, Focusing, kWeighted>: the sweep of negatives (the patches of the K
         # positives per row are outside it); a pack per 16-byte logits load (the compiler unrolls some by 2).
         bce_pass, scalar, focusing, weighted = arguments
         size = TYPE_SIZES[scalar]
@@ -650,15 +657,16 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         return SweepModel(("vector",), 16 // size, size + written, vector_accesses=1 + (written > 0),
                           elements_per_vector=16 // size,
                           what="one 16-byte pack of a row's logits, every element a negative"
-                               + (", focusing formulas" if focusing == "true" else ", plain BCE formulas")
+                               + {"plain": ", plain BCE formulas", "focal": ", focal formulas (no clip)",
+                                  "asl": ", ASL formulas (clip)"}[focusing]
                                + (", weight / grad_loss loads" if weighted == "true" else "")
                                + "; DRAM: logits read" + (", gradient written" if written else ""))
     if op == "bce" and base == "strided_kernel":
-        bce_pass, scalar, target = arguments
+        bce_pass, scalar, target, _layout = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
         written = 0 if bce_pass == "Forward" else size
         return SweepModel(("scalar",), 1, size + target_size + written,
-                          what="one element; its per-dimension index loop (div/mod) counted once; DRAM: logits, "
+                          what="one element; its per-dimension index loop (div/mod: a multiply-high below 2^31 elements) counted once; DRAM: logits, "
                                "target read" + (", gradient written" if written else ""))
     return None
 

@@ -381,6 +381,12 @@ BCE_OPTIONS = [
     dict(target="uint8", reduction="none", weight=None, pos_weight=None, focusing=(0.0, 0.0, 0.0), shared_offset=True),
     dict(target="float", reduction="mean", weight="full", pos_weight="labels", focusing=(0.0, 0.0, 0.0),
          shared_offset=True),
+    # Per-row (N, 1) weights and a pos_weight with label stride 2 / per-row pos_weight, weights in padded rows:
+    # the flat kernel's broadcast, element and packed operand forms, with and without a peeled head.
+    dict(target="uint8", reduction="none", weight="rows", pos_weight="strided_labels", focusing=(0.0, 0.0, 0.0),
+         shared_offset=True),
+    dict(target="float", reduction="mean", weight="padded_full", pos_weight="rows", focusing=(2.0, 2.0, 0.0)),
+    dict(target="bool", reduction="sum", weight="rows", pos_weight=None, focusing=(1.0, 4.0, 0.05), shared_offset=True),
     dict(target="sparse", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
     dict(target="sparse", reduction="none", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
     dict(target="sparse", reduction="sum", weight="labels", pos_weight="labels", focusing=(2.0, 2.0, 0.0)),
@@ -412,6 +418,12 @@ def bce_case(shape, dtype, options, layout):
         if kind == "full":
             weight = torch.rand(shape, generator=generator) + 0.5
             return LAYOUTS[layout](weight) if options.get("shared_offset") else weight
+        if kind == "padded_full":
+            return padded_rows(torch.rand(shape, generator=generator) + 0.5)
+        if kind == "rows":
+            return torch.rand((rows, 1), generator=generator) + 0.5
+        if kind == "strided_labels":
+            return (torch.rand((labels, 2), generator=generator) + 0.5)[:, 0]
         return torch.rand((labels,), generator=generator) + 0.5
 
     return logits, target, positive_indices, weight_of(options["weight"]), weight_of(options["pos_weight"])
@@ -536,6 +548,28 @@ def test_sparse_bce_invalid_index_gives_nan_row(emulated, reduction):
     grad_loss = grad_loss_for(loss, torch.float32)
     grad = emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args)
     assert grad[invalid_rows].isnan().all() and not grad[valid].isnan().any()
+
+
+# Weights of 3-dimensional inputs: per (sample, position) weights that merge with the logits to one row stride
+# (flat kernel), and one broadcast along the first dimension too (no single row stride: the strided kernel,
+# three dimensions through SmallBceLayout's divisions).
+BCE_WEIGHT_LAYOUTS = {
+    "per_row_3d": dict(weight=(4, 5, 1), pos_weight=(12,)),
+    "middle_broadcast_3d": dict(weight=(1, 5, 1), pos_weight=(5, 1)),
+    "per_row_label_broadcast": dict(weight=(4, 5, 1), pos_weight=(1, 1, 12)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", list(BCE_WEIGHT_LAYOUTS))
+def test_weighted_bce_weight_layouts(emulated, dtype, reduction, case):
+    generator = torch.Generator().manual_seed(_seed(case, dtype))
+    logits = (torch.randn((4, 5, 12), generator=generator) * 3).to(dtype)
+    target = torch.rand((4, 5, 12), generator=generator) < 0.3
+    weight, pos_weight = (torch.rand(shape, generator=generator) + 0.5 for shape in BCE_WEIGHT_LAYOUTS[case].values())
+    options = dict(reduction=reduction, focusing=(0.0, 0.0, 0.0))
+    check_bce(emulated, logits, target, None, weight, pos_weight, options)
 
 
 # The float32 formulas of the CUDA kernels with __expf, __logf and __fdividef each off by its documented worst

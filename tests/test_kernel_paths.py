@@ -86,25 +86,31 @@ def _correlation(group, masked, chunked=False):
     return kernels
 
 
+BCE_FOCUSING = ("plain", "focal", "asl")  # enum class Focusing { Plain, Focal, Asymmetric }
+
+
 def _bce_flat(target, focusing, weighted):
     """csrc/cuda/weighted_bce_with_logits.cu, flat_kernel<pass, T, target, focusing, weighted> (Pass: 0 Forward,
-    1 Backward, 2 ForwardWithGradient). weighted: a weight, pos_weight or per-element grad_loss operand, so
-    the backward of reduction='none' (a per-element upstream) is weighted even without weights."""
-    f, w = ("true" if focusing else "false"), ("true" if weighted else "false")
+    1 Backward, 2 ForwardWithGradient; focusing: 'plain', 'focal' (no clip) or 'asl'). weighted: a weight,
+    pos_weight or per-element grad_loss operand, so the backward of reduction='none' (a per-element upstream)
+    is weighted even without weights."""
+    f, w = f"(Focusing){BCE_FOCUSING.index(focusing)}", ("true" if weighted else "false")
     kernels = [f"flat_kernel<(Pass){p}, {{T}}, {target}, {f}, {w}>" for p in range(3)]
     if not weighted:
         kernels.append(f"flat_kernel<(Pass)1, {{T}}, {target}, {f}, true>")
     return kernels + ["reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
 
 
-BCE_STRIDED = ["strided_kernel<(Pass)0, {T}, {Y}>", "strided_kernel<(Pass)1, {T}, {Y}>",
-               "strided_kernel<(Pass)2, {T}, {Y}>", "reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
+# Below 2^31 elements the strided kernel divides through SmallBceLayout (the 64-bit BceLayout one is UNREACHABLE).
+BCE_STRIDED = ["strided_kernel<(Pass)0, {T}, {Y}, SmallBceLayout>", "strided_kernel<(Pass)1, {T}, {Y}, SmallBceLayout>",
+               "strided_kernel<(Pass)2, {T}, {Y}, SmallBceLayout>",
+               "reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
 
 
 def _bce_sparse(focusing, weighted):
     """sparse_rows_kernel<pass, T, focusing, weighted>, as _bce_flat; weighted: a weight or per-element grad_loss
     operand (pos_weight is read by the patches of the positives only, in every variant)."""
-    f, w = ("true" if focusing else "false"), ("true" if weighted else "false")
+    f, w = f"(Focusing){BCE_FOCUSING.index(focusing)}", ("true" if weighted else "false")
     kernels = [f"sparse_rows_kernel<(Pass){p}, {{T}}, {f}, {w}>" for p in range(3)]
     if not weighted:
         kernels.append(f"sparse_rows_kernel<(Pass)1, {{T}}, {f}, true>")
@@ -148,21 +154,24 @@ KERNELS = {
     "corr_G256": _correlation(256, masked=True),  # T = 5000: 1250 packs, one chunk
     "corr_G256_chunked": _correlation(256, masked=False, chunked=True),  # T = 70000 >= 2 chunks of 32768
     # Weighted BCE: flat (contiguous logits and target whose bases are equally far from 16 bytes, a short head
-    # peeled; weights contiguous or periodic along the labels) in its four variants (focusing: gamma / clip;
-    # weighted) for each target type, strided (any other layout) or sparse rows (positive indices; packs when
+    # peeled; weights in any (row, label) strides) in its six variants (plain / focal / ASL; weighted) for each
+    # target type, strided (any other layout) or sparse rows (positive indices; packs when
     # rows are aligned, 4096-label chunks; its own focusing / weighted variants).
-    **{f"bce_flat_{form}_{'focal' if focusing else 'plain'}_{'weighted' if weighted else 'unweighted'}":
+    **{f"bce_flat_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":
        _bce_flat(TARGETS[form], focusing, weighted)
-       for form in TARGETS for focusing in (True, False) for weighted in (True, False)},
-    "bce_flat_misaligned": _bce_flat("{T}", True, True),  # logits, target, outputs 4 bytes off: 3-element head
+       for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
+    # logits, target 4 bytes off: 3-element head; outputs aligned (fresh tensors): stored element by element
+    "bce_flat_misaligned": _bce_flat("{T}", "asl", True),
     "bce_strided_float": [k.replace("{Y}", "{T}") for k in BCE_STRIDED],  # transposed logits
     "bce_strided_bool": [k.replace("{Y}", "bool") for k in BCE_STRIDED],  # broadcast (stride-0) target
     "bce_strided_uint8": [k.replace("{Y}", "unsigned char") for k in BCE_STRIDED],  # transposed logits
-    # Sparse rows: the four (focusing, weighted) variants across the layouts.
-    "bce_sparse_vector": _bce_sparse(True, True),  # L = 128; a weight
-    "bce_sparse_scalar": _bce_sparse(False, False),  # bf16 L = 101
-    "bce_sparse_chunked": _bce_sparse(True, False),  # L = 5000: two chunks per row; K = 40: two index batches
-    "bce_sparse_grid_stride": _bce_sparse(False, True),  # 140000 rows > 16384 blocks x 8 warps; a weight
+    # Sparse rows: the six (focusing, weighted) variants across the layouts.
+    "bce_sparse_vector": _bce_sparse("asl", True),  # L = 128; a weight
+    "bce_sparse_scalar": _bce_sparse("plain", False),  # bf16 L = 101
+    "bce_sparse_chunked": _bce_sparse("asl", False),  # L = 5000: two chunks per row; K = 40: two index batches
+    "bce_sparse_grid_stride": _bce_sparse("plain", True),  # 140000 rows > 16384 blocks x 8 warps; a weight
+    "bce_sparse_focal": _bce_sparse("focal", False),  # L = 128
+    "bce_sparse_focal_weighted": _bce_sparse("focal", True),  # bf16 L = 101; a weight
 }
 
 # Compiled kernels that no input launches, with the reason (test_every_kernel_has_a_case).
@@ -170,6 +179,9 @@ UNREACHABLE = {
     "combine_chunks_kernel<SequenceWeightTask<{T}>>":
         "run_reduction<SequenceWeightTask> is compiled whole, but the mask pre-pass runs only when the moments "
         "kernel sweeps again (forward_cuda: task.sweeps_again needs plan.chunks == 1), never on a chunked plan",
+    **{f"strided_kernel<(Pass){p}, {{T}}, {target}, fused_losses::StridedLayout<5>>":
+       "the strided BCE kernel divides with 64-bit indices only from 2^31 elements (launch_pass), too large here"
+       for p in range(3) for target in ("{T}", "bool", "unsigned char")},
 }
 
 
@@ -270,11 +282,11 @@ def _correlation_case(device, shape, kind="pearson", offset=0, masked=True):
     return loss_fn, reference_fn, [x, y], per_timestep
 
 
-def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, focusing=True, weighted=True,
+def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, focusing="asl", weighted=True,
               weight=False):
-    """focusing: gamma_neg 2 and clip 0.05, else plain BCE; weighted: a pos_weight; weight: a (L,) weight.
-    layout 'misaligned': logits and target contiguous, both one element off 16 bytes (the flat kernel peels a
-    head)."""
+    """focusing: 'asl' (gamma_neg 2, clip 0.05), 'focal' (gamma_pos 1, gamma_neg 2) or 'plain' BCE; weighted: a
+    pos_weight; weight: a (L,) weight. layout 'misaligned': logits and target contiguous, both one element off 16
+    bytes (the flat kernel peels a head)."""
     rows, labels = shape
     gen = torch.Generator().manual_seed(labels)
     scores = torch.rand(rows, labels, generator=gen)
@@ -289,7 +301,7 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
     x = (3 * x).to(device, dtype)
     pos_weight = (torch.rand(labels, generator=gen) + 0.5).to(device) if weighted else None
     label_weight = (torch.rand(labels, generator=gen) + 0.5).to(device) if weight else None
-    options = dict(gamma_neg=2.0, clip=0.05) if focusing else {}
+    options = {"asl": dict(gamma_neg=2.0, clip=0.05), "focal": dict(gamma_pos=1.0, gamma_neg=2.0), "plain": {}}[focusing]
     kwargs = dict(weight=label_weight, pos_weight=pos_weight, **options)
     if form == "sparse":
         kwargs["positive_indices"] = indices.to(device)
@@ -315,7 +327,7 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
     return loss_fn, reference_fn, [x]
 
 
-# Flat BCE: per target type, the four (focusing, weighted) variants, at sizes whose numel is not a multiple of
+# Flat BCE: per target type, the six (focusing, weighted) variants, at sizes whose numel is not a multiple of
 # the elements per step (the tail loop).
 _FLAT_SHAPES = {"float": ((63, 101), torch.float32), "bool": ((63, 100), torch.bfloat16),
                 "uint8": ((65, 33), torch.float32)}
@@ -328,19 +340,22 @@ CASES = {
     "ce_G32_scalar": lambda d: _cross_entropy_case(d, (40, 1001), torch.float16, None),
     "ce_tile": lambda d: _cross_entropy_case(d, (70, 10), torch.float32, "expected", smoothing=0.1),
     "ce_tile_misaligned": lambda d: _cross_entropy_case(d, (300, 32), torch.bfloat16, "argmax", layout="misaligned"),
-    **{f"bce_flat_{form}_{'focal' if focusing else 'plain'}_{'weighted' if weighted else 'unweighted'}":
+    **{f"bce_flat_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":
        (lambda d, form=form, focusing=focusing, weighted=weighted: _bce_case(
            d, *_FLAT_SHAPES[form], form, focusing=focusing, weighted=weighted))
-       for form in TARGETS for focusing in (True, False) for weighted in (True, False)},
+       for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     "bce_flat_misaligned": lambda d: _bce_case(d, (31, 33), torch.float32, "float", layout="misaligned"),
     "bce_strided_float": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="transposed"),
     "bce_strided_bool": lambda d: _bce_case(d, (40, 30), torch.float32, "bool", layout="broadcast"),
     "bce_strided_uint8": lambda d: _bce_case(d, (40, 30), torch.bfloat16, "uint8", layout="transposed"),
     "bce_sparse_vector": lambda d: _bce_case(d, (40, 128), torch.float32, "sparse", weight=True),
-    "bce_sparse_scalar": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse", focusing=False),
+    "bce_sparse_scalar": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse", focusing="plain"),
     "bce_sparse_chunked": lambda d: _bce_case(d, (8, 5000), torch.float32, "sparse", max_positives=40),
     "bce_sparse_grid_stride": lambda d: _bce_case(d, (140_000, 8), torch.float32, "sparse", max_positives=2,
-                                                  focusing=False, weight=True),
+                                                  focusing="plain", weight=True),
+    "bce_sparse_focal": lambda d: _bce_case(d, (40, 128), torch.float32, "sparse", focusing="focal"),
+    "bce_sparse_focal_weighted": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse", focusing="focal",
+                                                     weight=True),
 }
 CORRELATION_CASES = {
     "corr_G1_strided": lambda d: _correlation_case(d, (3, 50, 2)),

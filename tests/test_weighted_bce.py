@@ -630,3 +630,25 @@ def test_cuda_graph_capture_and_replay():
 def test_exports():
     assert fused_losses.weighted_bce_with_logits is weighted_bce_with_logits
     assert "WeightedBCEWithLogitsLoss" in fused_losses.__all__
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cuda_opcheck_misaligned_input(reduction):
+    """Logits and target one element off 16 bytes (the flat kernel peels a head): the outputs are plain
+    contiguous tensors (storage offset 0), as the fake kernel's, so opcheck's fake-tensor check passes."""
+    def offset_by_one(tensor):
+        return torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device="cuda")[1:].view(tensor.shape).copy_(tensor)
+
+    x = offset_by_one(torch.randn(6, 37, device="cuda")).requires_grad_()
+    target = offset_by_one(torch.rand(6, 37, device="cuda"))
+    args = (x, target, None, None, torch.rand(37, device="cuda") + 0.5, reduction, 0.0, 0.0, 0.0)
+    for write_gradient in [False] + ([True] if reduction != "none" else []):
+        torch.library.opcheck(torch.ops.fused_losses.weighted_bce_with_logits, (*args, write_gradient))
+        outputs = torch.ops.fused_losses.weighted_bce_with_logits(*args, write_gradient)
+        assert all(output.storage_offset() == 0 for output in outputs)
+    grad_loss = torch.rand(6, 37, device="cuda") if reduction == "none" else torch.tensor(0.5, device="cuda")
+    grad = torch.ops.fused_losses.weighted_bce_with_logits_backward(grad_loss, x.detach(), *args[1:])
+    assert grad.storage_offset() == 0
+    torch.library.opcheck(torch.ops.fused_losses.weighted_bce_with_logits_backward, (grad_loss, x.detach(), *args[1:]))

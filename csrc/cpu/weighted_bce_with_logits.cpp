@@ -18,25 +18,10 @@ namespace {
 
 using at::vec::Vectorized;
 
-// log1p(e) for e in [0, 1] in float32, without Sleef's general log1p (the forward's hot spot, several times
-// slower here):
-// log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3], whose odd series is summed to s^15 (truncation error
-// below 2e-9 relative) in Estrin's order, a short dependency chain. s is accurate to an ulp for every e (no
-// cancellation), and so is the result: within 3 ulps over [1e-37, 1], measured against float64.
-inline Vectorized<float> log1p_unit_interval_fast(Vectorized<float> e) {
-  using Vec = Vectorized<float>;
-  using at::vec::fmadd;
-  const Vec s = e / (Vec(2.0f) + e);
-  const Vec s2 = s * s, s4 = s2 * s2, s8 = s4 * s4;
-  // 2 atanh(s) = 2 s + s^3 (2/3 + 2/5 s^2 + 2/7 s^4 + ... + 2/15 s^12)
-  const Vec low = fmadd(s4, fmadd(s2, Vec(2.0f / 9), Vec(2.0f / 7)), fmadd(s2, Vec(2.0f / 5), Vec(2.0f / 3)));
-  const Vec high = fmadd(s4, Vec(2.0f / 15), fmadd(s2, Vec(2.0f / 13), Vec(2.0f / 11)));
-  return fmadd(s * s2, fmadd(s8, high, low), Vec(2.0f) * s);
-}
-
 // bce_math.h's elementary functions on vector lanes. In float32 they trade a few ulps for speed, which the
 // float32 result does not see: exp is PyTorch's 20-ulp polynomial (results below FLT_MIN flush to 0) and the
-// softplus tail uses log1p_unit_interval_fast. float64 keeps Sleef's 1-ulp functions.
+// softplus tail uses bce_math.h's log1p_unit_interval_series (within 3 ulps over [1e-37, 1] against float64;
+// Sleef's general log1p is several times slower, the forward's hot spot). float64 keeps Sleef's 1-ulp functions.
 template <typename acc_t>
 struct VecMath {
   using Value = Vectorized<acc_t>;
@@ -46,11 +31,12 @@ struct VecMath {
   static Value log1p(Value x) { return x.log1p(); }
   static Value log1p_unit_interval(Value x) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      return log1p_unit_interval_fast(x);
+      return log1p_unit_interval_series<VecMath>(x);
     } else {
       return x.log1p();
     }
   }
+  static Value fma(Value a, Value b, Value c) { return at::vec::fmadd(a, b, c); }
   static Value abs(Value x) { return x.abs(); }
   static Value min(Value a, Value b) { return at::vec::minimum(a, b); }
   static Value max(Value a, Value b) { return at::vec::maximum(a, b); }

@@ -9,14 +9,18 @@
 // grad_output, retain_graph, torch.compile and CUDA graphs are correct.
 //
 // Three kernels, chosen on the host:
-// - flat: dense targets whose logits, target and output are contiguous and reach 16-byte alignment at the same
-//   element (a shared misalignment peels a short head). Each step of a thread handles kFlatElements
+// - flat: dense targets whose logits and target are contiguous and reach 16-byte alignment at the same element
+//   (a shared misalignment peels a short head; outputs are fresh contiguous tensors, stored in packs when they
+//   are aligned at the head too, else element by element). Each step of a thread handles kFlatElements
 //   consecutive elements through 16-byte loads of the logits and of the target in its own dtype (16 bool /
-//   uint8 targets per load). Weights are either contiguous (16-byte loads when aligned at the head, else
-//   element loads) or vary along the last merged dimension only (a (L,) pos_weight): those are read through
-//   the element's label. Compiled per focusing (plain / focal-ASL) and weights (none / some). Grid-stride loop
-//   over a fixed grid (grid_size); the head and the numel % kFlatElements tail take one element per thread.
-// - strided: every other dense layout (stride-0 broadcast views, transposed inputs), one element per step.
+//   uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time. Weights and
+//   per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension: contiguous,
+//   periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or any
+//   row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per focusing
+//   (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the head and
+//   the numel % kFlatElements tail take one element per thread.
+// - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
+//   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
 //   label test), then patches the row's positives from its K indices: a label listed twice counts once, an
 //   index outside [-1, L) makes the row NaN. Labels go in chunks of kChunkLabels, so any L and K fit.
@@ -126,113 +130,208 @@ __device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scala
 template <typename scalar_t, typename target_t>
 constexpr int kFlatElements = 16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof(scalar_t) : sizeof(target_t));
 
-// A weight (or grad_loss) as the flat kernel reads it: absent (data is nullptr), contiguous (element `flat` at
-// data[flat]) or periodic along the flat range (element at data[label * stride], label = flat % period);
-// `packed`: a step's values are consecutive and 16-byte aligned (contiguous and aligned at the peeled head, or
-// periodic with unit stride, a period that is a multiple of the step and an aligned base).
+// Elements per sub-pack: a step is evaluated a sub-pack at a time (one 16-byte pack of weights), so that only
+// one sub-pack's weights, pos_weights and scales are live, not the whole step's.
+template <typename scalar_t>
+constexpr int kSubPackElements = kVecSize<acc_type<scalar_t>>;
+
+// Where an element sits in the (rows, L) view of the flat range, L the last merged dimension (the whole range
+// when everything merges to one dimension).
+struct FlatPosition {
+  int64_t row, label;
+};
+
+// A fixed distance in elements as whole rows and remaining labels, so positions advance without a division.
+struct FlatAdvance {
+  int64_t rows, labels;
+};
+
+__device__ __forceinline__ void advance(FlatPosition& position, const FlatAdvance& by, int64_t num_labels) {
+  position.row += by.rows;
+  position.label += by.labels;
+  if (position.label >= num_labels) {
+    position.label -= num_labels;
+    ++position.row;
+  }
+}
+
+// How the flat kernel reads a sub-pack of an optional operand (docs/design.md, "Weighted, focal and asymmetric
+// BCE"): absent; Packs, one aligned access (contiguous, or unit label stride with sub-packs inside rows);
+// Broadcast, one value (constant along the labels, e.g. an (N, 1) per-row weight, sub-packs inside rows);
+// Elements, one load per element (any other label / row strides).
+enum class FlatForm : int { Absent, Packs, Broadcast, Elements };
+
+// An operand whose element (row, label) is at data[row * row_stride + label * label_stride].
 template <typename T>
 struct FlatOperand {
   const T* data = nullptr;
-  bool periodic = false;
-  bool packed = false;
-  int64_t stride = 0;
+  FlatForm form = FlatForm::Absent;
+  int64_t row_stride = 0, label_stride = 0;
+  int64_t wrap_step = 0;  // from a row's last label to the next row's first: row_stride - (L - 1) * label_stride
 
+  __device__ __forceinline__ int64_t offset(const FlatPosition& at) const {
+    return at.row * row_stride + at.label * label_stride;
+  }
+
+  // `Count` elements from `at` (a sub-pack), converted; `absent` when there is no operand.
+  template <int Count, typename acc_t>
+  __device__ __forceinline__ void load(const FlatPosition& at, int64_t num_labels, acc_t absent,
+                                       acc_t (&out)[Count]) const {
+    if (form == FlatForm::Packs) {
+      using Run = Pack<T, Count>;  // aligned to its size: one access of Count elements
+      const Run run = *reinterpret_cast<const Run*>(data + offset(at));
+#pragma unroll
+      for (int k = 0; k < Count; ++k) out[k] = static_cast<acc_t>(run.values[k]);
+    } else if (form == FlatForm::Broadcast) {
+      const acc_t value = static_cast<acc_t>(data[offset(at)]);
+#pragma unroll
+      for (int k = 0; k < Count; ++k) out[k] = value;
+    } else if (form == FlatForm::Elements) {
+      int64_t index = offset(at), label = at.label;
+#pragma unroll
+      for (int k = 0; k < Count; ++k) {
+        out[k] = static_cast<acc_t>(data[index]);
+        const bool row_ends = label + 1 == num_labels;
+        index += row_ends ? wrap_step : label_stride;
+        label = row_ends ? 0 : label + 1;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < Count; ++k) out[k] = absent;
+    }
+  }
+
+  // One element (the peeled head and the tail).
   template <typename acc_t>
-  __device__ __forceinline__ acc_t read(int64_t flat, int64_t label, acc_t absent) const {
-    return read_or(data, periodic ? label * stride : flat, absent);
+  __device__ __forceinline__ acc_t read(const FlatPosition& at, acc_t absent) const {
+    return form == FlatForm::Absent ? absent : static_cast<acc_t>(data[offset(at)]);
   }
 };
 
-// `Count` elements of an operand from element `first`, whose label is `label`.
-template <int Count, typename T, typename acc_t>
-__device__ __forceinline__ void load_flat(const FlatOperand<T>& operand, int64_t first, int64_t label, int64_t period,
-                                          acc_t absent, acc_t (&out)[Count]) {
-  if (operand.packed) {
-    load_packs<Count>(operand.data + (operand.periodic ? label : first), out);
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < Count; ++k) {
-    out[k] = operand.read(first + k, label, absent);
-    label = label + 1 == period ? 0 : label + 1;
-  }
+// The operands of the weighted flat kernels, with the layout's distances.
+template <typename scalar_t>
+struct FlatOperands {
+  using acc_t = acc_type<scalar_t>;
+  FlatOperand<acc_t> weight, pos_weight;
+  FlatOperand<scalar_t> grad_loss;
+  int64_t num_labels;        // L: the last merged dimension's size (the whole range for one dimension)
+  FlatAdvance sub_pack;      // kSubPackElements elements
+  FlatAdvance grid_step;     // the grid stride of a thread's steps, num_threads * kFlatElements elements
+};
+
+// The formulas a flat kernel holds: plain BCE, focal (gammas without a clip) or ASL (a clip, and gammas).
+enum class Focusing { Plain, Focal, Asymmetric };
+
+template <typename acc_t>
+Focusing focusing_of(const BceConfig<acc_t>& cfg) {
+  return cfg.clipped ? Focusing::Asymmetric : cfg.focusing ? Focusing::Focal : Focusing::Plain;
 }
 
-// The call's config; in the plain kernels focusing is off at compile time, so their loops hold only the plain
-// formulas.
-template <bool kFocusing, typename acc_t>
+// The call's config with its focusing and clip flags fixed at compile time, so that a kernel's loop holds only
+// its own formulas (the plain ones no focusing factor, the focal ones no clip).
+template <Focusing kFocusing, typename acc_t>
 __device__ __forceinline__ BceConfig<acc_t> kernel_config(const BceConfig<acc_t>& cfg) {
-  if constexpr (kFocusing) {
-    return cfg;
-  } else {
-    return BceConfig<acc_t>{};
+  BceConfig<acc_t> fixed{};
+  if constexpr (kFocusing != Focusing::Plain) {
+    fixed.gamma_pos = cfg.gamma_pos;
+    fixed.gamma_neg = cfg.gamma_neg;
+    fixed.focusing = true;
   }
+  if constexpr (kFocusing == Focusing::Asymmetric) {
+    fixed.clip = cfg.clip;
+    fixed.clipped = true;
+  }
+  return fixed;
 }
 
 // Resident blocks the flat kernels are compiled for: 4 (at most 64 registers at 256 threads) for the float
-// paths without weight operands; the weighted ones hold a step's weight, pos_weight and scale too (3 x 16
-// values with a one-byte target), which spill under 64 registers: 2. The double paths are not limited.
-template <typename scalar_t, bool kWeighted>
-constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : kWeighted ? 2 : 4;
+// paths: a sub-pack's operands are live at a time, not a step's. The double paths are not limited.
+template <typename scalar_t>
+constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : 4;
 
 // kWeighted: some of weight, pos_weight and per-element grad_loss are present; without them the loop reads
-// logits and target only. Elements [0, head) (a misaligned base peeled up to the first element where logits,
-// target and output are 16-byte aligned) and the tail after the last whole step go one per thread.
-template <Pass pass, typename scalar_t, typename target_t, bool kFocusing, bool kWeighted>
-__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t, kWeighted>)
-    flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target,
-                FlatOperand<acc_type<scalar_t>> weight, FlatOperand<acc_type<scalar_t>> pos_weight,
-                FlatOperand<scalar_t> grad_loss, int64_t period, int64_t head) {
+// logits and target only. Elements [0, head) (a misaligned base peeled up to the first element where logits
+// and target are 16-byte aligned) and the tail after the last whole step go one per thread. out_packed: the
+// output is 16-byte aligned at the head too (else its packs are stored element by element).
+template <Pass pass, typename scalar_t, typename target_t, Focusing kFocusing, bool kWeighted>
+__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
+    flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, FlatOperands<scalar_t> operands,
+                int64_t head, bool out_packed) {
   using acc_t = acc_type<scalar_t>;
   constexpr int E = kFlatElements<scalar_t, target_t>;
+  constexpr int S = kSubPackElements<scalar_t>;
+  constexpr int kLogitsVec = kVecSize<scalar_t>, kTargetVec = kVecSize<target_t>;
+  static_assert(E % S == 0 && (E % kLogitsVec) == 0 && (E % kTargetVec) == 0, "a step is whole packs");
   if (keeps_forward_gradient<pass>(args)) return;
   const BceConfig<acc_t> cfg = kernel_config<kFocusing>(args.cfg);
   const int64_t thread = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
   const acc_t scale_all = uniform_scale<pass>(args);
   const int64_t steps = (args.numel - head) / E;
-  // The label of a step's first element, advanced by the grid stride without a division per step.
-  const int64_t label_advance = kWeighted ? num_threads * E % period : 0;
-  int64_t label = kWeighted ? (head + thread * E) % period : 0;
+  const int64_t num_labels = operands.num_labels;
+  // The position of a thread's step, advanced by the grid stride without a division per step.
+  FlatPosition step_position{0, 0};
+  if constexpr (kWeighted) {
+    const int64_t start = head + thread * E;
+    step_position = {start / num_labels, start % num_labels};
+  }
   acc_t sum = 0;
   for (int64_t step = thread; step < steps; step += num_threads) {
     const int64_t first = head + step * E;
-    acc_t z[E], y[E], value[E];
-    load_packs<E>(args.logits + first, z);
-    load_packs<E>(target + first, y);
-    if constexpr (kWeighted) {
-      acc_t w[E], q[E], scale[E];
-      load_flat<E>(weight, first, label, period, acc_t(1), w);
-      load_flat<E>(pos_weight, first, label, period, acc_t(1), q);
-      load_flat<E>(grad_loss, first, label, period, scale_all, scale);
-      label += label_advance;
-      label = label >= period ? label - period : label;
+    // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
+    // sub-pack at a time.
+    Pack<scalar_t, kLogitsVec> logits[E / kLogitsVec];
+    Pack<target_t, kTargetVec> targets[E / kTargetVec];
 #pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const ElementResult<acc_t> result = evaluate_element<pass>(cfg, z[k], y[k], w[k], q[k], scale[k]);
-        sum += result.summed;
-        value[k] = result.stored;
+    for (int v = 0; v < E / kLogitsVec; ++v) logits[v] = load_pack(args.logits + first + v * kLogitsVec);
+#pragma unroll
+    for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack(target + first + v * kTargetVec);
+    Pack<scalar_t, kLogitsVec> stored;
+    FlatPosition position = step_position;
+#pragma unroll
+    for (int j = 0; j < E / S; ++j) {
+      acc_t w[S], q[S], scale[S];
+      if constexpr (kWeighted) {
+        operands.weight.load(position, num_labels, acc_t(1), w);
+        operands.pos_weight.load(position, num_labels, acc_t(1), q);
+        operands.grad_loss.load(position, num_labels, scale_all, scale);
+        advance(position, operands.sub_pack, num_labels);
       }
-    } else {
 #pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const ElementResult<acc_t> result = evaluate_element<pass>(cfg, z[k], y[k], acc_t(1), acc_t(1), scale_all);
+      for (int k = 0; k < S; ++k) {
+        const int e = j * S + k;
+        const acc_t z = static_cast<acc_t>(logits[e / kLogitsVec].values[e % kLogitsVec]);
+        const acc_t y = element_as<acc_t>(targets[e / kTargetVec].values[e % kTargetVec]);
+        const ElementResult<acc_t> result =
+            kWeighted ? evaluate_element<pass>(cfg, z, y, w[k], q[k], scale[k])
+                      : evaluate_element<pass>(cfg, z, y, acc_t(1), acc_t(1), scale_all);
         sum += result.summed;
-        value[k] = result.stored;
+        stored.values[e % kLogitsVec] = static_cast<scalar_t>(result.stored);
+        // A full pack of outputs goes out at once (element by element when the output's misalignment differs
+        // from the logits').
+        if ((e + 1) % kLogitsVec == 0 && writes_output<pass>(args)) {
+          scalar_t* out = args.out + first + e + 1 - kLogitsVec;
+          if (out_packed) {
+            store_pack(out, stored);
+          } else {
+#pragma unroll
+            for (int v = 0; v < kLogitsVec; ++v) out[v] = stored.values[v];
+          }
+        }
       }
     }
-    if (writes_output<pass>(args)) store_packs<E>(args.out + first, value);
+    if constexpr (kWeighted) advance(step_position, operands.grid_step, num_labels);
   }
   // The head, then the tail: `edge` elements in all.
   const int64_t tail_start = head + steps * E;
   const int64_t edge = head + (args.numel - tail_start);
   for (int64_t index = thread; index < edge; index += num_threads) {
     const int64_t flat = index < head ? index : tail_start + (index - head);
-    const int64_t element_label = kWeighted ? flat % period : 0;
+    const FlatPosition position = kWeighted ? FlatPosition{flat / num_labels, flat % num_labels} : FlatPosition{0, 0};
     const ElementResult<acc_t> result = evaluate_element<pass>(
         cfg, static_cast<acc_t>(args.logits[flat]), element_as<acc_t>(target[flat]),
-        weight.read(flat, element_label, acc_t(1)), pos_weight.read(flat, element_label, acc_t(1)),
-        grad_loss.read(flat, element_label, scale_all));
+        operands.weight.read(position, acc_t(1)), operands.pos_weight.read(position, acc_t(1)),
+        operands.grad_loss.read(position, scale_all));
     sum += result.summed;
     if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
@@ -241,9 +340,53 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t, kWeigh
 
 // ------------------------------------------------------------------------------------------------- strided
 
-template <Pass pass, typename scalar_t, typename target_t>
+// Division by a fixed divisor in [1, 2^31) as a multiply-high and a shift (Granlund and Montgomery), exact
+// for dividends below 2^31: a few instructions instead of the 64-bit division subroutine.
+struct FastDivider {
+  uint32_t divisor = 1, magic = 1, shift = 0;
+
+  FastDivider() = default;
+  explicit FastDivider(uint32_t d) : divisor(d) {
+    while ((uint64_t(1) << shift) < d) ++shift;
+    magic = static_cast<uint32_t>((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d) / d + 1);
+  }
+  // n / divisor for n < 2^31 (so high + n does not overflow: high <= n).
+  __device__ __forceinline__ uint32_t divide(uint32_t n) const {
+    const uint32_t high = static_cast<uint32_t>((uint64_t(n) * magic) >> 32);
+    return (high + n) >> shift;
+  }
+};
+
+// BceLayout for fewer than 2^31 elements: the per-dimension div / mod of an element's offsets through
+// FastDivider (the 64-bit division is most of the strided kernel's instructions).
+struct SmallBceLayout {
+  int dims = 0;
+  FastDivider sizes[kMaxLayoutDims];
+  int64_t strides[kNumBceOperands][kMaxLayoutDims] = {};
+
+  SmallBceLayout() = default;
+  explicit SmallBceLayout(const BceLayout& layout) : dims(layout.dims) {
+    for (int d = 0; d < dims; ++d) {
+      sizes[d] = FastDivider(static_cast<uint32_t>(layout.sizes[d]));
+      for (int k = 0; k < kNumBceOperands; ++k) strides[k][d] = layout.strides[k][d];
+    }
+  }
+  __device__ __forceinline__ void offsets(int64_t flat, int64_t (&out)[kNumBceOperands]) const {
+    for (int k = 0; k < kNumBceOperands; ++k) out[k] = 0;
+    uint32_t rest = static_cast<uint32_t>(flat);
+    for (int d = dims - 1; d >= 0; --d) {
+      const uint32_t outer = sizes[d].divide(rest);
+      const int64_t index = rest - outer * sizes[d].divisor;
+      rest = outer;
+      for (int k = 0; k < kNumBceOperands; ++k) out[k] += index * strides[k][d];
+    }
+  }
+};
+
+// One element per step; `Layout` is BceLayout, or SmallBceLayout below 2^31 elements.
+template <Pass pass, typename scalar_t, typename target_t, typename Layout>
 __global__ void __launch_bounds__(kBlockThreads)
-    strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, BceLayout layout) {
+    strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   if (keeps_forward_gradient<pass>(args)) return;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
@@ -303,9 +446,10 @@ __device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int
 // Resident blocks the sparse kernels are compiled for: 4 (at most 64 registers at 256 threads) on the float
 // paths, but 2 for the focusing backward with weight / grad_loss operands (a pack's weights, scales and the
 // focusing terms spill under 64 registers); the double paths are not limited.
-template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
+template <Pass pass, typename scalar_t, Focusing kFocusing, bool kWeighted>
 constexpr int kSparseMinBlocks =
-    std::is_same_v<scalar_t, double> ? 1 : (pass == Pass::Backward && kFocusing && kWeighted ? 2 : 4);
+    std::is_same_v<scalar_t, double> ? 1
+    : (pass == Pass::Backward && kFocusing != Focusing::Plain && kWeighted ? 2 : 4);
 
 // How a sweep reads an optional operand: never (absent), without a null test (present), or testing for null
 // per element (maybe: one loop for either, where versions per case would not fit the registers).
@@ -325,10 +469,10 @@ __device__ __forceinline__ acc_t read_operand(const T* __restrict__ data, int64_
 // after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and patch each
 // positive label of the chunk once: the sum gets loss_pos - loss_neg, the stored value (loss or gradient) is
 // overwritten with the positive one, computed directly. A row with an invalid index is NaN throughout.
-// kFocusing: gamma or clip non-zero (else the plain formulas only); kWeighted: a weight or per-element grad_loss
+// kFocusing: the formulas the kernel holds, as the flat kernel's; kWeighted: a weight or per-element grad_loss
 // operand (pos_weight is read by the patches only). `layout` is exactly (N, L): row r, label c of operand k is
 // at r * strides[k][0] + c * strides[k][1].
-template <Pass pass, typename scalar_t, bool kFocusing, bool kWeighted>
+template <Pass pass, typename scalar_t, Focusing kFocusing, bool kWeighted>
 __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t, kFocusing, kWeighted>)
     sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
                        BceLayout layout, bool vectorized) {
@@ -418,7 +562,7 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
   using Absent = OperandReadTag<OperandRead::kAbsent>;
   using Present = OperandReadTag<OperandRead::kPresent>;
   using Maybe = OperandReadTag<OperandRead::kMaybe>;
-  if constexpr (pass == Pass::Backward && kWeighted && kFocusing) {  // a weight, a per-element grad_loss or both
+  if constexpr (pass == Pass::Backward && kWeighted && kFocusing != Focusing::Plain) {  // a weight, a per-element grad_loss or both
     if (args.weight == nullptr) all_rows(Absent{}, Present{});
     else if (args.grad_loss == nullptr) all_rows(Present{}, Absent{});
     else all_rows(Present{}, Present{});
@@ -441,48 +585,71 @@ bool operand_is_contiguous(const BceLayout& layout, int operand) {
   return true;
 }
 
-// How the flat kernel reads a weight or grad_loss operand whose step starts at elements ≡ `head` (mod `E`);
-// nullopt when it cannot (a stride-0 dimension other than the last).
-template <int E, typename T>
+bool is_aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// How the flat kernel reads a weight or grad_loss operand whose steps start at elements ≡ `head` (mod the
+// step): as (row, label) strides of the (rows, L) view; nullopt when its outer dimensions do not collapse to
+// one row stride (e.g. a weight broadcast along a middle dimension).
+template <int S, typename T>
 std::optional<FlatOperand<T>> as_flat_operand(const BceLayout& layout, int operand, const T* data, int64_t head) {
   FlatOperand<T> flat;
-  flat.data = data;
   if (data == nullptr) return flat;
+  flat.data = data;
+  const int last = layout.dims - 1;
+  const int64_t num_labels = layout.inner_size();
+  flat.label_stride = layout.inner_stride(operand);
+  flat.row_stride = last >= 1 ? layout.strides[operand][last - 1] : 0;
+  // Row r of the outer dimensions must be at r * row_stride.
+  int64_t rows_inside = 1;
+  for (int d = last - 1; d >= 0; --d) {
+    if (layout.strides[operand][d] != flat.row_stride * rows_inside) return std::nullopt;
+    rows_inside *= layout.sizes[d];
+  }
+  flat.wrap_step = flat.row_stride - (num_labels - 1) * flat.label_stride;
+  // Sub-packs start at elements ≡ head (mod S); they stay inside one row when rows are whole sub-packs.
+  const bool sub_packs_in_rows = last <= 0 || (head % S == 0 && num_labels % S == 0);
+  const size_t run_bytes = S * sizeof(T);
   if (operand_is_contiguous(layout, operand)) {
-    flat.packed = is_aligned_16(data + head);
-    return flat;
+    flat.form = is_aligned_to(data + head, run_bytes) ? FlatForm::Packs : FlatForm::Elements;
+  } else if (flat.label_stride == 1 && sub_packs_in_rows && flat.row_stride % S == 0 && is_aligned_to(data, run_bytes)) {
+    flat.form = FlatForm::Packs;
+  } else if (flat.label_stride == 0 && sub_packs_in_rows) {
+    flat.form = FlatForm::Broadcast;
+  } else {
+    flat.form = FlatForm::Elements;
   }
-  for (int d = 0; d + 1 < layout.dims; ++d) {
-    if (layout.strides[operand][d] != 0) return std::nullopt;
-  }
-  flat.periodic = true;
-  flat.stride = layout.inner_stride(operand);
-  flat.packed = head == 0 && flat.stride == 1 && layout.inner_size() % E == 0 && is_aligned_16(data);
   return flat;
 }
 
-// The first element (below kFlatElements, at most numel) where logits, target and output are all 16-byte
-// aligned: a base misaligned by the same number of elements in each (outputs are allocated that way,
-// empty_with_alignment_of) peels a short head. nullopt when there is none.
+FlatAdvance flat_advance(int64_t elements, int64_t num_labels) {
+  return {elements / num_labels, elements % num_labels};
+}
+
+// The first element (below kFlatElements, at most numel) where logits and target are both 16-byte aligned:
+// a base misaligned by the same number of elements in each peels a short head. nullopt when there is none.
+// (The output, a fresh tensor, is stored in packs when it is aligned at the head too, else element by element.)
 template <typename scalar_t, typename target_t>
 std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t* target) {
   constexpr int E = kFlatElements<scalar_t, target_t>;
   for (int64_t head = 0; head < E; ++head) {
-    if (is_aligned_16(args.logits + head) && is_aligned_16(target + head) &&
-        (args.out == nullptr || is_aligned_16(args.out + head))) {
-      return std::min(head, args.numel);
-    }
+    if (is_aligned_16(args.logits + head) && is_aligned_16(target + head)) return std::min(head, args.numel);
   }
   return std::nullopt;
 }
 
-// Calls f(kFocusing, kWeighted) with the two flags as std::bool_constant: one kernel instantiation each.
+// Calls f(focusing, weighted) with both as compile-time constants (std::integral_constant): one kernel
+// instantiation each.
 template <typename F>
-void with_kernel_variant(bool focusing, bool weighted, const F& f) {
-  if (focusing && weighted) f(std::true_type{}, std::true_type{});
-  else if (focusing) f(std::true_type{}, std::false_type{});
-  else if (weighted) f(std::false_type{}, std::true_type{});
-  else f(std::false_type{}, std::false_type{});
+void with_kernel_variant(Focusing focusing, bool weighted, const F& f) {
+  const auto with_weighted = [&](auto focusing_tag) {
+    if (weighted) f(focusing_tag, std::true_type{});
+    else f(focusing_tag, std::false_type{});
+  };
+  switch (focusing) {
+    case Focusing::Plain: with_weighted(std::integral_constant<Focusing, Focusing::Plain>{}); break;
+    case Focusing::Focal: with_weighted(std::integral_constant<Focusing, Focusing::Focal>{}); break;
+    case Focusing::Asymmetric: with_weighted(std::integral_constant<Focusing, Focusing::Asymmetric>{}); break;
+  }
 }
 
 // Launches one pass over every element. For a reduced forward, `partials` receives the (blocks,) per-block
@@ -502,9 +669,10 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
                             (args.out == nullptr || is_aligned_16(args.out));
     const int64_t blocks = grid_size(p.num_rows(), kWarpsPerBlock);
     allocate_partials(blocks);
-    with_kernel_variant(args.cfg.focusing, args.weight != nullptr || args.grad_loss != nullptr,
+    with_kernel_variant(focusing_of(args.cfg), args.weight != nullptr || args.grad_loss != nullptr,
                         [&](auto focusing, auto weighted) {
-                          constexpr bool kFocusing = decltype(focusing)::value, kWeighted = decltype(weighted)::value;
+                          constexpr Focusing kFocusing = decltype(focusing)::value;
+                          constexpr bool kWeighted = decltype(weighted)::value;
                           launch_kernel(sparse_rows_kernel<pass, scalar_t, kFocusing, kWeighted>, blocks, stream, args,
                                         p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout,
                                         vectorized);
@@ -518,38 +686,36 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
             ? flat_head(args, target)
             : std::nullopt;
     if (head) {
-      const auto weight = as_flat_operand<E>(p.layout, kWeight, args.weight, *head);
-      const auto pos_weight = as_flat_operand<E>(p.layout, kPosWeight, args.pos_weight, *head);
-      const auto grad_loss = as_flat_operand<E>(p.layout, kGradLoss, args.grad_loss, *head);
+      constexpr int S = kSubPackElements<scalar_t>;
+      const auto weight = as_flat_operand<S>(p.layout, kWeight, args.weight, *head);
+      const auto pos_weight = as_flat_operand<S>(p.layout, kPosWeight, args.pos_weight, *head);
+      const auto grad_loss = as_flat_operand<S>(p.layout, kGradLoss, args.grad_loss, *head);
       if (weight && pos_weight && grad_loss) {
         const int64_t blocks = grid_size((p.numel - *head) / E, kBlockThreads);
         allocate_partials(blocks);
+        const int64_t num_labels = p.layout.inner_size();
+        const FlatOperands<scalar_t> operands{*weight, *pos_weight, *grad_loss, num_labels,
+                                              flat_advance(S, num_labels),
+                                              flat_advance(blocks * kBlockThreads * E, num_labels)};
         const bool weighted = weight->data != nullptr || pos_weight->data != nullptr || grad_loss->data != nullptr;
-        const auto launch = [&](auto focusing, auto weighted_tag) {
+        const bool out_packed = args.out == nullptr || is_aligned_16(args.out + *head);
+        with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
           launch_kernel(flat_kernel<pass, scalar_t, target_t, decltype(focusing)::value, decltype(weighted_tag)::value>,
-                        blocks, stream, args, target, *weight, *pos_weight, *grad_loss, p.layout.inner_size(), *head);
-        };
-        const bool focusing = args.cfg.focusing;
-        if (focusing && weighted) launch(std::true_type{}, std::true_type{});
-        else if (focusing) launch(std::true_type{}, std::false_type{});
-        else if (weighted) launch(std::false_type{}, std::true_type{});
-        else launch(std::false_type{}, std::false_type{});
+                        blocks, stream, args, target, operands, *head, out_packed);
+        });
         return blocks;
       }
     }
     const int64_t blocks = grid_size(p.numel, kBlockThreads);
     allocate_partials(blocks);
-    launch_kernel(strided_kernel<pass, scalar_t, target_t>, blocks, stream, args, target, p.layout);
+    if (p.numel <= std::numeric_limits<int32_t>::max()) {
+      launch_kernel(strided_kernel<pass, scalar_t, target_t, SmallBceLayout>, blocks, stream, args, target,
+                    SmallBceLayout(p.layout));
+    } else {
+      launch_kernel(strided_kernel<pass, scalar_t, target_t, BceLayout>, blocks, stream, args, target, p.layout);
+    }
     return blocks;
   }
-}
-
-// An uninitialised tensor of the input's shape and dtype, contiguous, whose address is as far (in elements)
-// from 16-byte alignment as the input's: the flat kernel then peels the same head from both.
-at::Tensor empty_with_alignment_of(const at::Tensor& input) {
-  const int64_t offset = reinterpret_cast<uintptr_t>(input.const_data_ptr()) % 16 / input.element_size();
-  if (offset == 0) return at::empty(input.sizes(), input.options());
-  return at::empty({input.numel() + offset}, input.options()).narrow(0, offset, input.numel()).view(input.sizes());
 }
 
 template <typename scalar_t>
@@ -576,9 +742,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const s
   const BceProblem p =
       make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos, gamma_neg, clip);
   const bool reduced = p.reduction != Reduction::None;
-  at::Tensor loss = reduced ? allocate_bce_loss(p) : empty_with_alignment_of(p.input);
+  at::Tensor loss = allocate_bce_loss(p);
   at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
-  if (write_gradient && !is_aligned_16(p.input.const_data_ptr())) gradient = empty_with_alignment_of(p.input);
   if (p.numel == 0) {
     fill_empty_reduction(loss, p.reduction);
     return {loss, gradient};
@@ -628,7 +793,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, c
   const c10::cuda::CUDAGuard guard(input.device());
   const BceProblem p = make_bce_problem(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                         gamma_neg, clip, grad_loss);
-  at::Tensor grad_input = empty_with_alignment_of(p.input);
+  at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
   backward_into(p, grad_input, /*skip_unit_grad_loss=*/false);
   return grad_input;
 }
