@@ -40,8 +40,9 @@ BceConfig<acc_t> make_bce_config(double gamma_pos, double gamma_neg, double clip
   cfg.gamma_pos = static_cast<acc_t>(gamma_pos);
   cfg.gamma_neg = static_cast<acc_t>(gamma_neg);
   cfg.clip = static_cast<acc_t>(clip);
-  cfg.focusing = gamma_pos != 0.0 || gamma_neg != 0.0 || clip != 0.0;
-  cfg.clipped = clip != 0.0;
+  // The flags describe the values the kernels compute with (a gamma or clip below acc_t's range is 0).
+  cfg.focusing = cfg.gamma_pos != acc_t(0) || cfg.gamma_neg != acc_t(0) || cfg.clip != acc_t(0);
+  cfg.clipped = cfg.clip != acc_t(0);
   return cfg;
 }
 
