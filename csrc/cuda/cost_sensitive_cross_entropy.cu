@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
     // A NaN, +inf or an all -inf row: the warp scans its rows again element by element (rare; uniform in the
     // warp).
     const bool rescan = kind == TargetKind::Valid && !scan_is_finite(scan);
-    if (__any_sync(0xffffffffu, rescan)) {
+    if (__any_sync(kFullWarp, rescan)) {
       RowScan<acc_t> exact;
       if (rescan) exact = exact_scan(cfg, row_ptr, layout.class_stride, lane, Group, y);
       merge_group<Group>(exact);

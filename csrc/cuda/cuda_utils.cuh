@@ -14,6 +14,7 @@ namespace fused_losses::cuda {
 
 constexpr int kBlockThreads = 256;
 constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarp = 0xffffffffu;  // every lane of a warp takes part in a collective
 // The host emulation's small-limit build (FUSED_LOSSES_SMALL_LIMITS, tests/cuda_emulation) shrinks the work-split
 // limits so that test shapes of a few hundred elements take the grid-stride, multi-chunk and merge paths.
 #ifdef FUSED_LOSSES_SMALL_LIMITS
@@ -66,13 +67,13 @@ inline bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(
 // Shuffle within aligned groups of `Group` lanes; every lane of the warp must call it.
 template <int Group, typename T>
 __device__ __forceinline__ T group_xor(T value, int offset) {
-  return __shfl_xor_sync(0xffffffffu, value, offset, Group);
+  return __shfl_xor_sync(kFullWarp, value, offset, Group);
 }
 
 // The value of the group's first lane, in every lane of the group; every lane of the warp must call it.
 template <int Group, typename T>
 __device__ __forceinline__ T group_broadcast(T value) {
-  return __shfl_sync(0xffffffffu, value, 0, Group);
+  return __shfl_sync(kFullWarp, value, 0, Group);
 }
 
 // Launches `kernel(args...)` on `blocks` blocks of kBlockThreads threads. Every launch goes through here so
@@ -219,7 +220,7 @@ __device__ void broadcast_group(State& state) {
     state.store(values);
     if constexpr (Group <= kWarpSize) {
 #pragma unroll
-      for (int k = 0; k < State::kWidth; ++k) values[k] = __shfl_sync(0xffffffffu, values[k], 0, Group);
+      for (int k = 0; k < State::kWidth; ++k) values[k] = __shfl_sync(kFullWarp, values[k], 0, Group);
     } else {
       __shared__ typename State::value_type first_state[State::kWidth];
       if (threadIdx.x == 0) {

@@ -408,7 +408,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 // --------------------------------------------------------------------------------------------- sparse rows
 
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
-constexpr unsigned kFullWarp = 0xffffffffu;
 #ifdef FUSED_LOSSES_SMALL_LIMITS
 constexpr int64_t kChunkLabels = 64;  // the emulation's small-limit build: several chunks per test row
 #else
