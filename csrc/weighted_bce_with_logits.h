@@ -5,6 +5,7 @@
 #include "bce_math.h"
 #include "common.h"
 
+#include <cmath>
 #include <optional>
 #include <string_view>
 
@@ -104,8 +105,9 @@ inline BceProblem make_bce_problem(const at::Tensor& input, const std::optional<
                     "pass exactly one of target (dense) and positive_indices (sparse), got ",
                     target.has_value() ? "both" : "neither");
   p.reduction = parse_reduction(reduction);
-  TORCH_CHECK_VALUE(gamma_pos >= 0.0 && gamma_neg >= 0.0, "gamma_pos and gamma_neg must be >= 0, got ", gamma_pos,
-                    " and ", gamma_neg);
+  // An infinite exponent would turn the focusing factor's derivative into inf * 0 = NaN.
+  TORCH_CHECK_VALUE(std::isfinite(gamma_pos) && std::isfinite(gamma_neg) && gamma_pos >= 0.0 && gamma_neg >= 0.0,
+                    "gamma_pos and gamma_neg must be finite numbers >= 0, got ", gamma_pos, " and ", gamma_neg);
   TORCH_CHECK_VALUE(clip >= 0.0 && clip < 1.0, "clip must be in [0, 1), got ", clip);
   p.gamma_pos = gamma_pos;
   p.gamma_neg = gamma_neg;

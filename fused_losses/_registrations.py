@@ -148,6 +148,14 @@ def _vjp_of_reference(loss_fn, primals, wanted, grad_loss):
 # functional._writes_gradient).
 
 
+def _check_devices(input, **tensors) -> None:
+    """The C++ kernels' device check, for the fake kernels: a call whose tensors are on the meta device
+    dispatches to the fake kernel, which would otherwise return uninitialised tensors on the input's device."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device != input.device:
+            raise ValueError(f"{name} must be on the same device as input ({input.device}), got {tensor.device}")
+
+
 def _forward_gradient_fake(input, write_gradient: bool):
     return torch.empty_like(input, memory_format=torch.contiguous_format) if write_gradient else input.new_empty((0,))
 
@@ -194,6 +202,7 @@ def _num_row_stats(cost_matrix, cost_mode: str) -> int:
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy")
 def _cost_sensitive_cross_entropy_fake(input, target, cost_matrix, weight, ignore_index, reduction,
                                        label_smoothing, cost_mode, write_gradient):
+    _check_devices(input, target=target, cost_matrix=cost_matrix, weight=weight)
     acc = accumulation_dtype(input.dtype)
     loss = input.new_empty(target.shape) if reduction == "none" else input.new_empty(())
     row_stats = input.new_empty((target.numel(), _num_row_stats(cost_matrix, cost_mode)), dtype=acc)
@@ -203,6 +212,7 @@ def _cost_sensitive_cross_entropy_fake(input, target, cost_matrix, weight, ignor
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy_backward")
 def _cost_sensitive_cross_entropy_backward_fake(grad_loss, input, target, cost_matrix, weight, row_stats,
                                                 total_weight, ignore_index, reduction, label_smoothing, cost_mode):
+    _check_devices(input, grad_loss=grad_loss, target=target, cost_matrix=cost_matrix, weight=weight)
     return input.new_empty(input.shape)
 
 
@@ -256,6 +266,7 @@ _MOMENTS_WIDTH = 8  # count, shifts and means of x and y, Cxx, Cyy, Cxy per sequ
 @torch.library.register_fake("fused_losses::correlation_loss")
 def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, eps, write_input_gradient,
                            write_target_gradient):
+    _check_devices(input, target=target, mask=mask)
     acc = accumulation_dtype(input.dtype)
     batch, channels = input.shape[0], input.shape[2] if input.dim() == 3 else 1  # (B, T) is one channel
     if reduction != "none":
@@ -272,6 +283,7 @@ def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, e
 @torch.library.register_fake("fused_losses::correlation_loss_backward")
 def _correlation_loss_backward_fake(grad_loss, input, target, mask, stats, total_weight, kind, reduction,
                                     per_timestep, eps, input_requires_grad, target_requires_grad):
+    _check_devices(input, grad_loss=grad_loss, target=target, mask=mask)
     def gradient(like, requested):
         return torch.empty_like(like) if requested else like.new_empty((0,))
 
@@ -336,6 +348,8 @@ _register_autograd("correlation_loss", _correlation_loss_setup, _correlation_los
 @torch.library.register_fake("fused_losses::weighted_bce_with_logits")
 def _weighted_bce_with_logits_fake(input, target, positive_indices, weight, pos_weight, reduction, gamma_pos,
                                    gamma_neg, clip, write_gradient):
+    _check_devices(input, target=target, positive_indices=positive_indices, weight=weight,
+                   pos_weight=pos_weight)
     loss = input.new_empty(input.shape if reduction == "none" else ())
     return loss, _forward_gradient_fake(input, write_gradient)
 
@@ -343,6 +357,8 @@ def _weighted_bce_with_logits_fake(input, target, positive_indices, weight, pos_
 @torch.library.register_fake("fused_losses::weighted_bce_with_logits_backward")
 def _weighted_bce_with_logits_backward_fake(grad_loss, input, target, positive_indices, weight, pos_weight,
                                             reduction, gamma_pos, gamma_neg, clip):
+    _check_devices(input, grad_loss=grad_loss, target=target, positive_indices=positive_indices,
+                   weight=weight, pos_weight=pos_weight)
     return input.new_empty(input.shape)
 
 

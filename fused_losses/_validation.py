@@ -42,8 +42,8 @@ def check_cost_matrix_values(cost_matrix: torch.Tensor) -> None:
 def check_focusing(gamma_pos: float, gamma_neg: float, clip: float) -> None:
     """Focusing exponents of the focal / asymmetric losses and the ASL probability margin."""
     for name, value in (("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+        if not (math.isfinite(value) and value >= 0):  # an infinite exponent: inf * 0 = NaN in the gradient
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if not 0 <= clip < 1:
         raise ValueError(f"clip must be in [0, 1), got {clip}")
 

@@ -256,7 +256,7 @@ def weighted_bce_with_logits(
             once (each row is a set). Invalid indices raise ``ValueError`` on the CPU; on CUDA they make their
             row's loss and gradient NaN unless ``FUSED_LOSSES_CHECK=1`` (which validates first, with a host
             synchronisation). No dense target is ever built.
-        gamma_pos, gamma_neg: focusing exponents ``>= 0`` of the positive and negative terms.
+        gamma_pos, gamma_neg: finite focusing exponents ``>= 0`` of the positive and negative terms.
         clip: probability margin in ``[0, 1)`` of the negative term (ASL); 0 disables it.
 
     Returns:

@@ -378,7 +378,7 @@ class WeightedBinaryCrossentropy(_Loss):
         pos_weight: weight of the positive term, ``(labels,)`` (one per label, the last axis) or any shape that
             broadcasts to ``y_pred``; nested lists, a NumPy array or a tensor. ``None``: 1.
         from_logits: whether ``y_pred`` holds logits (recommended) or probabilities (a sigmoid output layer).
-        gamma_pos, gamma_neg: focusing exponents ``>= 0``; ``clip`` in ``[0, 1)``: the ASL probability margin.
+        gamma_pos, gamma_neg: finite focusing exponents ``>= 0``; ``clip`` in ``[0, 1)``: the ASL probability margin.
         reduction, name, dtype: as for any ``keras.losses.Loss``.
 
     Shapes: ``y_true`` (0/1 or soft labels in ``[0, 1]``) and ``y_pred`` ``(batch, ..., labels)``; ``call``

@@ -507,7 +507,7 @@ def test_argument_errors():
         fk.CostSensitiveCategoricalCrossentropy(1 - np.eye(3))
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         fk.PearsonCorrelationLoss(eps=-1.0)
-    with pytest.raises(ValueError, match="gamma_neg must be >= 0"):
+    with pytest.raises(ValueError, match="gamma_neg must be a finite number >= 0"):
         fk.WeightedBinaryCrossentropy(gamma_neg=-2.0)
     with pytest.raises(ValueError, match=r"clip must be in \[0, 1\)"):
         fk.WeightedBinaryCrossentropy(clip=1.0)

@@ -303,6 +303,42 @@ def test_unit_grad_output_backward_does_no_input_sized_work(device, loss_name):
     assert recorder.ops == [] and grad.shape == x.shape
 
 
+# Each op's call with `place(name, tensor)` around every tensor argument but the input.
+_CALLS_WITH_PLACED_ARGUMENTS = {
+    "cost_sensitive_cross_entropy": lambda x, place: fused_losses.cost_sensitive_cross_entropy(
+        x, place("target", torch.tensor([0, 1, 2, 3, 4, 0])), place("cost_matrix", torch.ones(5, 5)),
+        weight=place("weight", torch.ones(5))),
+    "pearson_correlation_loss": lambda x, place: fused_losses.pearson_correlation_loss(
+        x, place("target", torch.randn(6, 5)), mask=place("mask", torch.ones(6, 5, dtype=torch.bool))),
+    "weighted_bce_with_logits": lambda x, place: fused_losses.weighted_bce_with_logits(
+        x, place("target", torch.rand(6, 5)), weight=place("weight", torch.ones(5)),
+        pos_weight=place("pos_weight", torch.ones(5))),
+    "weighted_bce_with_logits_sparse": lambda x, place: fused_losses.weighted_bce_with_logits(
+        x, positive_indices=place("positive_indices", torch.tensor([[0], [1], [2], [3], [4], [-1]]))),
+}
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("loss_name, argument", [
+    (loss_name, argument) for loss_name, arguments in [
+        ("cost_sensitive_cross_entropy", ["target", "cost_matrix", "weight"]),
+        ("pearson_correlation_loss", ["target", "mask"]),
+        ("weighted_bce_with_logits", ["target", "weight", "pos_weight"]),
+        ("weighted_bce_with_logits_sparse", ["positive_indices"])]
+    for argument in arguments])
+def test_argument_on_the_meta_device_is_refused(loss_name, argument, requires_grad):
+    """A meta tensor beside a CPU input dispatches to the op's fake kernel, which used to return an
+    uninitialised CPU tensor as the loss; it must raise the kernels' device error instead."""
+    x = torch.randn(6, 5, requires_grad=requires_grad)
+
+    def place(name, tensor):
+        return tensor.to("meta") if name == argument else tensor
+
+    with pytest.raises(ValueError, match=f"{argument} must be on the same device as input \\(cpu\\), got meta"):
+        _CALLS_WITH_PLACED_ARGUMENTS[loss_name](x, place)
+    _CALLS_WITH_PLACED_ARGUMENTS[loss_name](x, lambda name, tensor: tensor)  # the same call on one device runs
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 
 

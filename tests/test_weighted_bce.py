@@ -1,6 +1,8 @@
 """Tests of fused_losses.weighted_bce_with_logits / WeightedBCEWithLogitsLoss (weighted, focal and asymmetric
 BCE with logits on dense or sparse multi-label targets), on every device of the `device` fixture."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -492,7 +494,7 @@ def test_module(device):
     torch.testing.assert_close(criterion(x, positive_indices=indices), expected, rtol=0, atol=0)
     torch.testing.assert_close(criterion(x, dense_from(indices, 4, torch.uint8)), expected)
     assert "gamma_neg=2.0" in repr(criterion)
-    with pytest.raises(ValueError, match="gamma_neg must be >= 0"):
+    with pytest.raises(ValueError, match="gamma_neg must be a finite number >= 0"):
         WeightedBCEWithLogitsLoss(gamma_neg=-1.0)
     with pytest.raises(ValueError, match="clip must be in"):
         WeightedBCEWithLogitsLoss(clip=1.0)
@@ -535,7 +537,9 @@ def _error_cases(device):
         "reduction": (lambda: weighted_bce_with_logits(x, target, reduction="avg"), ValueError,
                       "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
         "gamma": (lambda: weighted_bce_with_logits(x, target, gamma_pos=-0.5), ValueError,
-                  "gamma_pos must be >= 0, got -0.5"),
+                  "gamma_pos must be a finite number >= 0, got -0.5"),
+        "gamma_infinite": (lambda: weighted_bce_with_logits(x, target, gamma_neg=math.inf), ValueError,
+                           "gamma_neg must be a finite number >= 0, got inf"),
         "clip_high": (lambda: weighted_bce_with_logits(x, target, clip=1.0), ValueError, r"clip must be in \[0, 1\)"),
         "clip_negative": (lambda: weighted_bce_with_logits(x, target, clip=-0.1), ValueError,
                           r"clip must be in \[0, 1\)"),
@@ -544,7 +548,10 @@ def _error_cases(device):
                                  ValueError, "weight must not require grad"),
         "op_direct_gamma": (lambda: torch.ops.fused_losses.weighted_bce_with_logits(x, target, None, None, None,
                                                                                     "mean", 0.0, -1.0, 0.0, False),
-                            ValueError, "gamma_pos and gamma_neg must be >= 0"),
+                            ValueError, "gamma_pos and gamma_neg must be finite numbers >= 0"),
+        "op_direct_gamma_infinite": (lambda: torch.ops.fused_losses.weighted_bce_with_logits(
+            x, target, None, None, None, "mean", math.inf, 0.0, 0.0, False),
+            ValueError, "gamma_pos and gamma_neg must be finite numbers >= 0"),
     }
 
 
