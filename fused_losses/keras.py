@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._validation import as_float_tensor, check_choice, check_cost_matrix_values, check_eps, check_focusing, \
-    warn_zero_diagonal
+from ._validation import as_float_tensor, can_check_values, check_choice, check_cost_matrix_values, check_eps, \
+    check_focusing, warn_zero_diagonal
 from .functional import COST_MODES, concordance_correlation_loss, cost_sensitive_cross_entropy, \
     pearson_correlation_loss, weighted_bce_with_logits
 
@@ -118,6 +118,19 @@ def _match_label_rank(y_true: Tensor, y_pred: Tensor) -> Tensor:
     return y_true
 
 
+def _one_hot_to_class_indices(y_true: Tensor, ignored: int) -> Tensor:
+    """Class indices of one-hot rows (last axis); an all-zero row (padding) gets `ignored`: zero loss, as in
+    Keras' categorical cross-entropy. A soft or multi-hot row raises where values may be read (always on the
+    CPU, on CUDA with FUSED_LOSSES_CHECK=1): its argmax would silently stand for a hard label."""
+    if can_check_values(y_true):
+        is_one = y_true == 1
+        if not bool(((y_true == 0) | is_one).all()) or bool((is_one.sum(dim=-1) > 1).any()):
+            raise ValueError("y_true must be one-hot (one 1 per sample, zeros elsewhere; an all-zero row is "
+                             "padding): soft, smoothed or mixed-up labels are not supported, the cost is looked up "
+                             "by the true class (for smoothing pass label_smoothing=)")
+    return torch.where(y_true.any(dim=-1), y_true.argmax(dim=-1), ignored)
+
+
 def _check_class_axis(y_pred: Tensor) -> None:
     if y_pred.dim() < 2:
         raise ValueError(f"y_pred must have a class axis last, shape (batch, ..., classes), got shape "
@@ -163,14 +176,17 @@ class _CostSensitiveCrossentropy(_Loss):
         """The ``(C, C)`` float32 cost matrix (rows = true class, columns = predicted class)."""
         return self._cost_matrix.value
 
+    @property
+    def _ignore_index(self) -> int:
+        return -100 if self.ignore_class is None else int(self.ignore_class)
+
     def _per_sample_losses(self, labels: Tensor, y_pred: Tensor) -> Tensor:
         """Per-sample losses for int64 class indices ``labels`` (``y_pred``'s shape without its last axis)."""
         logits = y_pred if self.from_logits else _softmax_probabilities_to_logits(y_pred)
         if logits.dim() > 2:
             logits = logits.movedim(-1, 1)  # the fused op takes the class axis second, as F.cross_entropy
-        ignore_index = -100 if self.ignore_class is None else int(self.ignore_class)
         return cost_sensitive_cross_entropy(logits, labels, self._cost_matrix.on(logits.device),
-                                            ignore_index=ignore_index, reduction="none",
+                                            ignore_index=self._ignore_index, reduction="none",
                                             label_smoothing=self.label_smoothing, cost_mode=self.cost_mode)
 
     def get_config(self) -> dict:
@@ -187,10 +203,11 @@ class CostSensitiveCategoricalCrossentropy(_CostSensitiveCrossentropy):
 
     ``loss_i = cost_matrix[true_i, argmax(y_pred_i)] * ce_i`` (``cost_mode="argmax"``; the factor is a constant
     of the step) or ``sum_j softmax_j * cost_matrix[true_i, j] * ce_i`` (``cost_mode="expected"``,
-    differentiated). ``y_true`` is one-hot, ``y_pred``'s shape: its **argmax** is taken as the class index (a
-    soft or mixed-up label is reduced to its largest entry: this loss reads hard labels only). With an all-ones
-    cost matrix it equals ``keras.losses.CategoricalCrossentropy`` with the same ``from_logits`` and
-    ``label_smoothing``.
+    differentiated). ``y_true`` is one-hot, ``y_pred``'s shape; an all-zero row (padding) has zero loss, as in
+    Keras. Soft, smoothed or mixed-up labels are not supported (the cost is looked up by the true class): they
+    raise ``ValueError`` on the CPU and, on CUDA, with ``FUSED_LOSSES_CHECK=1`` (without it their argmax is taken,
+    unchecked). With an all-ones cost matrix it equals ``keras.losses.CategoricalCrossentropy`` with the same
+    ``from_logits`` and ``label_smoothing``.
 
     Args:
         cost_matrix: ``(C, C)`` costs, **rows = true class, columns = predicted class** (nested lists, a NumPy
@@ -220,7 +237,7 @@ class CostSensitiveCategoricalCrossentropy(_CostSensitiveCrossentropy):
         if tuple(y_true.shape) != tuple(y_pred.shape):
             raise ValueError(f"y_true must be one-hot with y_pred's shape {tuple(y_pred.shape)}, got shape "
                              f"{tuple(y_true.shape)} (integer labels: use CostSensitiveSparseCategoricalCrossentropy)")
-        return self._per_sample_losses(y_true.argmax(dim=-1), y_pred)
+        return self._per_sample_losses(_one_hot_to_class_indices(y_true, self._ignore_index), y_pred)
 
     def get_config(self) -> dict:
         config = super().get_config()

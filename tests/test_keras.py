@@ -20,6 +20,7 @@ keras = pytest.importorskip("keras")
 
 import fused_losses  # noqa: E402
 from fused_losses import keras as fk  # noqa: E402
+from fused_losses._validation import can_check_values  # noqa: E402
 
 # Keras' torch backend (not this code) converts variables through NumPy's pre-2.0 __array__ protocol.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -177,6 +178,25 @@ def test_all_ones_cost_equals_keras_categorical_crossentropy(from_logits, label_
     for sample_weight in (None, on_device(torch.rand(N))):
         assert_same(value_and_grad(lambda z: ours(y_true, output(z), sample_weight), logits),
                     value_and_grad(lambda z: theirs(y_true, output(z), sample_weight), logits))
+
+
+def test_categorical_padding_rows_and_soft_labels():
+    """An all-zero y_true row (padding) has zero loss, as in Keras' categorical cross-entropy; a soft or
+    multi-hot row raises where values are read (the CPU here) instead of standing for its argmax."""
+    logits = on_device(torch.randn(N, C) * 2)
+    y_true = torch.nn.functional.one_hot(torch.randint(0, C, (N,)), C).float().to(DEVICE)
+    y_true[::3] = 0
+    ours = fk.CostSensitiveCategoricalCrossentropy(np.ones((C, C)), from_logits=True)
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=True)
+    assert_same(value_and_grad(lambda z: ours(y_true, z), logits), value_and_grad(lambda z: theirs(y_true, z), logits))
+    if not can_check_values(y_true):
+        pytest.skip("values of CUDA tensors are read only with FUSED_LOSSES_CHECK=1")
+    soft = torch.full((N, C), 1.0 / C, device=DEVICE)
+    multi_hot = y_true.clone()
+    multi_hot[1, :2] = 1
+    for labels in (soft, multi_hot):
+        with pytest.raises(ValueError, match="y_true must be one-hot .* soft, smoothed or mixed-up labels"):
+            ours(labels, logits)
 
 
 @pytest.mark.parametrize("from_logits", [True, False])
