@@ -60,6 +60,12 @@ def can_check_values(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" or CHECK_DATA_ON_CUDA
 
 
+def check_label_smoothing(label_smoothing) -> None:
+    """For the module forms, which take it at construction (the op checks it again at every call)."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
 def check_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ._validation import as_float_tensor, can_check_values, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, warn_zero_diagonal
+    check_focusing, check_label_smoothing, warn_zero_diagonal
 from .functional import COST_MODES, concordance_correlation_loss, cost_sensitive_cross_entropy, \
     pearson_correlation_loss, weighted_bce_with_logits
 
@@ -155,8 +155,7 @@ class _CostSensitiveCrossentropy(_Loss):
                  dtype) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         check_choice("cost_mode", cost_mode, COST_MODES)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        check_label_smoothing(label_smoothing)
         if cost_matrix is None:
             raise ValueError("cost_matrix is required: a (C, C) array, rows = true class, columns = predicted "
                              "class (all ones gives Keras' plain cross-entropy)")

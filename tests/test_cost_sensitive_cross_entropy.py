@@ -356,6 +356,8 @@ def test_module_buffers_and_state_dict(device):
         fused_losses.CostSensitiveCrossEntropyLoss(torch.ones(2, 3))
     with pytest.raises(ValueError, match="non-negative"):
         fused_losses.CostSensitiveCrossEntropyLoss(-torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 2"):
+        fused_losses.CostSensitiveCrossEntropyLoss(torch.ones(2, 2), label_smoothing=2)
 
 
 # ---------------------------------------------------------------------------------------- registration
