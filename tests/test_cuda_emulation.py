@@ -245,6 +245,8 @@ CORRELATION_OPTIONS = [
     dict(kind="pearson", reduction="none", per_timestep=False, mask=True, sides=(True, True)),
     dict(kind="concordance", reduction="mean", per_timestep=True, mask=True, sides=(False, True)),
     dict(kind="pearson", reduction="none", per_timestep=True, mask=False, sides=(True, False)),
+    # The per-step upstream's sweep computes both gradients and stores the requested one: here the target's.
+    dict(kind="concordance", reduction="none", per_timestep=True, mask=True, sides=(False, True)),
 ]
 EPS = 1e-6
 

@@ -42,13 +42,9 @@ KNOWN_SPILLS = {
 }
 
 # float32 / bf16 / fp16 kernels above 64 registers at 256 threads (< 4 blocks per SM) in the same build: the
-# correlation gradient kernels with a per-step upstream (76-80 registers, 3 blocks: they spill at 64) and the
-# focusing sparse BCE backward with weight / grad_loss operands (compiled for 2 blocks/SM: 71-128).
+# focusing sparse BCE backward with weight / grad_loss operands (compiled for 2 blocks/SM: 71-128; it spills
+# under 64 registers).
 KNOWN_REGISTER_MISSES = {
-    *(f"correlation/map_items_kernel<{g}, GradientTask<{t}, true>>" for g in (1, 4, 32, 256)
-      for t in ("bf16", "fp16", "fp32")),
-    # The focusing sparse BCE backward with weight / grad_loss operands (compiled for 2 blocks/SM: it spills
-    # under 64 registers).
     *(f"bce/sparse_rows_kernel<Backward, {t}, {focusing}, true>" for t in ("bf16", "fp16", "fp32")
       for focusing in ("focal", "asl")),
 }

@@ -494,16 +494,44 @@ void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStrea
 
 // ----------------------------------------------------------------------------- correlation tasks
 
+// Where a gradient visitor keeps its sequence's GradientCoefficients between steps (the centres stay in
+// CentredSteps): in registers, or with kParked in the thread's slot of shared memory, read back at every step or
+// pack (volatile, so that the compiler does not carry them in registers after all). The sweep with a per-step
+// upstream parks them: its upstream row leaves them no room under 64 registers (docs/design.md, "Registers
+// (issue 15)").
+template <typename acc_t, bool kParked>
+struct SequenceCoefficients {
+  GradientCoefficients<acc_t> held;
+  __device__ explicit SequenceCoefficients(const GradientCoefficients<acc_t>& coef) : held(coef) {}
+  __device__ const GradientCoefficients<acc_t>& read() const { return held; }
+};
+
+template <typename acc_t>
+struct SequenceCoefficients<acc_t, true> {
+  static constexpr int kWidth = 6;  // ax, ay, b, c, ex, ey
+  volatile acc_t* parked;
+  __device__ explicit SequenceCoefficients(const GradientCoefficients<acc_t>& coef) {
+    __shared__ acc_t slots[kBlockThreads][kWidth];
+    parked = slots[threadIdx.x];
+    const acc_t values[kWidth] = {coef.ax, coef.ay, coef.b, coef.c, coef.ex, coef.ey};
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) parked[k] = values[k];
+  }
+  // The centres are left unset: the visitor's CentredSteps holds them.
+  __device__ GradientCoefficients<acc_t> read() const {
+    return {{}, {}, parked[0], parked[1], parked[2], parked[3], parked[4], parked[5]};
+  }
+};
+
 // Gradient: d loss / d x and / or d loss / d y of every step, for the backward's grad_loss or, in the forward
 // that writes the gradient, for grad_loss = 1. kPerStepUpstream (reduction='none' with per_timestep, backward
-// only) compiles the per-step upstream row in: without it, the visitor's rows and coefficients fit the 64
-// registers of 4 blocks per SM in every sweep; with it (six rows in the strided sweep), 80 registers and 3
-// blocks, where 64 spill.
+// only) compiles the per-step upstream row in, and parks the coefficients in shared memory to make room for it
+// (six rows in the strided sweep): both variants fit the 64 registers of 4 blocks per SM.
 template <typename scalar_t, bool kPerStepUpstream>
 struct GradientTask {
   using acc_t = acc_type<scalar_t>;
   static constexpr int kPack = kVecSize<scalar_t>;
-  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(kPerStepUpstream ? 3 : 4);
+  static constexpr int kMinBlocksPerSM = min_blocks_per_sm<acc_t>(4);
   Inputs<scalar_t> in;
   CorrelationConfig<acc_t> cfg;
   const acc_t* stats;
@@ -518,29 +546,41 @@ struct GradientTask {
   struct Visitor : CentredSteps<scalar_t> {
     Row<const scalar_t> g;  // the per-step upstream (kPerStepUpstream)
     Row<scalar_t> gx, gy;   // ptr nullptr when not requested
-    GradientCoefficients<acc_t> coef;
+    SequenceCoefficients<acc_t, kPerStepUpstream> coefficients;
     template <int N>
     __device__ void at(int64_t t) {
-      acc_t dx[N], dy[N], cross[N], out[N];
+      const GradientCoefficients<acc_t>& coef = coefficients.read();  // parked: a copy for this step or pack
+      acc_t dx[N], dy[N], cross[N];
       bool valid[N];
       this->template load_deviations<N>(t, dx, dy, valid);
       if constexpr (kPerStepUpstream) {
         g.template load<N>(t, cross);
+        // Both gradients of a step together, so that its deviations and upstream die at once (a loop over the
+        // pack per gradient keeps them all live until the second: the half-precision sweeps spilled at 64
+        // registers). The gradient not requested costs instructions, not bandwidth.
+        acc_t out_x[N], out_y[N];
 #pragma unroll
-        for (int i = 0; i < N; ++i) cross[i] = coef.cross(cross[i]);
-      } else {
+        for (int i = 0; i < N; ++i) {
+          cross[i] = coef.cross(cross[i]);
+          out_x[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+          out_y[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+        }
+        if (gx.ptr != nullptr) gx.template store<N>(t, out_x);
+        if (gy.ptr != nullptr) gy.template store<N>(t, out_y);
+      } else {  // one gradient at a time: computing both spills in the forward's second sweep (MomentsTask)
+        acc_t out[N];
 #pragma unroll
         for (int i = 0; i < N; ++i) cross[i] = coef.b;
-      }
-      if (gx.ptr != nullptr) {
+        if (gx.ptr != nullptr) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
-        gx.template store<N>(t, out);
-      }
-      if (gy.ptr != nullptr) {
+          for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.input_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+          gx.template store<N>(t, out);
+        }
+        if (gy.ptr != nullptr) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
-        gy.template store<N>(t, out);
+          for (int i = 0; i < N; ++i) out[i] = valid[i] ? coef.target_gradient(dx[i], dy[i], cross[i]) : acc_t(0);
+          gy.template store<N>(t, out);
+        }
       }
     }
     __device__ void assume_unit_stride() {
@@ -568,7 +608,8 @@ struct GradientTask {
       coef = sequence_gradient_coefficients(cfg, m, per_sequence_upstream, mean, value,
                                             mean ? *total_weight : acc_t(1));
     }
-    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq), coef};
+    return {CentredSteps<scalar_t>(in, seq, m), upstream.row(seq), grad_x.row(seq), grad_y.row(seq),
+            SequenceCoefficients<acc_t, kPerStepUpstream>(coef)};
   }
 };
 
