@@ -286,8 +286,8 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
   const acc_t scale_all = uniform_scale<pass>(args);
   // An output misaligned from the logits (out_packed false) takes every element through the one-per-thread loop
-  // after this one, so that the stepped loop holds 16-byte pack stores only (docs/design.md, "Weighted, focal
-  // and asymmetric BCE").
+  // below, so that the stepped loop holds 16-byte pack stores only (docs/design.md, "Weighted, focal and
+  // asymmetric BCE").
   const int64_t steps = out_packed ? (args.numel - head) / E : 0;
   const int64_t num_labels = operands.num_labels;
   // The position of a thread's step, advanced by the grid stride without a division per step.
@@ -297,12 +297,33 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     step_position = {start / num_labels, start % num_labels};
   }
   acc_t sum = 0;
+  // The head, then the tail: `edge` elements in all (all of them without steps). Before the stepped loop, so
+  // that `thread` is not live across it.
+  const int64_t tail_start = head + steps * E;
+  const int64_t edge = head + (args.numel - tail_start);
+  for (int64_t index = thread; index < edge; index += num_threads) {
+    const int64_t flat = index < head ? index : tail_start + (index - head);
+    const acc_t z = static_cast<acc_t>(args.logits[flat]);
+    const acc_t y = element_as<acc_t>(target[flat]);
+    const FlatPosition position = kWeighted ? FlatPosition{flat / num_labels, flat % num_labels} : FlatPosition{0, 0};
+    const ElementResult<acc_t> result =
+        kWeighted ? evaluate_element<pass>(cfg, z, y, operands.weight.read(position, acc_t(1)),
+                                           operands.pos_weight.read(position, acc_t(1)),
+                                           operands.grad_loss.read(position, scale_all))
+                  : evaluate_element<pass>(cfg, z, y, acc_t(1), UnitPosWeight{}, scale_all);
+    sum += result.summed;
+    if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
+  }
   // The stepped loop, with or without the stores (`kStores`): two loops for the forward, which stores for 'none'
-  // only, so that neither carries the other's code.
+  // only, so that neither carries the other's code. A thread takes steps thread, thread + num_threads, ...:
+  // `count` of them, counted in 32 bits (a tensor in device memory has fewer than 2^31 steps per thread), its
+  // first element advanced by the grid stride; fewer 64-bit values live in the loop.
+  const int count = thread < steps ? static_cast<int>((steps - 1 - thread) / num_threads) + 1 : 0;
+  const int64_t grid_stride = num_threads * E;
   const auto sweep = [&](auto stores_tag) {
     constexpr bool kStores = decltype(stores_tag)::value;
-    for (int64_t step = thread; step < steps; step += num_threads) {
-      const int64_t first = head + step * E;
+    int64_t first = head + thread * E;
+    for (int remaining = count; remaining > 0; --remaining, first += grid_stride) {
       // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
       // sub-pack at a time.
       Pack<scalar_t, kLogitsVec> logits[E / kLogitsVec];
@@ -345,22 +366,6 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     sweep(std::true_type{});
   } else if constexpr (pass == Pass::Forward) {
     sweep(std::false_type{});
-  }
-  // The head, then the tail: `edge` elements in all (all of them without steps).
-  const int64_t tail_start = head + steps * E;
-  const int64_t edge = head + (args.numel - tail_start);
-  for (int64_t index = thread; index < edge; index += num_threads) {
-    const int64_t flat = index < head ? index : tail_start + (index - head);
-    const acc_t z = static_cast<acc_t>(args.logits[flat]);
-    const acc_t y = element_as<acc_t>(target[flat]);
-    const FlatPosition position = kWeighted ? FlatPosition{flat / num_labels, flat % num_labels} : FlatPosition{0, 0};
-    const ElementResult<acc_t> result =
-        kWeighted ? evaluate_element<pass>(cfg, z, y, operands.weight.read(position, acc_t(1)),
-                                           operands.pos_weight.read(position, acc_t(1)),
-                                           operands.grad_loss.read(position, scale_all))
-                  : evaluate_element<pass>(cfg, z, y, acc_t(1), UnitPosWeight{}, scale_all);
-    sum += result.summed;
-    if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
   }
   store_partial_sum(args, sum);
 }
