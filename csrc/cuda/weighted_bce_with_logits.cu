@@ -11,14 +11,14 @@
 // Three kernels, chosen on the host:
 // - flat: dense targets whose logits and target are contiguous and reach 16-byte alignment at the same element
 //   (a shared misalignment peels a short head; outputs are fresh contiguous tensors, stored in 16-byte packs
-//   when they are aligned at the head too, else all elements go one per thread). Each step of a thread handles kFlatElements
-//   consecutive elements through 16-byte loads of the logits and of the target in its own dtype (16 bool /
-//   uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time. Weights and
-//   per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension: contiguous,
-//   periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or any
-//   row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per focusing
-//   (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the head and
-//   the numel % kFlatElements tail take one element per thread.
+//   when they are aligned at the head too, else all elements go one per thread). Each step of a thread handles
+//   kFlatElements consecutive elements through 16-byte loads of the logits and of the target in its own dtype
+//   (16 bool / uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time.
+//   Weights and per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension:
+//   contiguous, periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or
+//   any row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per
+//   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the
+//   head and the numel % kFlatElements tail take one element per thread.
 // - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
 //   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
@@ -323,6 +323,9 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
   const auto sweep = [&](auto stores_tag) {
     constexpr bool kStores = decltype(stores_tag)::value;
     int64_t first = head + thread * E;
+    // One step per iteration: the compiler would unroll the short plain float32 loops by 2 (the same work per
+    // element, but a loop the SASS report reads as one step).
+#pragma unroll 1
     for (int remaining = count; remaining > 0; --remaining, first += grid_stride) {
       // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
       // sub-pack at a time.
