@@ -21,6 +21,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace fused_losses {
 
@@ -79,46 +80,62 @@ C10_HOST_DEVICE inline V divide(V a, V b) {
 }
 
 // 2 atanh(s) for |s| <= 1/3 in float32, an odd series summed to s^13 in Horner's order (the fewest
-// instructions: the kernels evaluate many elements at once, so a long dependency chain costs nothing). Truncation: the first term left out, 2 s^15 / 15, is below s^14 / 15 <= 3^-14 / 15 < 2^-26 of the
-// sum 2 s (1 + ...): an eighth of a float32 ulp, under the rounding of the terms kept. `Math` supplies fma over
-// its Value type: scalars on the GPU (FastFloatMath), at::vec::Vectorized lanes on the CPU (its VecMath).
+// instructions: the kernels evaluate many elements at once, so a long dependency chain costs nothing), as
+// s (2 + s^2 (2/3 + ...)): the last step one fma and one multiply. Truncation: the first term left out,
+// 2 s^15 / 15, is below s^14 / 15 <= 3^-14 / 15 < 2^-26 of the sum 2 s (1 + ...): an eighth of a float32 ulp,
+// under the rounding of the terms kept. `Math` supplies fma over its Value type: scalars on the GPU
+// (FastFloatMath), at::vec::Vectorized lanes on the CPU (its VecMath).
 template <typename Math, typename V = typename Math::Value>
 C10_HOST_DEVICE inline V twice_atanh_series(V s) {
   const V s2 = s * s;
-  // 2 atanh(s) = 2 s + s^3 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6 + 2/11 s^8 + 2/13 s^10)
+  // 2 atanh(s) = s (2 + s^2 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6 + 2/11 s^8 + 2/13 s^10))
   V series = Math::fma(s2, V(2.0f / 13), V(2.0f / 11));
   series = Math::fma(series, s2, V(2.0f / 9));
   series = Math::fma(series, s2, V(2.0f / 7));
   series = Math::fma(series, s2, V(2.0f / 5));
   series = Math::fma(series, s2, V(2.0f / 3));
-  return Math::fma(s * s2, series, V(2.0f) * s);
+  return s * Math::fma(series, s2, V(2.0f));
+}
+
+// a / b for b in [1, 3] (the sigmoid's 1 + e, the series' 2 + e and 2 - m): a times the policy's reciprocal
+// where it has one (one approximate instruction on the GPU, where b is never subnormal), else divide.
+template <typename Math, typename V>
+C10_HOST_DEVICE inline V divide_moderate(V a, V b) {
+  if constexpr (requires { Math::reciprocal(b); }) {
+    return a * Math::reciprocal(b);
+  } else {
+    return divide<Math>(a, b);
+  }
 }
 
 // log1p(e) for e in [0, 1] (the softplus tail log1p(exp(-|z|))) without a general log1p: 2 atanh(s) with
 // s = e / (2 + e) in [0, 1/3]. s has no cancellation, so the result keeps a relative accuracy down to e -> 0,
-// where log(1 + e) from a fast log keeps only an absolute one. `divide` through the policy (a fast division
-// on the GPU).
+// where log(1 + e) from a fast log keeps only an absolute one.
 template <typename Math, typename V = typename Math::Value>
 C10_HOST_DEVICE inline V log1p_unit_interval_series(V e) {
-  return twice_atanh_series<Math>(divide<Math>(e, V(2.0f) + e));
+  return twice_atanh_series<Math>(divide_moderate<Math>(e, V(2.0f) + e));
 }
 
-// float32 elementary functions from fast approximate primitives: `Primitives` has exp(x), log(x) and
-// divide(a, b) (on the GPU CUDA's __expf, __logf and __fdividef: cuda_utils.cuh). The error this adds is
-// bounded in docs/design.md ("Fast float32 math") and tested by injecting each primitive's documented worst
-// error (tests/test_cuda_emulation.py, test_fast_float_math_accuracy).
+// float32 elementary functions from fast approximate primitives: `Primitives` has exp_flush_subnormal(x),
+// log(x), divide(a, b), reciprocal(x) (x normal) and fma(a, b, c) (on the GPU ex2.approx.ftz, __logf,
+// __fdividef, rcp.approx.ftz and __fmaf_rn: cuda_utils.cuh). exp flushes results below 2^-126 to 0, as the
+// CPU kernels' exp does; the fused multiply-adds are explicit, so they round the same in every schedule. The
+// error this adds is bounded in docs/design.md ("Fast float32 math") and tested by injecting each primitive's
+// documented worst error (tests/test_cuda_emulation.py, test_fast_float_math_accuracy).
 template <typename Primitives>
 struct FastFloatMath : ScalarMath<float> {
-  C10_HOST_DEVICE static float exp(float x) { return Primitives::exp(x); }
+  C10_HOST_DEVICE static float exp(float x) { return Primitives::exp_flush_subnormal(x); }
   C10_HOST_DEVICE static float log(float x) { return Primitives::log(x); }
   C10_HOST_DEVICE static float divide(float a, float b) { return Primitives::divide(a, b); }
+  C10_HOST_DEVICE static float reciprocal(float x) { return Primitives::reciprocal(x); }
+  C10_HOST_DEVICE static float fma(float a, float b, float c) { return Primitives::fma(a, b, c); }
   C10_HOST_DEVICE static float log1p_unit_interval(float e) { return log1p_unit_interval_series<FastFloatMath>(e); }
   // log(1 - m) for m in [0, 1) given complement = 1 - m (formed without cancellation): -2 atanh(m / (2 - m))
   // for m <= 1/2 (the argument stays in [0, 1/3]: relative accuracy as m -> 0, where a fast log of 1 - m
   // keeps only an absolute one), else the fast log of the complement (below 1/2: |log| >= 0.69, so the log's
   // error stays relative). Both are evaluated and one selected: no branch.
   C10_HOST_DEVICE static float log_complement(float m, float complement) {
-    const float series = -twice_atanh_series<FastFloatMath>(Primitives::divide(m, 2.0f - m));
+    const float series = -twice_atanh_series<FastFloatMath>(divide_moderate<FastFloatMath>(m, 2.0f - m));
     return m <= 0.5f ? series : Primitives::log(complement);
   }
 };
@@ -134,10 +151,11 @@ C10_HOST_DEVICE inline V log_complement(V m, V complement) {
   }
 }
 
-// sigmoid(z) and its complement, with their logs, from one exp(-|z|).
+// sigmoid(z) and its complement, with their logs, from one exp(-|z|); log1p_e = log1p(exp(-|z|)), the
+// softplus tail (log p = min(z, 0) - log1p_e).
 template <typename V>
 struct SigmoidParts {
-  V p, one_minus_p, log_p, log_one_minus_p;
+  V p, one_minus_p, log_p, log_one_minus_p, log1p_e;
 };
 
 template <typename Math, typename V = typename Math::Value>
@@ -145,15 +163,15 @@ C10_HOST_DEVICE inline SigmoidParts<V> sigmoid_parts(V z, bool need_probabilitie
   SigmoidParts<V> s;
   const V e = Math::exp(-Math::abs(z));  // in (0, 1]: no overflow for any z
   if (need_probabilities) {
-    const V r = divide<Math>(V(1), V(1) + e);
+    const V r = divide_moderate<Math>(V(1), V(1) + e);
     const auto nonnegative = Math::greater_equal(z, V(0));
     s.p = Math::select(nonnegative, r, e * r);
     s.one_minus_p = Math::select(nonnegative, e * r, r);
   }
   if (need_logs) {
-    const V log1p_e = Math::log1p_unit_interval(e);
-    s.log_p = Math::min(z, V(0)) - log1p_e;
-    s.log_one_minus_p = Math::min(-z, V(0)) - log1p_e;
+    s.log1p_e = Math::log1p_unit_interval(e);
+    s.log_p = Math::min(z, V(0)) - s.log1p_e;
+    s.log_one_minus_p = Math::min(-z, V(0)) - s.log1p_e;
   }
   return s;
 }
@@ -164,10 +182,29 @@ C10_HOST_DEVICE inline V power_from_log(V log_base, acc_t gamma) {
   return gamma == acc_t(0) ? V(1) : Math::exp(V(gamma) * log_base);
 }
 
+// The pos_weight argument when there is none, known at compile time (the unweighted CUDA kernels): q y is y,
+// and the plain loss takes the softplus form.
+struct UnitPosWeight {};
+
+// q y, the share of the positive term.
+template <typename V, typename Q>
+C10_HOST_DEVICE inline V positive_share(Q q, V y) {
+  if constexpr (std::is_same_v<Q, UnitPosWeight>) {
+    return y;
+  } else {
+    return q * y;
+  }
+}
+
 // The element's loss w * (q y l_pos + (1 - y) l_neg), from the parts of sigmoid(z): their logs, and p when
-// clipped.
-template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_loss_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V y, V w, V q) {
+// clipped. Plain without pos_weight: softplus(z) - y z = (max(z, 0) - y z) + log1p_e, two non-negative terms
+// for y in [0, 1] (no cancellation; max(z, 0) - z is exactly 0 for y = 1), in 3 instructions instead of 7.
+template <typename Math, typename acc_t, typename V, typename Q>
+C10_HOST_DEVICE inline V bce_loss_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V z, V y, V w,
+                                             Q q) {
+  if constexpr (std::is_same_v<Q, UnitPosWeight>) {
+    if (!cfg.focusing) return w * (Math::fma(-y, z, Math::max(z, V(0))) + s.log1p_e);
+  }
   V positive = -s.log_p;
   V negative = -s.log_one_minus_p;
   if (cfg.focusing) {
@@ -181,24 +218,24 @@ C10_HOST_DEVICE inline V bce_loss_from_parts(const BceConfig<acc_t>& cfg, const 
                  power_from_log<Math>(Math::log(shifted), cfg.gamma_neg);
     }
   }
-  return w * (q * y * positive + (V(1) - y) * negative);
+  return w * Math::fma(positive_share(q, y), positive, (V(1) - y) * negative);
 }
 
 // d loss / dz of the element (before the scale from grad_output and the reduction), from the parts of
 // sigmoid(z): the probabilities, and their logs when focusing.
-template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V y, V w, V q) {
+template <typename Math, typename acc_t, typename V, typename Q>
+C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const SigmoidParts<V>& s, V y, V w, Q q) {
   V positive = -s.one_minus_p;  // d(-log p)/dz
   V negative = s.p;             // d(-log(1 - p))/dz
   if (cfg.focusing) {
     if (cfg.gamma_pos != acc_t(0)) {
       positive = power_from_log<Math>(s.log_one_minus_p, cfg.gamma_pos) *
-                 (V(cfg.gamma_pos) * s.p * s.log_p - s.one_minus_p);
+                 Math::fma(V(cfg.gamma_pos) * s.p, s.log_p, -s.one_minus_p);
     }
     if (!cfg.clipped) {
       if (cfg.gamma_neg != acc_t(0)) {
         negative = power_from_log<Math>(s.log_p, cfg.gamma_neg) *
-                   (s.p - V(cfg.gamma_neg) * s.one_minus_p * s.log_one_minus_p);
+                   Math::fma(-V(cfg.gamma_neg) * s.one_minus_p, s.log_one_minus_p, s.p);
       }
     } else {
       // Below the margin p_m is the constant 0. Above it, log(1 - p_m) / p_m is bounded (-> -1 as p_m -> 0),
@@ -214,17 +251,18 @@ C10_HOST_DEVICE inline V bce_grad_from_parts(const BceConfig<acc_t>& cfg, const 
       negative = Math::select(active, value, V(0));
     }
   }
-  return w * (q * y * positive + (V(1) - y) * negative);
+  return w * Math::fma(positive_share(q, y), positive, (V(1) - y) * negative);
 }
 
-template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+// `q` is the pos_weight (a V), or UnitPosWeight when there is none.
+template <typename Math, typename acc_t, typename V, typename Q>
+C10_HOST_DEVICE inline V bce_element_loss(const BceConfig<acc_t>& cfg, V z, V y, V w, Q q) {
   const bool clipped = cfg.focusing && cfg.clipped;
-  return bce_loss_from_parts<Math>(cfg, sigmoid_parts<Math>(z, clipped, true), y, w, q);
+  return bce_loss_from_parts<Math>(cfg, sigmoid_parts<Math>(z, clipped, true), z, y, w, q);
 }
 
-template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+template <typename Math, typename acc_t, typename V, typename Q>
+C10_HOST_DEVICE inline V bce_element_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, Q q) {
   return bce_grad_from_parts<Math>(cfg, sigmoid_parts<Math>(z, true, cfg.focusing), y, w, q);
 }
 
@@ -235,10 +273,10 @@ struct LossAndGrad {
   V loss, grad;
 };
 
-template <typename Math, typename acc_t, typename V = typename Math::Value>
-C10_HOST_DEVICE inline LossAndGrad<V> bce_element_loss_and_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, V q) {
+template <typename Math, typename acc_t, typename V, typename Q>
+C10_HOST_DEVICE inline LossAndGrad<V> bce_element_loss_and_grad(const BceConfig<acc_t>& cfg, V z, V y, V w, Q q) {
   const SigmoidParts<V> s = sigmoid_parts<Math>(z, true, true);
-  return {bce_loss_from_parts<Math>(cfg, s, y, w, q), bce_grad_from_parts<Math>(cfg, s, y, w, q)};
+  return {bce_loss_from_parts<Math>(cfg, s, z, y, w, q), bce_grad_from_parts<Math>(cfg, s, y, w, q)};
 }
 
 }  // namespace fused_losses

@@ -6,6 +6,7 @@ checks, within the emulation, that the 2-pass schedule (the forward writes the g
 3-pass gradient, and the in-place backward. What this cannot check (memory model, timing, races between
 blocks) is the GPU run's job (scripts/gpu_check.sh)."""
 
+import itertools
 import zlib
 
 import pytest
@@ -609,8 +610,9 @@ def test_fast_float_math_accuracy(emulated, focusing):
         exact_grad = CPU_OPS.weighted_bce_with_logits_backward(torch.ones_like(z, dtype=torch.float64), z.double(),
                                                                y.double(), *exact_args)
         bound = fast_math_bound(z.double(), label, focusing)
-        for directions in [(0, 0, 0)] + [(e, l, d) for e in (-1, 1) for l in (-1, 1) for d in (-1, 1)]:
-            loss, grad = emulated.fast_bce_math_worst_case(z, y, *focusing, *directions)
+        for directions, unit_pos_weight in itertools.product(
+                [(0, 0, 0)] + [(e, l, d) for e in (-1, 1) for l in (-1, 1) for d in (-1, 1)], (False, True)):
+            loss, grad = emulated.fast_bce_math_worst_case(z, y, *focusing, *directions, unit_pos_weight)
             for name, got, exact in (("loss", loss, exact_loss), ("grad", grad, exact_grad)):
                 representable = exact.abs() > 1e-30  # below, float32 underflows (and rounds to 0 on both)
                 excess = ((got.double() - exact).abs() / exact.abs() - bound)[representable]

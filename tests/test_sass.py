@@ -32,21 +32,25 @@ def _load_sass_report():
 
 sass_report = _load_sass_report()
 
-# STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28): four weighted ASL BCE kernels at their
-# 4-blocks bound (the clip's two logarithms hold the most registers), 4-16 bytes each.
+# STL / LDL in the SASS of the nvcc 13.0 sm_90 build (2026-11-28): nine ASL flat BCE kernels without weights at
+# their 4-blocks bound (the clip's two logarithms hold the most registers), 4-8 bytes each: one 4-byte store and
+# one load per step.
 KNOWN_SPILLS = {
-    "bce/flat_kernel<Backward, bf16, bool, asl, true>",  # 4 / 12 bytes at 64 registers
-    "bce/flat_kernel<Backward, bf16, uint8, asl, true>",
-    "bce/sparse_rows_kernel<Forward, bf16, asl, true>",  # 16 / 16 bytes
-    "bce/sparse_rows_kernel<Forward, fp16, asl, true>",
+    *(f"bce/flat_kernel<Backward, {t}, {y}, asl, false>" for t in ("bf16", "fp16") for y in ("bool", "uint8")),
+    "bce/flat_kernel<Backward, bf16, bf16, asl, false>",
+    "bce/flat_kernel<Backward, fp16, fp16, asl, false>",
+    "bce/flat_kernel<Backward, fp16, fp32, asl, false>",
+    "bce/flat_kernel<ForwardWithGradient, bf16, fp32, asl, false>",
+    "bce/flat_kernel<ForwardWithGradient, fp16, fp32, asl, false>",
 }
 
 # float32 / bf16 / fp16 kernels above 64 registers at 256 threads (< 4 blocks per SM) in the same build: the
 # focusing sparse BCE backward with weight / grad_loss operands (compiled for 2 blocks/SM: 71-128; it spills
 # under 64 registers).
 KNOWN_REGISTER_MISSES = {
-    *(f"bce/sparse_rows_kernel<Backward, {t}, {focusing}, true>" for t in ("bf16", "fp16", "fp32")
+    *(f"bce/sparse_rows_kernel<Backward, {t}, {focusing}, true>" for t in ("bf16", "fp16")
       for focusing in ("focal", "asl")),
+    "bce/sparse_rows_kernel<Backward, fp32, asl, true>",
 }
 
 

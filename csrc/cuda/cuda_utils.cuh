@@ -42,11 +42,11 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, kVecSize<T>>& p
   *reinterpret_cast<Pack<T, kVecSize<T>>*>(ptr) = pack;
 }
 
-// The fast approximate primitives of FastFloatMath (bce_math.h): an ex2 / lg2 / rcp instruction each, with
-// the error bounds of the CUDA C++ Programming Guide's intrinsic table (docs/design.md, "Fast float32 math");
-// and exp_flush_subnormal, the cross-entropy kernels' exp (docs/design.md, "Cost-sensitive cross-entropy").
+// The fast approximate primitives of FastFloatMath (bce_math.h): one MUFU instruction (ex2 / lg2 / rcp) each
+// plus a multiply, with the error bounds of the CUDA C++ Programming Guide's intrinsic table and the PTX ISA
+// (docs/design.md, "Fast float32 math"), and the explicit fused multiply-add; exp_flush_subnormal is the
+// cross-entropy kernels' exp too (docs/design.md, "Cost-sensitive cross-entropy").
 struct FastFloatPrimitives {
-  __device__ __forceinline__ static float exp(float x) { return __expf(x); }
   // exp(x) as __expf forms it (2^(x log2(e)) by ex2.approx, the same error bound), but with results below 2^-126
   // flushed to 0 (.ftz): one FMUL and one MUFU.EX2, where __expf adds 3 instructions of subnormal handling.
   __device__ __forceinline__ static float exp_flush_subnormal(float x) {
@@ -60,6 +60,18 @@ struct FastFloatPrimitives {
   }
   __device__ __forceinline__ static float log(float x) { return __logf(x); }
   __device__ __forceinline__ static float divide(float a, float b) { return __fdividef(a, b); }
+  // 1 / x for a normal x (a subnormal one is flushed to 0: +inf) within 1 ulp (rcp.approx.ftz): one MUFU.RCP,
+  // where __fdividef adds 3 instructions of range handling.
+  __device__ __forceinline__ static float reciprocal(float x) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+    return 1.0f / x;
+#else
+    float result;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+    return result;
+#endif
+  }
+  __device__ __forceinline__ static float fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 };
 
 inline bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

@@ -10,15 +10,15 @@
 //
 // Three kernels, chosen on the host:
 // - flat: dense targets whose logits and target are contiguous and reach 16-byte alignment at the same element
-//   (a shared misalignment peels a short head; outputs are fresh contiguous tensors, stored in packs when they
-//   are aligned at the head too, else element by element). Each step of a thread handles kFlatElements
-//   consecutive elements through 16-byte loads of the logits and of the target in its own dtype (16 bool /
-//   uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time. Weights and
-//   per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension: contiguous,
-//   periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or any
-//   row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per focusing
-//   (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the head and
-//   the numel % kFlatElements tail take one element per thread.
+//   (a shared misalignment peels a short head; outputs are fresh contiguous tensors, stored in 16-byte packs
+//   when they are aligned at the head too, else all elements go one per thread). Each step of a thread handles
+//   kFlatElements consecutive elements through 16-byte loads of the logits and of the target in its own dtype
+//   (16 bool / uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time.
+//   Weights and per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension:
+//   contiguous, periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or
+//   any row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per
+//   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the
+//   head and the numel % kFlatElements tail take one element per thread.
 // - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
 //   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
@@ -31,6 +31,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 
 namespace fused_losses::cuda {
@@ -53,10 +54,11 @@ using ElementMath =
     std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath<FastFloatPrimitives>, ScalarMath<acc_t>>;
 
 // `scale` multiplies what the pass stores: grad_loss (over the divisor) or, in the forward, 1 (over the
-// divisor for the gradient, as the backward's scale for grad_loss = 1: the same bits).
-template <Pass pass, typename acc_t>
+// divisor for the gradient, as the backward's scale for grad_loss = 1: the same bits). `q` is the pos_weight,
+// or UnitPosWeight in the kernels without one (bce_math.h).
+template <Pass pass, typename acc_t, typename Q>
 __device__ __forceinline__ ElementResult<acc_t> evaluate_element(const BceConfig<acc_t>& cfg, acc_t z, acc_t y,
-                                                                 acc_t w, acc_t q, acc_t scale) {
+                                                                 acc_t w, Q q, acc_t scale) {
   using Math = ElementMath<acc_t>;
   if constexpr (pass == Pass::Forward) {
     const acc_t loss = bce_element_loss<Math>(cfg, z, y, w, q) * scale;
@@ -134,6 +136,22 @@ constexpr int kFlatElements = 16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof
 // one sub-pack's weights, pos_weights and scales are live, not the whole step's.
 template <typename scalar_t>
 constexpr int kSubPackElements = kVecSize<acc_type<scalar_t>>;
+
+// store_pack as one 16-byte store instruction (STG.128). The compiler splits the Pack copy of the flat BCE loop,
+// whose pack is filled an element at a time across sub-packs, into four 4-byte stores; this states the vector
+// store. `ptr` is a 16-byte aligned global address.
+template <typename T>
+__device__ __forceinline__ void store_pack_global_v4(T* ptr, const Pack<T, kVecSize<T>>& pack) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  store_pack(ptr, pack);
+#else
+  uint32_t words[4];
+  memcpy(words, &pack, sizeof(words));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(ptr)), "r"(words[0]),
+               "r"(words[1]), "r"(words[2]), "r"(words[3])
+               : "memory");
+#endif
+}
 
 // Where an element sits in the (rows, L) view of the flat range, L the last merged dimension (the whole range
 // when everything merges to one dimension).
@@ -252,7 +270,7 @@ constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : 4;
 // kWeighted: some of weight, pos_weight and per-element grad_loss are present; without them the loop reads
 // logits and target only. Elements [0, head) (a misaligned base peeled up to the first element where logits
 // and target are 16-byte aligned) and the tail after the last whole step go one per thread. out_packed: the
-// output is 16-byte aligned at the head too (else its packs are stored element by element).
+// output is 16-byte aligned at the head too (else every element goes one per thread).
 template <Pass pass, typename scalar_t, typename target_t, Focusing kFocusing, bool kWeighted>
 __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, FlatOperands<scalar_t> operands,
@@ -267,7 +285,10 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
   const int64_t thread = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
   const acc_t scale_all = uniform_scale<pass>(args);
-  const int64_t steps = (args.numel - head) / E;
+  // An output misaligned from the logits (out_packed false) takes every element through the one-per-thread loop
+  // below, so that the stepped loop holds 16-byte pack stores only (docs/design.md, "Weighted, focal and
+  // asymmetric BCE").
+  const int64_t steps = out_packed ? (args.numel - head) / E : 0;
   const int64_t num_labels = operands.num_labels;
   // The position of a thread's step, advanced by the grid stride without a division per step.
   FlatPosition step_position{0, 0};
@@ -276,64 +297,78 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     step_position = {start / num_labels, start % num_labels};
   }
   acc_t sum = 0;
-  for (int64_t step = thread; step < steps; step += num_threads) {
-    const int64_t first = head + step * E;
-    // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
-    // sub-pack at a time.
-    Pack<scalar_t, kLogitsVec> logits[E / kLogitsVec];
-    Pack<target_t, kTargetVec> targets[E / kTargetVec];
-#pragma unroll
-    for (int v = 0; v < E / kLogitsVec; ++v) logits[v] = load_pack(args.logits + first + v * kLogitsVec);
-#pragma unroll
-    for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack(target + first + v * kTargetVec);
-    Pack<scalar_t, kLogitsVec> stored;
-    FlatPosition position = step_position;
-#pragma unroll
-    for (int j = 0; j < E / S; ++j) {
-      acc_t w[S], q[S], scale[S];
-      if constexpr (kWeighted) {
-        operands.weight.load(position, num_labels, acc_t(1), w);
-        operands.pos_weight.load(position, num_labels, acc_t(1), q);
-        operands.grad_loss.load(position, num_labels, scale_all, scale);
-        advance(position, operands.sub_pack, num_labels);
-      }
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int e = j * S + k;
-        const acc_t z = static_cast<acc_t>(logits[e / kLogitsVec].values[e % kLogitsVec]);
-        const acc_t y = element_as<acc_t>(targets[e / kTargetVec].values[e % kTargetVec]);
-        const ElementResult<acc_t> result =
-            kWeighted ? evaluate_element<pass>(cfg, z, y, w[k], q[k], scale[k])
-                      : evaluate_element<pass>(cfg, z, y, acc_t(1), acc_t(1), scale_all);
-        sum += result.summed;
-        stored.values[e % kLogitsVec] = static_cast<scalar_t>(result.stored);
-        // A full pack of outputs goes out at once (element by element when the output's misalignment differs
-        // from the logits').
-        if ((e + 1) % kLogitsVec == 0 && writes_output<pass>(args)) {
-          scalar_t* out = args.out + first + e + 1 - kLogitsVec;
-          if (out_packed) {
-            store_pack(out, stored);
-          } else {
-#pragma unroll
-            for (int v = 0; v < kLogitsVec; ++v) out[v] = stored.values[v];
-          }
-        }
-      }
-    }
-    if constexpr (kWeighted) advance(step_position, operands.grid_step, num_labels);
-  }
-  // The head, then the tail: `edge` elements in all.
+  // The head, then the tail: `edge` elements in all (all of them without steps). Before the stepped loop, so
+  // that `thread` is not live across it.
   const int64_t tail_start = head + steps * E;
   const int64_t edge = head + (args.numel - tail_start);
   for (int64_t index = thread; index < edge; index += num_threads) {
     const int64_t flat = index < head ? index : tail_start + (index - head);
+    const acc_t z = static_cast<acc_t>(args.logits[flat]);
+    const acc_t y = element_as<acc_t>(target[flat]);
     const FlatPosition position = kWeighted ? FlatPosition{flat / num_labels, flat % num_labels} : FlatPosition{0, 0};
-    const ElementResult<acc_t> result = evaluate_element<pass>(
-        cfg, static_cast<acc_t>(args.logits[flat]), element_as<acc_t>(target[flat]),
-        operands.weight.read(position, acc_t(1)), operands.pos_weight.read(position, acc_t(1)),
-        operands.grad_loss.read(position, scale_all));
+    const ElementResult<acc_t> result =
+        kWeighted ? evaluate_element<pass>(cfg, z, y, operands.weight.read(position, acc_t(1)),
+                                           operands.pos_weight.read(position, acc_t(1)),
+                                           operands.grad_loss.read(position, scale_all))
+                  : evaluate_element<pass>(cfg, z, y, acc_t(1), UnitPosWeight{}, scale_all);
     sum += result.summed;
     if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
+  }
+  // The stepped loop, with or without the stores (`kStores`): two loops for the forward, which stores for 'none'
+  // only, so that neither carries the other's code. A thread takes steps thread, thread + num_threads, ...:
+  // `count` of them, counted in 32 bits (a tensor in device memory has fewer than 2^31 steps per thread), its
+  // first element advanced by the grid stride; fewer 64-bit values live in the loop.
+  const int count = thread < steps ? static_cast<int>((steps - 1 - thread) / num_threads) + 1 : 0;
+  const int64_t grid_stride = num_threads * E;
+  const auto sweep = [&](auto stores_tag) {
+    constexpr bool kStores = decltype(stores_tag)::value;
+    int64_t first = head + thread * E;
+    // One step per iteration: the compiler would unroll the short plain float32 loops by 2 (the same work per
+    // element, but a loop the SASS report reads as one step).
+#pragma unroll 1
+    for (int remaining = count; remaining > 0; --remaining, first += grid_stride) {
+      // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
+      // sub-pack at a time.
+      Pack<scalar_t, kLogitsVec> logits[E / kLogitsVec];
+      Pack<target_t, kTargetVec> targets[E / kTargetVec];
+#pragma unroll
+      for (int v = 0; v < E / kLogitsVec; ++v) logits[v] = load_pack(args.logits + first + v * kLogitsVec);
+#pragma unroll
+      for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack(target + first + v * kTargetVec);
+      Pack<scalar_t, kLogitsVec> stored;
+      FlatPosition position = step_position;
+#pragma unroll
+      for (int j = 0; j < E / S; ++j) {
+        acc_t w[S], q[S], scale[S];
+        if constexpr (kWeighted) {
+          operands.weight.load(position, num_labels, acc_t(1), w);
+          operands.pos_weight.load(position, num_labels, acc_t(1), q);
+          operands.grad_loss.load(position, num_labels, scale_all, scale);
+          advance(position, operands.sub_pack, num_labels);
+        }
+#pragma unroll
+        for (int k = 0; k < S; ++k) {
+          const int e = j * S + k;
+          const acc_t z = static_cast<acc_t>(logits[e / kLogitsVec].values[e % kLogitsVec]);
+          const acc_t y = element_as<acc_t>(targets[e / kTargetVec].values[e % kTargetVec]);
+          const ElementResult<acc_t> result =
+              kWeighted ? evaluate_element<pass>(cfg, z, y, w[k], q[k], scale[k])
+                        : evaluate_element<pass>(cfg, z, y, acc_t(1), UnitPosWeight{}, scale_all);
+          sum += result.summed;
+          stored.values[e % kLogitsVec] = static_cast<scalar_t>(result.stored);
+          // A full pack of outputs goes out at once.
+          if constexpr (kStores) {
+            if ((e + 1) % kLogitsVec == 0) store_pack_global_v4(args.out + first + e + 1 - kLogitsVec, stored);
+          }
+        }
+      }
+      if constexpr (kWeighted) advance(step_position, operands.grid_step, num_labels);
+    }
+  };
+  if (writes_output<pass>(args)) {
+    sweep(std::true_type{});
+  } else if constexpr (pass == Pass::Forward) {
+    sweep(std::false_type{});
   }
   store_partial_sum(args, sum);
 }
@@ -626,7 +661,7 @@ FlatAdvance flat_advance(int64_t elements, int64_t num_labels) {
 
 // The first element (below kFlatElements, at most numel) where logits and target are both 16-byte aligned:
 // a base misaligned by the same number of elements in each peels a short head. nullopt when there is none.
-// (The output, a fresh tensor, is stored in packs when it is aligned at the head too, else element by element.)
+// (The output, a fresh tensor, is stored in packs when it is aligned at the head too, else one element per thread.)
 template <typename scalar_t, typename target_t>
 std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t* target) {
   constexpr int E = kFlatElements<scalar_t, target_t>;

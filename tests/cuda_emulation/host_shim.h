@@ -123,9 +123,10 @@ inline unsigned int __match_any_sync(unsigned int mask, unsigned long long value
 // The fast approximate intrinsics as the exact functions they approximate: the emulation checks the kernels'
 // logic, not the device's approximation error, which test_fast_float_math_accuracy bounds by injecting each
 // intrinsic's documented worst error into the same formulas (docs/design.md, "Fast float32 math").
-inline float __expf(float x) { return std::exp(x); }
+// __fmaf_rn is exact on both: one rounding of a * b + c.
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float x, float y) { return x / y; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 namespace fused_losses::host_emulation {
 // FastFloatPrimitives::exp_flush_subnormal (ex2.approx.ftz on the device): exp with a subnormal result flushed to 0.
 inline float exp_flush_subnormal(float x) {
