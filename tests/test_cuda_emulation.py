@@ -504,16 +504,19 @@ def test_sparse_bce_index_lists(emulated, case, dtype, reduction, focusing):
 @pytest.mark.parametrize("row, label, value, sum_differs", [
     (1, 5, float("-inf"), True), (2, 4, float("-inf"), False), (1, 5, float("inf"), False),
     (2, 4, float("inf"), False), (3, 0, float("nan"), False)])
-def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs):
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (2.0, 2.0, 0.0), (0.0, 3.0, 0.0), (1.0, 4.0, 0.05)],
+                         ids=["plain", "focal", "focal_negative_only", "asl"])
+def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs, focusing):
     """Infinite and NaN logits at a positive (row 1 label 5, row 3 label 0) or a negative: per-element losses and
-    gradients as the CPU kernel's; so is the sum, but for a positive at -inf, whose sweep term (a negative's
-    formula at -inf is NaN on both devices) makes the sum NaN where the CPU's is inf (docs/design.md, "Sparse
-    targets")."""
+    gradients as the CPU kernel's, for each focusing (the sweep's negative-only formulas keep the general
+    formula's NaN at -inf: the loss's always, the gradient's when gamma_pos != 0); so is the sum, but for a
+    positive at -inf, whose sweep term (a negative's formula at -inf is NaN on both devices) makes the sum NaN
+    where the CPU's is inf (docs/design.md, "Sparse targets")."""
     logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
     logits[row, label] = value
     indices = torch.tensor([[3, -1], [5, 6], [-1, -1], [0, 0]])
     for reduction in ("none", "sum"):
-        args = (None, indices, None, None, reduction, 0.0, 0.0, 0.0)
+        args = (None, indices, None, None, reduction, *focusing)
         got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
         expected = CPU_OPS.weighted_bce_with_logits(logits, *args, False)[0]
         if reduction == "sum" and sum_differs:

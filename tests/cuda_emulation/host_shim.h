@@ -132,6 +132,11 @@ inline float exp_flush_subnormal(float x) {
   const float result = std::exp(x);
   return std::fpclassify(result) == FP_SUBNORMAL ? 0.0f : result;
 }
+// div.approx.ftz (the sparse BCE kernel's division): a / b with a subnormal operand or quotient flushed to 0.
+inline float divide_flush_subnormal(float a, float b) {
+  const auto flushed = [](float x) { return std::fpclassify(x) == FP_SUBNORMAL ? 0.0f : x; };
+  return flushed(flushed(a) / flushed(b));
+}
 }  // namespace fused_losses::host_emulation
 
 // Fibers switch only at barriers, so a read-modify-write is atomic.
