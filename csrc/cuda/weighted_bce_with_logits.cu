@@ -442,13 +442,23 @@ __device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int
   return (atomicOr(&bitmap[bit / 32], mask) & mask) == 0;  // no other lane of the batch sets this bit
 }
 
-// The sparse kernel's float32 primitives (docs/design.md, "Sparse targets"): FastFloatPrimitives' with results
-// below 2^-126 flushed to 0 (.ftz): exp_flush_subnormal (the cross-entropy kernels' exp) and a division whose
-// operands and quotient are not subnormal, 2 instructions each where __expf and __fdividef spend 5 and 6 keeping
-// subnormals. The ASL gradient divides by p - clip, which can be subnormal: those kernels keep __fdividef.
+// The sparse kernel's float32 primitives (docs/design.md, "Sparse targets"): FastFloatPrimitives' with subnormal
+// operands and results flushed to 0 (.ftz), the same instructions without the subnormal fix-ups: exp by
+// exp_flush_subnormal (the cross-entropy kernels' exp), log by lg2.approx.ftz and a division by
+// div.approx.ftz, 2 instructions each where __expf, __logf and __fdividef take 5, 5 and 6. The ASL gradient
+// divides by p - clip, which can be subnormal (a flushed denominator would give 0 * inf): ASL keeps __fdividef.
 template <Focusing kFocusing>
 struct SparsePrimitives : FastFloatPrimitives {
   __device__ __forceinline__ static float exp(float x) { return exp_flush_subnormal(x); }
+  __device__ __forceinline__ static float log(float x) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+    return host_emulation::log_flush_subnormal(x);
+#else
+    float result;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+    return result * 0.69314718055994531f;
+#endif
+  }
   __device__ __forceinline__ static float divide(float a, float b) {
     if constexpr (kFocusing == Focusing::Asymmetric) {
       return __fdividef(a, b);
@@ -520,7 +530,7 @@ template <Focusing kFocusing, bool kWeighted>
 constexpr int kSweepPacks = kFocusing == Focusing::Plain && !kWeighted ? 2 : 1;
 
 // How a sweep reads an optional operand: never (absent), without a null test (present), or testing for null
-// per element (maybe: one loop for either, where versions per case would not fit the registers).
+// (maybe: one loop for either, where a version per case would spill; a test per pack in the vectorized sweep).
 enum class OperandRead { kAbsent, kPresent, kMaybe };
 template <OperandRead mode>
 using OperandReadTag = std::integral_constant<OperandRead, mode>;
@@ -532,19 +542,17 @@ __device__ __forceinline__ acc_t read_operand(const T* __restrict__ data, int64_
   else return read_or(data, offset, absent);
 }
 
-// `Count` consecutive labels of an optional operand from `first`, in a row whose labels are `stride` apart:
-// one address from the label, then a pointer step per element (not a 64-bit product of label and stride each).
-// kMaybe tests for null once for the pack.
+// `Count` consecutive labels of an optional operand from `at`, in a row whose labels are `stride` apart: a
+// pointer step per element (not a 64-bit product of label and stride each). kMaybe tests for null once.
 template <OperandRead mode, int Count, typename T, typename acc_t>
-__device__ __forceinline__ void read_labels(const T* __restrict__ row_data, int64_t first, int64_t stride,
-                                            acc_t absent, acc_t (&out)[Count]) {
-  if (mode == OperandRead::kAbsent || (mode == OperandRead::kMaybe && row_data == nullptr)) {
+__device__ __forceinline__ void read_labels(const T* __restrict__ at, int64_t stride, acc_t absent,
+                                            acc_t (&out)[Count]) {
+  if (mode == OperandRead::kAbsent || (mode == OperandRead::kMaybe && at == nullptr)) {
 #pragma unroll
     for (int k = 0; k < Count; ++k) out[k] = absent;
   } else {
-    const T* element = row_data + first * stride;
 #pragma unroll
-    for (int k = 0; k < Count; ++k, element += stride) out[k] = static_cast<acc_t>(*element);
+    for (int k = 0; k < Count; ++k, at += stride) out[k] = static_cast<acc_t>(*at);
   }
 }
 
@@ -605,6 +613,7 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
         constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
         if constexpr (kSums) sum += kNaN;
         if constexpr (kStores) {
+#pragma unroll 1  // a rare path: unrolled, its pointers are values held across the rows (spilled)
           for (int64_t label = lane; label < num_labels; label += kWarpSize) {
             row_out[label] = static_cast<scalar_t>(kNaN);
           }
@@ -638,7 +647,11 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
           constexpr int kPacks = kSweepPacks<kFocusing, kWeighted>;
           const scalar_t* logits = row_logits + chunk + lane * vec;
           scalar_t* out = kStores ? row_out + chunk + lane * vec : nullptr;
-          int64_t first = chunk + lane * vec;  // the label of `logits`, for the weight operands
+          // The operands at the label of `logits`, stepped with it (null when absent: its strides are 0).
+          const int64_t weight_stride = layout.strides[kWeight][1], grad_loss_stride = layout.strides[kGradLoss][1];
+          const acc_t* weight = row_weight != nullptr ? row_weight + (chunk + lane * vec) * weight_stride : nullptr;
+          const scalar_t* grad_loss =
+              row_grad_loss != nullptr ? row_grad_loss + (chunk + lane * vec) * grad_loss_stride : nullptr;
           // The lane's packs in the chunk (a 32-bit count: a chunk holds kChunkLabels labels).
           int packs_left = (static_cast<int>(chunk_end - chunk) - lane * vec + kLanePacks - 1) / kLanePacks;
           // `packs` (std::integral_constant) packs from the pointers.
@@ -647,10 +660,10 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
             for (int pack = 0; pack < decltype(packs)::value; ++pack) {
               acc_t z[vec], w[vec], scale[vec], value[vec];
               load_logits(logits + pack * kLanePacks, z);
-              read_labels<decltype(weight_read)::value>(row_weight, first + pack * kLanePacks,
-                                                        layout.strides[kWeight][1], acc_t(1), w);
-              read_labels<decltype(scale_read)::value>(row_grad_loss, first + pack * kLanePacks,
-                                                       layout.strides[kGradLoss][1], scale_all, scale);
+              read_labels<decltype(weight_read)::value>(weight + pack * kLanePacks * weight_stride, weight_stride,
+                                                        acc_t(1), w);
+              read_labels<decltype(scale_read)::value>(grad_loss + pack * kLanePacks * grad_loss_stride,
+                                                       grad_loss_stride, scale_all, scale);
 #pragma unroll
               for (int k = 0; k < vec; ++k) {
                 const ElementResult<acc_t> result =
@@ -662,9 +675,14 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
             }
           };
           // kPacks packs per step, then at most one left (not a loop: the loop's cost stays per step).
-          for (; packs_left >= kPacks; packs_left -= kPacks, logits += kPacks * kLanePacks,
-                                       out += kStores ? kPacks * kLanePacks : 0, first += kPacks * kLanePacks) {
+          for (; packs_left >= kPacks; packs_left -= kPacks) {
             sweep_packs(std::integral_constant<int, kPacks>{});
+            logits += kPacks * kLanePacks;
+            if constexpr (kStores) out += kPacks * kLanePacks;
+            if (decltype(weight_read)::value != OperandRead::kAbsent) weight += kPacks * kLanePacks * weight_stride;
+            if (decltype(scale_read)::value != OperandRead::kAbsent) {
+              grad_loss += kPacks * kLanePacks * grad_loss_stride;
+            }
           }
           if (kPacks > 1 && packs_left > 0) sweep_packs(std::integral_constant<int, 1>{});
         } else {
@@ -704,9 +722,7 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
     if (args.out != nullptr) all_rows(WeightRead{}, Absent{}, std::true_type{}, std::false_type{});
     else all_rows(WeightRead{}, Absent{}, std::false_type{}, std::true_type{});
   } else if constexpr (pass == Pass::Backward && kWeighted) {  // a weight, a per-element grad_loss or both
-    if (args.weight == nullptr) all_rows(Absent{}, Present{}, kGradientStores, kGradientSums);
-    else if (args.grad_loss == nullptr) all_rows(Present{}, Absent{}, kGradientStores, kGradientSums);
-    else all_rows(Present{}, Present{}, kGradientStores, kGradientSums);
+    all_rows(Maybe{}, Maybe{}, kGradientStores, kGradientSums);  // one loop (a version per case spills)
   } else {  // only the backward has a per-element grad_loss
     all_rows(std::conditional_t<kWeighted, Present, Absent>{}, Absent{}, kGradientStores, kGradientSums);
   }
