@@ -504,19 +504,42 @@ def test_sparse_bce_index_lists(emulated, case, dtype, reduction, focusing):
     check_bce(emulated, logits, None, indices, weight, pos_weight, options)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("weight, focusing", [(None, (0.0, 0.0, 0.0)), ("full", (0.0, 0.0, 0.0)),
+                                              ("full", (2.0, 2.0, 0.0)), ("full", (1.0, 4.0, 0.05))],
+                         ids=["plain", "plain_weighted", "focal_weighted", "asl_weighted"])
+def test_sparse_bce_long_aligned_rows(emulated, dtype, reduction, weight, focusing):
+    """Aligned rows of 1000 labels (4096-label chunks in the normal build: several packs per lane, an odd count
+    for some lanes): the plain unweighted sweep's 2-pack steps and the pack after them; weights stepped along the
+    row with the logits; with 'none', a per-element grad_output (the weighted backward's null tests per pack,
+    with and without a weight)."""
+    generator = torch.Generator().manual_seed(_seed((9, 1000), dtype))
+    logits = (torch.randn(9, 1000, generator=generator) * 3).to(dtype)
+    indices = torch.randint(-1, 1000, (9, 5), generator=generator)
+    weights = torch.rand(9, 1000, generator=generator) + 0.5 if weight else None
+    pos_weight = torch.rand(1000, generator=generator) + 0.5
+    check_bce(emulated, logits, None, indices, weights, pos_weight, dict(reduction=reduction, focusing=focusing))
+    if reduction == "none":  # a per-element grad_output without a weight
+        check_bce(emulated, logits, None, indices, None, pos_weight, dict(reduction=reduction, focusing=focusing))
+
+
 @pytest.mark.parametrize("row, label, value, sum_differs", [
     (1, 5, float("-inf"), True), (2, 4, float("-inf"), False), (1, 5, float("inf"), False),
     (2, 4, float("inf"), False), (3, 0, float("nan"), False)])
-def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs):
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (2.0, 2.0, 0.0), (0.0, 3.0, 0.0), (1.0, 4.0, 0.05)],
+                         ids=["plain", "focal", "focal_negative_only", "asl"])
+def test_sparse_bce_non_finite_logits(emulated, row, label, value, sum_differs, focusing):
     """Infinite and NaN logits at a positive (row 1 label 5, row 3 label 0) or a negative: per-element losses and
-    gradients as the CPU kernel's; so is the sum, but for a positive at -inf, whose sweep term (a negative's
-    formula at -inf is NaN on both devices) makes the sum NaN where the CPU's is inf (docs/design.md, "Sparse
-    targets")."""
+    gradients as the CPU kernel's, for each focusing (the sweep's negative-only formulas keep the general
+    formula's NaN at -inf: the loss's always, the gradient's when gamma_pos != 0); so is the sum, but for a
+    positive at -inf, whose sweep term (a negative's formula at -inf is NaN on both devices) makes the sum NaN
+    where the CPU's is inf (docs/design.md, "Sparse targets")."""
     logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
     logits[row, label] = value
     indices = torch.tensor([[3, -1], [5, 6], [-1, -1], [0, 0]])
     for reduction in ("none", "sum"):
-        args = (None, indices, None, None, reduction, 0.0, 0.0, 0.0)
+        args = (None, indices, None, None, reduction, *focusing)
         got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
         expected = CPU_OPS.weighted_bce_with_logits(logits, *args, False)[0]
         if reduction == "sum" and sum_differs:

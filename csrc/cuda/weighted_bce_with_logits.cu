@@ -31,6 +31,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cstring>
 #include <limits>
 
@@ -55,11 +56,11 @@ using ElementMath =
 
 // `scale` multiplies what the pass stores: grad_loss (over the divisor) or, in the forward, 1 (over the
 // divisor for the gradient, as the backward's scale for grad_loss = 1: the same bits). `q` is the pos_weight,
-// or UnitPosWeight in the kernels without one (bce_math.h).
-template <Pass pass, typename acc_t, typename Q>
+// or UnitPosWeight in the kernels without one (bce_math.h); `Math` the elementary functions (the sparse kernel
+// passes its own).
+template <Pass pass, typename acc_t, typename Math = ElementMath<acc_t>, typename Q>
 __device__ __forceinline__ ElementResult<acc_t> evaluate_element(const BceConfig<acc_t>& cfg, acc_t z, acc_t y,
                                                                  acc_t w, Q q, acc_t scale) {
-  using Math = ElementMath<acc_t>;
   if constexpr (pass == Pass::Forward) {
     const acc_t loss = bce_element_loss<Math>(cfg, z, y, w, q) * scale;
     return {loss, loss};
@@ -477,16 +478,94 @@ __device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int
   return (atomicOr(&bitmap[bit / 32], mask) & mask) == 0;  // no other lane of the batch sets this bit
 }
 
+// The sparse kernel's float32 primitives (docs/design.md, "Sparse targets"): FastFloatPrimitives' log and
+// division with subnormal operands and results flushed to 0 (.ftz), the same instructions without the subnormal
+// fix-ups: lg2.approx.ftz and div.approx.ftz, 2 instructions each where __logf and __fdividef take 5 and 6 (exp
+// flushes in every kernel already). The ASL gradient divides by p - clip, which can be subnormal (a flushed
+// denominator would give 0 * inf): ASL keeps __fdividef.
+template <Focusing kFocusing>
+struct SparsePrimitives : FastFloatPrimitives {
+  __device__ __forceinline__ static float log(float x) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+    return host_emulation::log_flush_subnormal(x);
+#else
+    float result;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+    return result * 0.69314718055994531f;
+#endif
+  }
+  __device__ __forceinline__ static float divide(float a, float b) {
+    if constexpr (kFocusing == Focusing::Asymmetric) {
+      return __fdividef(a, b);
+    } else {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+      return host_emulation::divide_flush_subnormal(a, b);
+#else
+      float quotient;
+      asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(quotient) : "f"(a), "f"(b));
+      return quotient;
+#endif
+    }
+  }
+};
+
+template <typename acc_t, Focusing kFocusing>
+using SparseMath = std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath<SparsePrimitives<kFocusing>>,
+                                      ScalarMath<acc_t>>;
+
+// An element as a negative (y = 0, no pos_weight), the sweep's and the patch's correction: bce_math.h's negative
+// term without the positive one, which the general formula multiplies by y = 0, a product IEEE arithmetic keeps
+// (it costs the positive's focusing factor and log-probability, and it is NaN where l_pos is infinite: z = -inf).
+// The values are the general formula's, NaN at z = -inf included. Plain: the loss -log(1 - p) as
+// (z - min(z, 0)) + log1p(e), whose z - min(z, 0) is NaN at z = -inf, and the gradient p. Focal / ASL: bce_math.h's
+// terms with gamma_pos = 0 (l_pos = -log p: one product and one sum more than the negative term; ASL, whose
+// terms use no log-probability, passes -min(z, 0) for it, with the same zeros and NaN); the gradient, NaN at
+// z = -inf in the general formula when gamma_pos != 0, is set so.
+template <Pass pass, Focusing kFocusing, typename Math, typename acc_t>
+__device__ __forceinline__ ElementResult<acc_t> evaluate_negative(const BceConfig<acc_t>& cfg, acc_t z, acc_t w,
+                                                                  acc_t scale) {
+  acc_t loss = 0, grad = 0;
+  if constexpr (kFocusing == Focusing::Plain) {
+    if constexpr (pass != Pass::Backward) {
+      const acc_t log1p_e = Math::log1p_unit_interval(Math::exp(-Math::abs(z)));
+      loss = w * ((z - Math::min(z, acc_t(0))) + log1p_e);
+    }
+    if constexpr (pass != Pass::Forward) grad = w * sigmoid_parts<Math>(z, true, false).p;
+  } else {
+    constexpr bool kClipped = kFocusing == Focusing::Asymmetric;
+    BceConfig<acc_t> negative_cfg = cfg;
+    negative_cfg.gamma_pos = 0;
+    SigmoidParts<acc_t> s = sigmoid_parts<Math>(z, kClipped || pass != Pass::Forward, !kClipped);
+    if constexpr (kClipped) {
+      s.log_p = Math::min(z, acc_t(0));
+      s.log_one_minus_p = 0;
+    }
+    if constexpr (pass != Pass::Backward) loss = bce_loss_from_parts<Math>(negative_cfg, s, z, acc_t(0), w, acc_t(1));
+    if constexpr (pass != Pass::Forward) {
+      grad = bce_grad_from_parts<Math>(negative_cfg, s, acc_t(0), w, acc_t(1));
+      if (cfg.gamma_pos != acc_t(0) && z == -std::numeric_limits<acc_t>::infinity()) {
+        grad = std::numeric_limits<acc_t>::quiet_NaN();
+      }
+    }
+  }
+  // Scaled as evaluate_element scales.
+  if constexpr (pass == Pass::Forward) return {loss * scale, loss * scale};
+  else if constexpr (pass == Pass::Backward) return {grad * scale, grad * scale};
+  else return {loss, grad * scale};
+}
+
 // Resident blocks the sparse kernels are compiled for: 4 (at most 64 registers at 256 threads) on the float
-// paths, but 2 for the focusing backward with weight / grad_loss operands (a pack's weights, scales and the
-// focusing terms spill under 64 registers); the double paths are not limited.
-template <Pass pass, typename scalar_t, Focusing kFocusing, bool kWeighted>
-constexpr int kSparseMinBlocks =
-    std::is_same_v<scalar_t, double> ? 1
-    : (pass == Pass::Backward && kFocusing != Focusing::Plain && kWeighted ? 2 : 4);
+// paths; the double paths are not limited.
+template <typename scalar_t>
+constexpr int kSparseMinBlocks = std::is_same_v<scalar_t, double> ? 1 : 4;
+
+// Packs per step of a lane's sweep: 2 for plain BCE without weight operands (the loop's addresses, count and
+// branch shared by 16 elements in bf16 / fp16), else 1 (the registers hold one pack's evaluation).
+template <Focusing kFocusing, bool kWeighted>
+constexpr int kSweepPacks = kFocusing == Focusing::Plain && !kWeighted ? 2 : 1;
 
 // How a sweep reads an optional operand: never (absent), without a null test (present), or testing for null
-// per element (maybe: one loop for either, where versions per case would not fit the registers).
+// (maybe: one loop for either, where a version per case would spill; a test per pack in the vectorized sweep).
 enum class OperandRead { kAbsent, kPresent, kMaybe };
 template <OperandRead mode>
 using OperandReadTag = std::integral_constant<OperandRead, mode>;
@@ -498,19 +577,51 @@ __device__ __forceinline__ acc_t read_operand(const T* __restrict__ data, int64_
   else return read_or(data, offset, absent);
 }
 
+// `Count` consecutive labels of an optional operand from `at`, in a row whose labels are `stride` apart: a
+// pointer step per element (not a 64-bit product of label and stride each). kMaybe tests for null once.
+template <OperandRead mode, int Count, typename T, typename acc_t>
+__device__ __forceinline__ void read_labels(const T* __restrict__ at, int64_t stride, acc_t absent,
+                                            acc_t (&out)[Count]) {
+  if (mode == OperandRead::kAbsent || (mode == OperandRead::kMaybe && at == nullptr)) {
+#pragma unroll
+    for (int k = 0; k < Count; ++k) out[k] = absent;
+  } else {
+#pragma unroll
+    for (int k = 0; k < Count; ++k, at += stride) out[k] = static_cast<acc_t>(*at);
+  }
+}
+
+// The `vec` logits of a 16-byte pack as acc_t. bf16 through the pack's 32-bit words: the lower value is the
+// word shifted up, the upper one the word masked (one instruction each; converting the upper value as a bf16
+// takes two).
+template <typename scalar_t, typename acc_t, int vec>
+__device__ __forceinline__ void load_logits(const scalar_t* logits, acc_t (&z)[vec]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const Pack<uint32_t, 4> words = *reinterpret_cast<const Pack<uint32_t, 4>*>(logits);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      z[2 * k] = std::bit_cast<float>(words.values[k] << 16);
+      z[2 * k + 1] = std::bit_cast<float>(words.values[k] & 0xffff0000u);
+    }
+  } else {
+    load_packs<vec>(logits, z);
+  }
+}
+
 // A warp per row, in two steps per chunk of kChunkLabels labels (docs/design.md, "Sparse targets"): a dense
-// sweep evaluates every element as a negative (y = 0): no label test in the loop, and no pos_weight; then,
-// after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and patch each
-// positive label of the chunk once: the sum gets loss_pos - loss_neg, the stored value (loss or gradient) is
-// overwritten with the positive one, computed directly. A row with an invalid index is NaN throughout.
-// kFocusing: the formulas the kernel holds, as the flat kernel's; kWeighted: a weight or per-element grad_loss
-// operand (pos_weight is read by the patches only). `layout` is exactly (N, L): row r, label c of operand k is
-// at r * strides[k][0] + c * strides[k][1].
+// sweep evaluates every element as a negative (y = 0, evaluate_negative): no label test in the loop, and no
+// pos_weight; then, after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and
+// patch each positive label of the chunk once: the sum gets loss_pos - loss_neg, the stored value (loss or
+// gradient) is overwritten with the positive one, computed directly. A row with an invalid index is NaN
+// throughout. kFocusing: the formulas the kernel holds, as the flat kernel's; kWeighted: a weight or per-element
+// grad_loss operand (pos_weight is read by the patches only). `layout` is exactly (N, L): row r, label c of
+// operand k is at r * strides[k][0] + c * strides[k][1].
 template <Pass pass, typename scalar_t, Focusing kFocusing, bool kWeighted>
-__global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t, kFocusing, kWeighted>)
+__global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
     sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
                        BceLayout layout, bool vectorized) {
   using acc_t = acc_type<scalar_t>;
+  using Math = SparseMath<acc_t, kFocusing>;
   constexpr int vec = kVecSize<scalar_t>;
   if (keeps_forward_gradient<pass>(args)) return;
   __shared__ uint32_t bitmaps[kWarpsPerBlock][kChunkWords];
@@ -523,18 +634,21 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
   const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
   // Every row, reading the weight and the per-element grad_loss as `weight_read` / `scale_read`
-  // (OperandReadTag) say. The row, chunk and batch loops are uniform over the warp, so every lane reaches every
-  // vote and __syncwarp.
-  const auto all_rows = [&](auto weight_read, auto scale_read) {
+  // (OperandReadTag) say; `stores` / `sums` (std::bool_constant): whether the pass stores per-element values and
+  // adds up the losses (the forward does one of the two: 'none' or a reduction). The row, chunk and batch loops
+  // are uniform over the warp, so every lane reaches every vote and __syncwarp.
+  const auto all_rows = [&](auto weight_read, auto scale_read, auto stores, auto sums) {
+    constexpr bool kStores = decltype(stores)::value, kSums = decltype(sums)::value;
     for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
          row += int64_t(gridDim.x) * kWarpsPerBlock) {
       const int64_t* row_indices = indices + row * max_positives;
       const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
-      scalar_t* row_out = args.out != nullptr ? args.out + row * num_labels : nullptr;
+      scalar_t* row_out = kStores ? args.out + row * num_labels : nullptr;
       if (row_has_invalid_index(row_indices, max_positives, num_labels, lane)) {
         constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();  // never a silent number
-        sum += kNaN;
-        if (writes_output<pass>(args)) {
+        if constexpr (kSums) sum += kNaN;
+        if constexpr (kStores) {
+#pragma unroll 1  // a rare path: unrolled, its pointers are values held across the rows (spilled)
           for (int64_t label = lane; label < num_labels; label += kWarpSize) {
             row_out[label] = static_cast<scalar_t>(kNaN);
           }
@@ -544,37 +658,73 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
       const auto offset = [&](BceOperand operand, int64_t label) {
         return row * layout.strides[operand][0] + label * layout.strides[operand][1];
       };
-      // Label `label` of the row as a negative (y = 0, no pos_weight) or a positive.
-      const auto element = [&](int64_t label, acc_t z, bool positive) {
-        const acc_t w = read_operand<decltype(weight_read)::value>(args.weight, offset(kWeight, label), acc_t(1));
-        const acc_t q = positive ? read_or(args.pos_weight, offset(kPosWeight, label), acc_t(1)) : acc_t(1);
-        const acc_t scale =
-            read_operand<decltype(scale_read)::value>(args.grad_loss, offset(kGradLoss, label), scale_all);
-        return evaluate_element<pass>(cfg, z, positive ? acc_t(1) : acc_t(0), w, q, scale);
+      const auto weight_of = [&](int64_t label) {
+        return read_operand<decltype(weight_read)::value>(args.weight, offset(kWeight, label), acc_t(1));
       };
+      const auto scale_of = [&](int64_t label) {
+        return read_operand<decltype(scale_read)::value>(args.grad_loss, offset(kGradLoss, label), scale_all);
+      };
+      const auto negative = [&](int64_t label, acc_t z) {
+        return evaluate_negative<pass, kFocusing, Math>(cfg, z, weight_of(label), scale_of(label));
+      };
+      // The row's operands at label 0, for the packs (null when absent).
+      const acc_t* row_weight = args.weight != nullptr ? args.weight + offset(kWeight, 0) : nullptr;
+      const scalar_t* row_grad_loss = args.grad_loss != nullptr ? args.grad_loss + offset(kGradLoss, 0) : nullptr;
       for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
         const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
         if (several_batches) {
           for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
         }
         if (vectorized) {  // chunk and chunk_end are multiples of vec: packs never straddle a chunk
-          for (int64_t first = chunk + lane * vec; first < chunk_end; first += kWarpSize * vec) {
-            acc_t z[vec], value[vec];
-            load_packs<vec>(row_logits + first, z);
+          // The lane's packs through pointers stepped by the warp's stride: a step's packs are at fixed distances
+          // from them (immediate offsets), with no address arithmetic per pack.
+          constexpr int kLanePacks = kWarpSize * vec;  // elements between a lane's consecutive packs
+          constexpr int kPacks = kSweepPacks<kFocusing, kWeighted>;
+          const scalar_t* logits = row_logits + chunk + lane * vec;
+          scalar_t* out = kStores ? row_out + chunk + lane * vec : nullptr;
+          // The operands at the label of `logits`, stepped with it (null when absent: its strides are 0).
+          const int64_t weight_stride = layout.strides[kWeight][1], grad_loss_stride = layout.strides[kGradLoss][1];
+          const acc_t* weight = row_weight != nullptr ? row_weight + (chunk + lane * vec) * weight_stride : nullptr;
+          const scalar_t* grad_loss =
+              row_grad_loss != nullptr ? row_grad_loss + (chunk + lane * vec) * grad_loss_stride : nullptr;
+          // The lane's packs in the chunk (a 32-bit count: a chunk holds kChunkLabels labels).
+          int packs_left = (static_cast<int>(chunk_end - chunk) - lane * vec + kLanePacks - 1) / kLanePacks;
+          // `packs` (std::integral_constant) packs from the pointers.
+          const auto sweep_packs = [&](auto packs) {
 #pragma unroll
-            for (int k = 0; k < vec; ++k) {
-              const ElementResult<acc_t> result = element(first + k, z[k], false);
-              sum += result.summed;
-              value[k] = result.stored;
+            for (int pack = 0; pack < decltype(packs)::value; ++pack) {
+              acc_t z[vec], w[vec], scale[vec], value[vec];
+              load_logits(logits + pack * kLanePacks, z);
+              read_labels<decltype(weight_read)::value>(weight + pack * kLanePacks * weight_stride, weight_stride,
+                                                        acc_t(1), w);
+              read_labels<decltype(scale_read)::value>(grad_loss + pack * kLanePacks * grad_loss_stride,
+                                                       grad_loss_stride, scale_all, scale);
+#pragma unroll
+              for (int k = 0; k < vec; ++k) {
+                const ElementResult<acc_t> result =
+                    evaluate_negative<pass, kFocusing, Math>(cfg, z[k], w[k], scale[k]);
+                if constexpr (kSums) sum += result.summed;
+                value[k] = result.stored;
+              }
+              if constexpr (kStores) store_packs<vec>(out + pack * kLanePacks, value);
             }
-            if (writes_output<pass>(args)) store_packs<vec>(row_out + first, value);
+          };
+          // kPacks packs per step, then at most one left (not a loop: the loop's cost stays per step).
+          for (; packs_left >= kPacks; packs_left -= kPacks) {
+            sweep_packs(std::integral_constant<int, kPacks>{});
+            logits += kPacks * kLanePacks;
+            if constexpr (kStores) out += kPacks * kLanePacks;
+            if (decltype(weight_read)::value != OperandRead::kAbsent) weight += kPacks * kLanePacks * weight_stride;
+            if (decltype(scale_read)::value != OperandRead::kAbsent) {
+              grad_loss += kPacks * kLanePacks * grad_loss_stride;
+            }
           }
+          if (kPacks > 1 && packs_left > 0) sweep_packs(std::integral_constant<int, 1>{});
         } else {
           for (int64_t label = chunk + lane; label < chunk_end; label += kWarpSize) {
-            const ElementResult<acc_t> result =
-                element(label, static_cast<acc_t>(row_logits[label * logit_stride]), false);
-            sum += result.summed;
-            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(result.stored);
+            const ElementResult<acc_t> result = negative(label, static_cast<acc_t>(row_logits[label * logit_stride]));
+            if constexpr (kSums) sum += result.summed;
+            if constexpr (kStores) row_out[label] = static_cast<scalar_t>(result.stored);
           }
         }
         __syncwarp();  // the sweep's stores (and the cleared bitmap) are visible before the patches
@@ -583,10 +733,14 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
           const int64_t label = position < max_positives ? row_indices[position] : int64_t(-1);
           if (first_in_chunk(label, chunk, chunk_end, bitmap, several_batches, lane)) {
             const acc_t z = static_cast<acc_t>(row_logits[label * logit_stride]);
-            const ElementResult<acc_t> positive = element(label, z, true);
-            if (writes_output<pass>(args)) row_out[label] = static_cast<scalar_t>(positive.stored);
+            const acc_t w = weight_of(label), scale = scale_of(label);
+            const acc_t q = read_or(args.pos_weight, offset(kPosWeight, label), acc_t(1));
+            const ElementResult<acc_t> positive = evaluate_element<pass, acc_t, Math>(cfg, z, acc_t(1), w, q, scale);
+            if constexpr (kStores) row_out[label] = static_cast<scalar_t>(positive.stored);
             // The sum only: loss_pos - loss_neg (docs/design.md, "Sparse targets": its rounding).
-            if constexpr (pass != Pass::Backward) sum += positive.summed - element(label, z, false).summed;
+            if constexpr (kSums) {
+              sum += positive.summed - evaluate_negative<pass, kFocusing, Math>(cfg, z, w, scale).summed;
+            }
           }
           if (several_batches) __syncwarp();  // the batch's bits are set before the next batch tests them
         }
@@ -596,14 +750,16 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<pass, scalar_t
   using Absent = OperandReadTag<OperandRead::kAbsent>;
   using Present = OperandReadTag<OperandRead::kPresent>;
   using Maybe = OperandReadTag<OperandRead::kMaybe>;
-  if constexpr (pass == Pass::Backward && kWeighted && kFocusing != Focusing::Plain) {  // a weight, a per-element grad_loss or both
-    if (args.weight == nullptr) all_rows(Absent{}, Present{});
-    else if (args.grad_loss == nullptr) all_rows(Present{}, Absent{});
-    else all_rows(Present{}, Present{});
-  } else if constexpr (pass == Pass::Backward && kWeighted) {
-    all_rows(Maybe{}, Maybe{});  // three plain versions need more than 64 registers (spills around the rows)
-  } else {  // only the backward has a per-element grad_loss: a weighted forward has a weight
-    all_rows(std::conditional_t<kWeighted, Present, Absent>{}, Absent{});
+  constexpr std::bool_constant<pass != Pass::Forward> kGradientStores{};
+  constexpr std::bool_constant<pass != Pass::Backward> kGradientSums{};
+  if constexpr (pass == Pass::Forward) {  // 'none' stores the losses, a reduction sums them
+    using WeightRead = std::conditional_t<kWeighted, Present, Absent>;  // the forward's operand is a weight
+    if (args.out != nullptr) all_rows(WeightRead{}, Absent{}, std::true_type{}, std::false_type{});
+    else all_rows(WeightRead{}, Absent{}, std::false_type{}, std::true_type{});
+  } else if constexpr (pass == Pass::Backward && kWeighted) {  // a weight, a per-element grad_loss or both
+    all_rows(Maybe{}, Maybe{}, kGradientStores, kGradientSums);  // one loop (a version per case spills)
+  } else {  // only the backward has a per-element grad_loss
+    all_rows(std::conditional_t<kWeighted, Present, Absent>{}, Absent{}, kGradientStores, kGradientSums);
   }
   store_partial_sum(args, sum);
 }
