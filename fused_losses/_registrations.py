@@ -212,7 +212,8 @@ def _cost_sensitive_cross_entropy_fake(input, target, cost_matrix, weight, ignor
 @torch.library.register_fake("fused_losses::cost_sensitive_cross_entropy_backward")
 def _cost_sensitive_cross_entropy_backward_fake(grad_loss, input, target, cost_matrix, weight, row_stats,
                                                 total_weight, ignore_index, reduction, label_smoothing, cost_mode):
-    _check_devices(input, grad_loss=grad_loss, target=target, cost_matrix=cost_matrix, weight=weight)
+    _check_devices(input, grad_loss=grad_loss, target=target, cost_matrix=cost_matrix, weight=weight,
+                   row_stats=row_stats, total_weight=total_weight)
     return input.new_empty(input.shape)
 
 
@@ -283,7 +284,7 @@ def _correlation_loss_fake(input, target, mask, kind, reduction, per_timestep, e
 @torch.library.register_fake("fused_losses::correlation_loss_backward")
 def _correlation_loss_backward_fake(grad_loss, input, target, mask, stats, total_weight, kind, reduction,
                                     per_timestep, eps, input_requires_grad, target_requires_grad):
-    _check_devices(input, grad_loss=grad_loss, target=target, mask=mask)
+    _check_devices(input, grad_loss=grad_loss, target=target, mask=mask, stats=stats, total_weight=total_weight)
     def gradient(like, requested):
         return torch.empty_like(like) if requested else like.new_empty((0,))
 

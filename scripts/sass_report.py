@@ -88,7 +88,8 @@ BLOCKS_PER_SM_TARGET = 4
 # cuda_utils.cuh): forward_kernel, backward_kernel, tile_forward_kernel, tile_backward_kernel and
 # target_weight_kernel in cost_sensitive_cross_entropy.cu;
 # reduce_items_kernel, combine_chunks_kernel and map_items_kernel in correlation_loss.cu (run_reduction,
-# run_map); flat_kernel, strided_kernel and sparse_rows_kernel in weighted_bce_with_logits.cu (launch_pass);
+# run_map); flat_kernel, strided_kernel and sparse_rows_kernel in weighted_bce_with_logits_kernels.cuh
+# (launch_pass);
 # reduce_partials_kernel in cuda_utils.cuh (launch_reduce_partials). A kernel missing here is an error.
 LAUNCH_THREADS = {
     "forward_kernel": 256,
@@ -111,11 +112,14 @@ LAUNCH_THREADS = {
 OPS = {
     "cost_sensitive_cross_entropy": "cross_entropy",
     "correlation_loss": "correlation",
-    "weighted_bce_with_logits": "bce",
+    "weighted_bce_with_logits": "bce",  # the op's file: the reduction of the per-block sums
+    "weighted_bce_with_logits_forward": "bce",  # one file per pass: weighted_bce_with_logits_kernels.cuh
+    "weighted_bce_with_logits_forward_with_gradient": "bce",
+    "weighted_bce_with_logits_backward": "bce",
 }
-# enum class Pass { Forward, Backward, ForwardWithGradient } (weighted_bce_with_logits.cu).
+# enum class Pass { Forward, Backward, ForwardWithGradient } (weighted_bce_with_logits_kernels.cuh).
 BCE_PASSES = ("Forward", "Backward", "ForwardWithGradient")
-# enum class Focusing { Plain, Focal, Asymmetric } (weighted_bce_with_logits.cu).
+# enum class Focusing { Plain, Focal, Asymmetric } (weighted_bce_with_logits_kernels.cuh).
 BCE_FOCUSING = ("plain", "focal", "asl")
 TYPE_NAMES = [(r"\bBFloat16\b", "bf16"), (r"\bHalf\b", "fp16"), (r"\bfloat\b", "fp32"), (r"\bdouble\b", "fp64"),
               (r"\bunsigned char\b", "uint8"), (r"\blong\b", "int64")]

@@ -43,12 +43,17 @@ def assert_bitwise(got, expected, what):
     assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num()), what
 
 
-def misaligned(tensor):
-    """The same values at a storage offset of one element: the kernels take their element-wise paths."""
-    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
-    view = storage[1:].view(tensor.shape)
+def at_offset(tensor, offset):
+    """The same values at a storage offset of `offset` elements."""
+    storage = torch.empty(tensor.numel() + offset, dtype=tensor.dtype)
+    view = storage[offset:].view(tensor.shape)
     view.copy_(tensor)
     return view
+
+
+def misaligned(tensor):
+    """The same values at a storage offset of one element: the kernels take their element-wise paths."""
+    return at_offset(tensor, 1)
 
 
 def padded_rows(tensor, padding=8):
@@ -457,6 +462,45 @@ def check_bce(ops, logits, target, positive_indices, weight, pos_weight, options
 def test_weighted_bce(emulated, shape, dtype, options):
     layout = layout_for(options, dtype)
     check_bce(emulated, *bce_case(shape, dtype, BCE_OPTIONS[options], layout), BCE_OPTIONS[options])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target_dtype, offsets", [("float", (1, 1)), ("bool", (1, 1)), ("bool", (4, 4))],
+                         ids=["float_both_1", "bool_both_1", "bool_4_and_4"])
+@pytest.mark.parametrize("pos_weight", [False, True], ids=["plain", "pos_weight"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weighted_bce_misaligned_bases_keep_both_schedules_equal(emulated, dtype, target_dtype, offsets,
+                                                                 pos_weight, reduction):
+    """Logits and target at storage offsets (the flat kernel peels a head up to their common 16-byte alignment):
+    the reduced forward without an output and the one that writes the gradient must split the elements alike,
+    so that the 2-pass loss is bitwise the 3-pass one (check_bce). fp32 logits at offset 4 with bool targets at
+    offset 4 peel 12 elements and still store packs; offset 1 stores element by element."""
+    generator = torch.Generator().manual_seed(_seed((7, 1003), dtype))
+    logits = (torch.randn(7, 1003, generator=generator) * 3).to(dtype)
+    target = torch.rand(7, 1003, generator=generator)
+    target = target.to(dtype) if target_dtype == "float" else target < 0.3
+    weight = torch.rand(1003, generator=generator) + 0.5 if pos_weight else None
+    check_bce(emulated, at_offset(logits, offsets[0]), at_offset(target, offsets[1]), None, None, weight,
+              dict(reduction=reduction, focusing=(0.0, 0.0, 0.0)))
+
+
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (2.0, 2.0, 0.0)], ids=["plain", "focal"])
+@pytest.mark.parametrize("pos_weight", [False, True], ids=["unweighted", "pos_weight"])
+def test_weighted_bce_dense_non_finite_logits(emulated, focusing, pos_weight):
+    """+-inf and NaN logits against targets 0, 1 and 0.3: the losses and gradients of the CPU kernel (the general
+    formula's inf, and NaN where a term whose weight is 0 is infinite), with and without pos_weight (the kernels
+    without one sum the plain loss in another form)."""
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    target = torch.full((4, 16), 0.3)
+    target[:, 0::3], target[:, 1::3] = 0.0, 1.0
+    logits[:, 0:3], logits[:, 3:6], logits[0, 6] = float("inf"), float("-inf"), float("nan")
+    for reduction in ("none", "sum"):
+        args = (target, None, None, torch.ones(16) if pos_weight else None, reduction, *focusing)
+        got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
+        torch.testing.assert_close(got, CPU_OPS.weighted_bce_with_logits(logits, *args, False)[0], equal_nan=True)
+        grad_loss = grad_loss_for(got, torch.float32)
+        torch.testing.assert_close(emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args),
+                                   CPU_OPS.weighted_bce_with_logits_backward(grad_loss, logits, *args), equal_nan=True)
 
 
 def sparse_index_case(case, dtype, layout):

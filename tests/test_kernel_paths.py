@@ -90,10 +90,10 @@ BCE_FOCUSING = ("plain", "focal", "asl")  # enum class Focusing { Plain, Focal, 
 
 
 def _bce_flat(target, focusing, weighted):
-    """csrc/cuda/weighted_bce_with_logits.cu, flat_kernel<pass, T, target, focusing, weighted> (Pass: 0 Forward,
-    1 Backward, 2 ForwardWithGradient; focusing: 'plain', 'focal' (no clip) or 'asl'). weighted: a weight,
-    pos_weight or per-element grad_loss operand, so the backward of reduction='none' (a per-element upstream)
-    is weighted even without weights."""
+    """csrc/cuda/weighted_bce_with_logits_kernels.cuh: flat_kernel<pass, T, target, focusing, weighted> (Pass:
+    0 Forward, 1 Backward, 2 ForwardWithGradient; focusing: 'plain', 'focal' (no clip) or 'asl'). weighted: a
+    weight, pos_weight or per-element grad_loss operand, so the backward of reduction='none' (a per-element
+    upstream) is weighted even without weights."""
     f, w = f"(Focusing){BCE_FOCUSING.index(focusing)}", ("true" if weighted else "false")
     kernels = [f"flat_kernel<(Pass){p}, {{T}}, {target}, {f}, {w}>" for p in range(3)]
     if not weighted:

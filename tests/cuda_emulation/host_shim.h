@@ -133,10 +133,8 @@ inline float exp_flush_subnormal(float x) {
   const float result = std::exp(x);
   return std::fpclassify(result) == FP_SUBNORMAL ? 0.0f : result;
 }
-// The sparse BCE kernel's .ftz primitives: a subnormal operand or result flushed to 0.
+// The sparse BCE kernel's .ftz log: a subnormal operand or result flushed to 0.
 inline float flush_subnormal(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? 0.0f : x; }
-// div.approx.ftz: a / b.
-inline float divide_flush_subnormal(float a, float b) { return flush_subnormal(flush_subnormal(a) / flush_subnormal(b)); }
 // lg2.approx.ftz times ln 2: log(x), a subnormal x taken as 0 (-inf).
 inline float log_flush_subnormal(float x) { return std::log(flush_subnormal(x)); }
 }  // namespace fused_losses::host_emulation

@@ -1,0 +1,11 @@
+// The forward (the loss only) pass of fused_losses::weighted_bce_with_logits: its kernels
+// (weighted_bce_with_logits_kernels.cuh) in a file of their own, so that nvcc compiles the passes in parallel.
+#include "cuda/weighted_bce_with_logits_kernels.cuh"
+
+namespace fused_losses::cuda {
+
+int64_t launch_bce_forward(const BceProblem& p, at::Tensor* out, at::Tensor* partials, cudaStream_t stream) {
+  return launch_problem_pass<Pass::Forward>(p, out, partials, /*skip_unit_grad_loss=*/false, stream);
+}
+
+}  // namespace fused_losses::cuda
