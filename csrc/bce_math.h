@@ -21,6 +21,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace fused_losses {
@@ -40,7 +41,10 @@ BceConfig<acc_t> make_bce_config(double gamma_pos, double gamma_neg, double clip
   BceConfig<acc_t> cfg;
   cfg.gamma_pos = static_cast<acc_t>(gamma_pos);
   cfg.gamma_neg = static_cast<acc_t>(gamma_neg);
-  cfg.clip = static_cast<acc_t>(clip);
+  // A clip below acc_t's normal range is 0: it moves no p that matters (p - clip rounds to p above 2^-102 in
+  // float32), and the GPU's log flushes a subnormal (1 - p) + clip to 0 (docs/design.md, "Fast float32 math").
+  cfg.clip = std::abs(clip) < static_cast<double>(std::numeric_limits<acc_t>::min()) ? acc_t(0)
+                                                                                      : static_cast<acc_t>(clip);
   // The flags describe the values the kernels compute with (a gamma or clip below acc_t's range is 0).
   cfg.focusing = cfg.gamma_pos != acc_t(0) || cfg.gamma_neg != acc_t(0) || cfg.clip != acc_t(0);
   cfg.clipped = cfg.clip != acc_t(0);

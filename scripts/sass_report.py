@@ -412,6 +412,10 @@ class Loop:
     def loads_of(self, width: int) -> int:
         return self._count("LD", width)
 
+    def wide_loads(self) -> int:
+        """Global loads of 8 or 16 bytes (a pack of logits narrower than 16 bytes counts too)."""
+        return self._count("LD", 8) + self._count("LD", 16)
+
 
 def _basic_blocks(instructions: list[Instruction]) -> tuple[list[int], list[list[int]]]:
     """Basic blocks of a function: their first instructions (indices) and each block's successors."""
@@ -560,7 +564,8 @@ class SweepModel:
     """What one iteration of a kernel's hot loop does, from the kernel's source.
 
     loop_kinds: the innermost loops that together process an element: 'read' (16-byte global loads,
-    no 16-byte stores), 'write' (16-byte stores), 'vector' (any 16-byte access) or 'scalar' (any access).
+    no 16-byte stores), 'write' (16-byte stores), 'vector' (any 16-byte access), 'packed' (an 8- or 16-byte
+    global load) or 'scalar' (any access).
     elements: elements per iteration; 0 means: the number of `counted_load_bytes`-wide loads in the loop
     (a scalar loop the compiler unrolled); a 'shared' kind stands for every loop that loads
     `shared_load_bytes`-wide elements from shared memory without 16-byte or store accesses to global memory (the
@@ -638,15 +643,24 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         # flat_kernel<Pass, T, target_t, Focusing, kWeighted>: the weighted kernels' loop also holds the weight /
         # pos_weight / grad_loss sub-pack loads in every form (packs, broadcast, elements); their DRAM bytes are
         # counted as one element-shaped float weight (periodic (L,) or per-row weights come from L1 / L2).
+        # ASL steps one sub-pack (kSubPackElements: a 16-byte pack of the accumulation type) with loads and
+        # stores of that many elements; the other formulas kFlatAlignmentElements with 16-byte ones.
         bce_pass, scalar, target, focusing, weighted = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
-        elements = 16 // min(size, target_size)  # kFlatElements
         written = 0 if bce_pass == "Forward" else size
         weight_bytes = (8 if scalar == "fp64" else 4) if weighted == "true" else 0
-        return SweepModel(("vector",), elements, size + target_size + written + weight_bytes,
-                          vector_accesses=elements * (size + target_size + written) // 16,
-                          what="kFlatElements elements: 16-byte loads of logits and target"
-                               + (", 16-byte stores of the gradient" if written else "")
+        if focusing == "asl":
+            elements = 16 // (8 if scalar == "fp64" else 4)  # kFlatStepElements: kSubPackElements
+            loop_kind, vector_accesses = "packed", 0
+            accesses = "kSubPackElements elements: loads of that many logits and targets (8-16 bytes of logits)"
+        else:
+            elements = 16 // min(size, target_size)  # kFlatStepElements: kFlatAlignmentElements
+            loop_kind, vector_accesses = "vector", elements * (size + target_size + written) // 16
+            accesses = ("kFlatAlignmentElements elements: 16-byte loads of logits and target"
+                        + (", 16-byte stores of the gradient" if written else ""))
+        return SweepModel((loop_kind,), elements, size + target_size + written + weight_bytes,
+                          vector_accesses=vector_accesses,
+                          what=accesses
                                + {"plain": ", plain BCE formulas", "focal": ", focal formulas (no clip)",
                                   "asl": ", ASL formulas (clip)"}[focusing]
                                + (", weight / pos_weight / grad_loss sub-pack loads" if weighted == "true" else "")
@@ -682,6 +696,8 @@ def _loop_matches(loop: Loop, kind: str) -> bool:
         return loop.vector_accesses("ST") > 0
     if kind == "vector":
         return loop.vector_accesses() > 0
+    if kind == "packed":
+        return loop.wide_loads() > 0
     if kind == "shared":  # no copy to or from global memory (scalar loads of cost or weight rows are fine)
         return (bool(loop.shared_loads) and loop.vector_accesses() == 0
                 and not any(key.startswith("ST") for key in loop.accesses))

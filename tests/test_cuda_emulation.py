@@ -398,6 +398,10 @@ BCE_OPTIONS = [
     dict(target="sparse", reduction="mean", weight=None, pos_weight="labels", focusing=(0.0, 0.0, 0.0)),
     dict(target="sparse", reduction="none", weight="full", pos_weight=None, focusing=(1.0, 4.0, 0.05)),
     dict(target="sparse", reduction="sum", weight="labels", pos_weight="labels", focusing=(2.0, 2.0, 0.0)),
+    # ASL without weight operands: the flat kernel that steps 4 elements at a time (loads of 8 bytes of bf16
+    # logits, 4 of bool targets), with and without a peeled head.
+    dict(target="float", reduction="mean", weight=None, pos_weight=None, focusing=(1.0, 4.0, 0.05)),
+    dict(target="bool", reduction="sum", weight=None, pos_weight=None, focusing=(0.0, 2.0, 0.1), shared_offset=True),
 ]
 
 
@@ -501,6 +505,20 @@ def test_weighted_bce_dense_non_finite_logits(emulated, focusing, pos_weight):
         grad_loss = grad_loss_for(got, torch.float32)
         torch.testing.assert_close(emulated.weighted_bce_with_logits_backward(grad_loss, logits, *args),
                                    CPU_OPS.weighted_bce_with_logits_backward(grad_loss, logits, *args), equal_nan=True)
+
+
+@pytest.mark.parametrize("target", ["dense", "sparse"])
+def test_weighted_bce_subnormal_clip_is_zero(emulated, target):
+    """A clip below float32's normal range is 0 (bce_math.h): where 1 - p is 0 (z > 88) the GPU's log, which flushes
+    a subnormal operand, would otherwise take the log of (1 - p) + clip = clip as -inf (an infinite loss)."""
+    logits = torch.tensor([[-3.0, 0.5, 95.0, 120.0], [100.0, -1.0, 2.0, 89.0]])
+    dense = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    indices = torch.tensor([[1, -1], [2, -1]])
+    forms = (dense, None) if target == "dense" else (None, indices)
+    for reduction in ("none", "sum"):
+        losses = [emulated.weighted_bce_with_logits(logits, *forms, None, None, reduction, 1.0, 4.0, clip, False)[0]
+                  for clip in (1e-40, 0.0)]
+        assert torch.isfinite(losses[0]).all() and torch.equal(losses[0], losses[1])
 
 
 def sparse_index_case(case, dtype, layout):

@@ -275,10 +275,12 @@ def test_extreme_logits_stay_finite(device, dtype, focusing):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_focusing_parameters_below_the_accumulation_range_are_zero(device, dtype):
     """A clip or gamma that rounds to 0 in float32 accumulation takes the formulas of 0, bit for bit (the kernels
-    choose plain / focal / ASL formulas from the values they compute with)."""
+    choose plain / focal / ASL formulas from the values they compute with), and so does a clip below float32's
+    normal range (bce_math.h: it moves no probability that matters)."""
     x = (torch.randn(7, 33, generator=torch.Generator().manual_seed(5)) * 4).to(device, dtype)
     target = (torch.rand(7, 33, generator=torch.Generator().manual_seed(6)) < 0.3).to(device)
     for tiny, zero in [(dict(gamma_neg=2.0, clip=1e-50), dict(gamma_neg=2.0)),
+                       (dict(gamma_neg=2.0, clip=1e-40), dict(gamma_neg=2.0)),
                        (dict(gamma_pos=1e-50), {})]:
         loss, grad = loss_and_grad(lambda x: weighted_bce_with_logits(x, target, reduction="none", **tiny), x)
         expected, expected_grad = loss_and_grad(

@@ -32,9 +32,10 @@ struct alignas(sizeof(T) * N) Pack {
   T values[N];
 };
 
-template <typename T>
-__device__ __forceinline__ Pack<T, kVecSize<T>> load_pack(const T* ptr) {
-  return *reinterpret_cast<const Pack<T, kVecSize<T>>*>(ptr);
+// N values from `ptr`, aligned to their size: one load instruction (16 bytes by default).
+template <typename T, int N = kVecSize<T>>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* ptr) {
+  return *reinterpret_cast<const Pack<T, N>*>(ptr);
 }
 
 template <typename T>
@@ -58,7 +59,17 @@ struct FastFloatPrimitives {
     return result;
 #endif
   }
-  __device__ __forceinline__ static float log(float x) { return __logf(x); }
+  // log(x) by lg2.approx.ftz: a subnormal operand is flushed to 0 (-inf), 2 instructions where __logf takes 5
+  // (its subnormal fix-ups held registers in the ASL kernels, the only ones that take a log: p - clip, 1 - p).
+  __device__ __forceinline__ static float log(float x) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+    return host_emulation::log_flush_subnormal(x);
+#else
+    float result;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+    return result * 0.69314718055994531f;
+#endif
+  }
   __device__ __forceinline__ static float divide(float a, float b) { return __fdividef(a, b); }
   // 1 / x for a normal x (a subnormal one is flushed to 0: +inf) within 1 ulp (rcp.approx.ftz): one MUFU.RCP,
   // where __fdividef adds 3 instructions of range handling.
@@ -74,7 +85,8 @@ struct FastFloatPrimitives {
   __device__ __forceinline__ static float fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 };
 
-inline bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+inline bool is_aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+inline bool is_aligned_16(const void* ptr) { return is_aligned_to(ptr, 16); }
 
 // Shuffle within aligned groups of `Group` lanes; every lane of the warp must call it.
 template <int Group, typename T>

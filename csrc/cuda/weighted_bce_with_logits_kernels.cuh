@@ -16,13 +16,14 @@
 // - flat: dense targets whose logits and target are contiguous and reach 16-byte alignment at the same element
 //   (a shared misalignment peels a short head; outputs are fresh contiguous tensors, stored in 16-byte packs
 //   when they are aligned at the head too, else all elements go one per thread). Each step of a thread handles
-//   kFlatElements consecutive elements through 16-byte loads of the logits and of the target in its own dtype
-//   (16 bool / uint8 targets per load), evaluated a sub-pack (one 16-byte pack of float weights) at a time.
+//   kFlatStepElements consecutive elements through 16-byte loads of the logits and of the target in its own dtype
+//   (16 bool / uint8 targets per load; ASL steps 4 elements, with shorter loads), evaluated a sub-pack (one
+//   16-byte pack of float weights) at a time.
 //   Weights and per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension:
 //   contiguous, periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or
 //   any row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per
 //   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the
-//   head and the numel % kFlatElements tail take one element per thread.
+//   head and the tail after the last whole step take one element per thread.
 // - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
 //   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
@@ -132,28 +133,46 @@ __device__ void store_partial_sum(const PassArgs<scalar_t>& args, acc_type<scala
 
 // ---------------------------------------------------------------------------------------------------- flat
 
-// Elements per step: one 16-byte load of the narrower of logits and target.
+// The formulas a flat kernel holds: plain BCE, focal (gammas without a clip) or ASL (a clip, and gammas).
+enum class Focusing { Plain, Focal, Asymmetric };
+
+// Elements over which logits and target both reach 16-byte alignment: one 16-byte load of the narrower.
 template <typename scalar_t, typename target_t>
-constexpr int kFlatElements = 16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof(scalar_t) : sizeof(target_t));
+constexpr int kFlatAlignmentElements =
+    16 / (sizeof(scalar_t) < sizeof(target_t) ? sizeof(scalar_t) : sizeof(target_t));
 
 // Elements per sub-pack: a step is evaluated a sub-pack at a time (one 16-byte pack of weights), so that only
 // one sub-pack's weights, pos_weights and scales are live, not the whole step's.
 template <typename scalar_t>
 constexpr int kSubPackElements = kVecSize<acc_type<scalar_t>>;
 
-// store_pack as one 16-byte store instruction (STG.128). The compiler splits the Pack copy of the flat BCE loop,
-// whose pack is filled an element at a time across sub-packs, into four 4-byte stores; this states the vector
-// store. `ptr` is a 16-byte aligned global address.
-template <typename T>
-__device__ __forceinline__ void store_pack_global_v4(T* ptr, const Pack<T, kVecSize<T>>& pack) {
+// Elements per step of the flat kernel: kFlatAlignmentElements (16-byte loads of both), or one sub-pack for ASL,
+// whose formulas hold the most registers per element: with 8-16 elements of a step in flight its kernels
+// spilled at 64 registers (docs/design.md, "Weighted, focal and asymmetric BCE").
+template <typename scalar_t, typename target_t, Focusing kFocusing>
+constexpr int kFlatStepElements =
+    kFocusing == Focusing::Asymmetric ? kSubPackElements<scalar_t> : kFlatAlignmentElements<scalar_t, target_t>;
+
+// store_pack of 8 or 16 bytes as one store instruction (STG.64 / STG.128). The compiler splits the Pack copy of
+// the flat BCE loop, whose pack is filled an element at a time across sub-packs, into 4-byte stores; this
+// states the vector store. `ptr` is a global address aligned to the pack's size.
+template <typename T, int N>
+__device__ __forceinline__ void store_pack_global(T* ptr, const Pack<T, N>& pack) {
+  static_assert(sizeof(pack) == 8 || sizeof(pack) == 16, "an 8- or 16-byte pack");
 #ifdef FUSED_LOSSES_HOST_EMULATION
-  store_pack(ptr, pack);
+  *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
 #else
-  uint32_t words[4];
+  uint32_t words[sizeof(pack) / 4];
   memcpy(words, &pack, sizeof(words));
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(ptr)), "r"(words[0]),
-               "r"(words[1]), "r"(words[2]), "r"(words[3])
-               : "memory");
+  if constexpr (sizeof(pack) == 16) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(ptr)), "r"(words[0]),
+                 "r"(words[1]), "r"(words[2]), "r"(words[3])
+                 : "memory");
+  } else {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(__cvta_generic_to_global(ptr)), "r"(words[0]),
+                 "r"(words[1])
+                 : "memory");
+  }
 #endif
 }
 
@@ -238,11 +257,8 @@ struct FlatOperands {
   FlatOperand<scalar_t> grad_loss;
   int64_t num_labels;        // L: the last merged dimension's size (the whole range for one dimension)
   FlatAdvance sub_pack;      // kSubPackElements elements
-  FlatAdvance grid_step;     // the grid stride of a thread's steps, num_threads * kFlatElements elements
+  FlatAdvance grid_step;     // the grid stride of a thread's steps, num_threads * kFlatStepElements elements
 };
-
-// The formulas a flat kernel holds: plain BCE, focal (gammas without a clip) or ASL (a clip, and gammas).
-enum class Focusing { Plain, Focal, Asymmetric };
 
 template <typename acc_t>
 Focusing focusing_of(const BceConfig<acc_t>& cfg) {
@@ -280,9 +296,10 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     flat_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, FlatOperands<scalar_t> operands,
                 int64_t head, bool out_packed) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int E = kFlatElements<scalar_t, target_t>;
+  constexpr int E = kFlatStepElements<scalar_t, target_t, kFocusing>;
   constexpr int S = kSubPackElements<scalar_t>;
-  constexpr int kLogitsVec = kVecSize<scalar_t>, kTargetVec = kVecSize<target_t>;
+  // Values per load of logits (and store of the output) and of the target: 16 bytes, or the whole step.
+  constexpr int kLogitsVec = std::min(E, kVecSize<scalar_t>), kTargetVec = std::min(E, kVecSize<target_t>);
   static_assert(E % S == 0 && (E % kLogitsVec) == 0 && (E % kTargetVec) == 0, "a step is whole packs");
   if (keeps_forward_gradient<pass>(args)) return;
   const BceConfig<acc_t> cfg = kernel_config<kFocusing>(args.cfg);
@@ -331,14 +348,16 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     // element, but a loop the SASS report reads as one step).
 #pragma unroll 1
     for (int remaining = count; remaining > 0; --remaining, first += grid_stride) {
-      // Logits and target as raw 16-byte packs (a bf16 pack holds 8 values in 4 registers); converted a
+      // Logits and target as raw packs (a 16-byte bf16 pack holds 8 values in 4 registers); converted a
       // sub-pack at a time.
       Pack<scalar_t, kLogitsVec> logits[E / kLogitsVec];
       Pack<target_t, kTargetVec> targets[E / kTargetVec];
 #pragma unroll
-      for (int v = 0; v < E / kLogitsVec; ++v) logits[v] = load_pack(args.logits + first + v * kLogitsVec);
+      for (int v = 0; v < E / kLogitsVec; ++v) {
+        logits[v] = load_pack<scalar_t, kLogitsVec>(args.logits + first + v * kLogitsVec);
+      }
 #pragma unroll
-      for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack(target + first + v * kTargetVec);
+      for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack<target_t, kTargetVec>(target + first + v * kTargetVec);
       Pack<scalar_t, kLogitsVec> stored;
       [[maybe_unused]] FlatPosition position = step_position;  // read by the weighted kernels only
 #pragma unroll
@@ -362,7 +381,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
           stored.values[e % kLogitsVec] = static_cast<scalar_t>(result.stored);
           // A full pack of outputs goes out at once.
           if constexpr (kStores) {
-            if ((e + 1) % kLogitsVec == 0) store_pack_global_v4(args.out + first + e + 1 - kLogitsVec, stored);
+            if ((e + 1) % kLogitsVec == 0) store_pack_global(args.out + first + e + 1 - kLogitsVec, stored);
           }
         }
       }
@@ -481,24 +500,6 @@ __device__ __forceinline__ bool first_in_chunk(int64_t label, int64_t chunk, int
   return (atomicOr(&bitmap[bit / 32], mask) & mask) == 0;  // no other lane of the batch sets this bit
 }
 
-// The sparse kernel's float32 primitives (docs/design.md, "Sparse targets"): FastFloatPrimitives' with a log that
-// flushes subnormal operands and results to 0, lg2.approx.ftz: 2 instructions where __logf takes 5, whose
-// subnormal fix-ups held registers in the ASL kernels (the only ones that take a log: p - clip and 1 - p).
-struct SparsePrimitives : FastFloatPrimitives {
-  __device__ __forceinline__ static float log(float x) {
-#ifdef FUSED_LOSSES_HOST_EMULATION
-    return host_emulation::log_flush_subnormal(x);
-#else
-    float result;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
-    return result * 0.69314718055994531f;
-#endif
-  }
-};
-
-template <typename acc_t>
-using SparseMath = std::conditional_t<std::is_same_v<acc_t, float>, FastFloatMath<SparsePrimitives>, ScalarMath<acc_t>>;
-
 // An element as a negative (y = 0, no pos_weight), the sweep's and the patch's correction: bce_math.h's negative
 // term without the positive one, which the general formula multiplies by y = 0, a product IEEE arithmetic keeps
 // (it costs the positive's focusing factor and log-probability, and it is NaN where l_pos is infinite: z = -inf).
@@ -607,7 +608,7 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
     sparse_rows_kernel(PassArgs<scalar_t> args, const int64_t* __restrict__ indices, int64_t max_positives,
                        BceLayout layout, bool vectorized) {
   using acc_t = acc_type<scalar_t>;
-  using Math = SparseMath<acc_t>;
+  using Math = ElementMath<acc_t>;
   constexpr int vec = kVecSize<scalar_t>;
   if (keeps_forward_gradient<pass>(args)) return;
   __shared__ uint32_t bitmaps[kWarpsPerBlock][kChunkWords];
@@ -761,8 +762,6 @@ inline bool operand_is_contiguous(const BceLayout& layout, int operand) {
   return true;
 }
 
-inline bool is_aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 // How the flat kernel reads a weight or grad_loss operand whose steps start at elements ≡ `head` (mod the
 // step): as (row, label) strides of the (rows, L) view; nullopt when its outer dimensions do not collapse to
 // one row stride (e.g. a weight broadcast along a middle dimension).
@@ -801,13 +800,12 @@ inline FlatAdvance flat_advance(int64_t elements, int64_t num_labels) {
   return {elements / num_labels, elements % num_labels};
 }
 
-// The first element (below kFlatElements, at most numel) where logits and target are both 16-byte aligned:
+// The first element (below kFlatAlignmentElements, at most numel) where logits and target are both 16-byte aligned:
 // a base misaligned by the same number of elements in each peels a short head. nullopt when there is none.
 // (The output, a fresh tensor, is stored in packs when it is aligned at the head too, else one element per thread.)
 template <typename scalar_t, typename target_t>
 std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t* target) {
-  constexpr int E = kFlatElements<scalar_t, target_t>;
-  for (int64_t head = 0; head < E; ++head) {
+  for (int64_t head = 0; head < kFlatAlignmentElements<scalar_t, target_t>; ++head) {
     if (is_aligned_16(args.logits + head) && is_aligned_16(target + head)) return std::min(head, args.numel);
   }
   return std::nullopt;
@@ -855,7 +853,6 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
                         });
     return blocks;
   } else {
-    constexpr int E = kFlatElements<scalar_t, target_t>;
     const target_t* target = p.data<target_t>(kTarget);
     const std::optional<int64_t> head =
         operand_is_contiguous(p.layout, kLogits) && operand_is_contiguous(p.layout, kTarget)
@@ -867,12 +864,7 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
       const auto pos_weight = as_flat_operand<S>(p.layout, kPosWeight, args.pos_weight, *head);
       const auto grad_loss = as_flat_operand<S>(p.layout, kGradLoss, args.grad_loss, *head);
       if (weight && pos_weight && grad_loss) {
-        const int64_t blocks = grid_size((p.numel - *head) / E, kBlockThreads);
-        allocate_partials(blocks);
         const int64_t num_labels = p.layout.inner_size();
-        const FlatOperands<scalar_t> operands{*weight, *pos_weight, *grad_loss, num_labels,
-                                              flat_advance(S, num_labels),
-                                              flat_advance(blocks * kBlockThreads * E, num_labels)};
         const bool weighted = weight->data != nullptr || pos_weight->data != nullptr || grad_loss->data != nullptr;
         // The outputs are fresh tensors, 16-byte aligned at element 0: whether their packs are aligned from the
         // head depends on the layout alone, so every pass (a reduced forward without an output too) splits the
@@ -880,9 +872,17 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         // one order. (A gradient passed in from outside that is misaligned anyway goes element by element.)
         const bool out_packed =
             (*head * sizeof(scalar_t)) % 16 == 0 && (args.out == nullptr || is_aligned_16(args.out + *head));
+        int64_t blocks = 0;
         with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
-          launch_kernel(flat_kernel<pass, scalar_t, target_t, decltype(focusing)::value, decltype(weighted_tag)::value>,
-                        blocks, stream, args, target, operands, *head, out_packed);
+          constexpr Focusing kFocusing = decltype(focusing)::value;
+          constexpr int E = kFlatStepElements<scalar_t, target_t, kFocusing>;
+          blocks = grid_size((p.numel - *head) / E, kBlockThreads);
+          allocate_partials(blocks);
+          const FlatOperands<scalar_t> operands{*weight, *pos_weight, *grad_loss, num_labels,
+                                                flat_advance(S, num_labels),
+                                                flat_advance(blocks * kBlockThreads * E, num_labels)};
+          launch_kernel(flat_kernel<pass, scalar_t, target_t, kFocusing, decltype(weighted_tag)::value>, blocks,
+                        stream, args, target, operands, *head, out_packed);
         });
         return blocks;
       }
