@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, check_label_smoothing, warn_zero_diagonal
+    check_focusing, check_integer, check_label_smoothing, warn_zero_diagonal
 
 __all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
            "WeightedBCEWithLogitsLoss"]
@@ -48,6 +48,7 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("cost_mode", cost_mode, F.COST_MODES)
+        check_integer("ignore_index", ignore_index)
         check_label_smoothing(label_smoothing)
         cost = _as_float_buffer("cost_matrix", cost_matrix, 2)
         if cost is not None:

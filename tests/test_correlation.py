@@ -627,6 +627,12 @@ def test_errors(device):
         f(x, y, reduction="avg")
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1e-08"):
         f(x, y, eps=-1e-8)
+    with pytest.raises(TypeError, match=r"eps must be a real number, got NoneType"):
+        f(x, y, eps=None)
+    # Any real number, NumPy's included (a float32 hyperparameter read from a config array).
+    torch.testing.assert_close(f(x, y, eps=np.float32(1e-6)), f(x, y, eps=float(np.float32(1e-6))))
+    torch.testing.assert_close(fused_losses.PearsonCorrelationLoss(eps=np.float32(1e-6))(x, y),
+                               f(x, y, eps=float(np.float32(1e-6))))
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         fused_losses.ConcordanceCorrelationLoss(reduction="mean ")
     with pytest.raises(ValueError, match=r"kind must be 'pearson' or 'concordance'"):
