@@ -22,7 +22,18 @@ def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: Optional[int]
     return None if tensor is None else tensor.detach().clone()
 
 
-class CostSensitiveCrossEntropyLoss(nn.Module):
+class _FusedLossModule(nn.Module):
+    """Base of the modules. TorchScript cannot compile the Python argument checks in front of the operators:
+    torch.jit.script (of the loss or of a model holding it) says so and names what works, rather than failing
+    inside its compiler on an f-string."""
+
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its argument checks are "
+                        "Python): use torch.export.export, torch.compile or torch.jit.trace, which record the fused "
+                        "operator")
+
+
+class CostSensitiveCrossEntropyLoss(_FusedLossModule):
     r"""Module form of :func:`fused_losses.cost_sensitive_cross_entropy`.
 
     Args:
@@ -72,7 +83,7 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}")
 
 
-class _CorrelationLoss(nn.Module):
+class _CorrelationLoss(_FusedLossModule):
     """Module form of a correlation loss; ``kind`` is set by the subclasses."""
 
     kind: str
@@ -129,7 +140,7 @@ class ConcordanceCorrelationLoss(_CorrelationLoss):
     """
 
     kind = "concordance"
-class WeightedBCEWithLogitsLoss(nn.Module):
+class WeightedBCEWithLogitsLoss(_FusedLossModule):
     r"""Module form of :func:`fused_losses.weighted_bce_with_logits` (weighted, focal or asymmetric BCE).
 
     Args:

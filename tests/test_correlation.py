@@ -647,6 +647,23 @@ def test_errors(device):
                                                          "pearson", "none", False, 0.0, True, False)
 
 
+def test_vmap_over_lengths_names_the_mask_instead():
+    """vmap cannot read the lengths' values for their range check: vmapping over lengths raises an error naming
+    lengths and the mask that replaces it (PyTorch's own error names neither); that mask vmaps, and lengths
+    closed over (not vmapped) work as they are."""
+    x, y = torch.randn(2, 3, 6), torch.randn(3, 6)
+    lengths = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    f = fused_losses.pearson_correlation_loss
+    with pytest.raises(ValueError, match=r"lengths cannot be vmapped over.*mask=torch.arange\(6\) < "
+                                         r"lengths.unsqueeze\(-1\)"):
+        torch.vmap(lambda a, n: f(a, y, lengths=n))(x, lengths)
+    expected = torch.stack([f(a, y, lengths=n) for a, n in zip(x, lengths)])
+    torch.testing.assert_close(torch.vmap(lambda a, m: f(a, y, mask=m))(x, torch.arange(6) < lengths.unsqueeze(-1)),
+                               expected)
+    torch.testing.assert_close(torch.vmap(lambda a: f(a, y, lengths=lengths[0]))(x),
+                               torch.stack([f(a, y, lengths=lengths[0]) for a in x]))
+
+
 @pytest.mark.parametrize("reduction, per_timestep", [("none", False), ("none", True), ("mean", False), ("sum", True)])
 def test_operator_takes_two_dimensional_sequences_as_one_channel(device, reduction, per_timestep):
     """A (B, T) input goes to the operator as it is (no view with an autograd node in front of a small loss):
