@@ -37,6 +37,11 @@ def _lengths_to_mask(lengths: Tensor, batch: int, steps: int, input: Tensor) -> 
         raise ValueError(f"lengths must have shape ({batch},) (one length per sequence), got {tuple(lengths.shape)}")
     if lengths.device != input.device:
         raise ValueError(f"lengths must be on the input's device ({input.device}), got {lengths.device}")
+    if torch._C._functorch.is_batchedtensor(lengths):
+        # vmap cannot read the values that the check below reads (its error would not name lengths); a mask
+        # needs no check.
+        raise ValueError(f"lengths cannot be vmapped over (its values are checked before the kernels run): vmap "
+                         f"over mask=torch.arange({steps}) < lengths.unsqueeze(-1) instead")
     if can_check_values(lengths):
         bad = (lengths < 0) | (lengths > steps)
         if bool(bad.any()):

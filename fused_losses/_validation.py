@@ -2,6 +2,7 @@
 host synchronisation that is only paid when FUSED_LOSSES_CHECK=1 asks for it."""
 
 import math
+import numbers
 import os
 import warnings
 from typing import Optional
@@ -39,11 +40,31 @@ def check_cost_matrix_values(cost_matrix: torch.Tensor) -> None:
         raise ValueError("cost_matrix must be non-negative: a negative cost would reward a misclassification")
 
 
+def _is_finite(value) -> bool:
+    """Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a symbolic float,
+    which math.isfinite cannot take (a graph break, an error with fullgraph=True). NaN fails both."""
+    return -math.inf < value < math.inf
+
+
+def check_real(name: str, value) -> None:
+    """A Python or NumPy real number (a symbolic one while torch.compile traces with dynamic=True); bool is not."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def check_integer(name: str, value) -> None:
+    """A Python or NumPy integer (what torch's int arguments take): a float would be truncated silently."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
 def check_focusing(gamma_pos: float, gamma_neg: float, clip: float) -> None:
     """Focusing exponents of the focal / asymmetric losses and the ASL probability margin."""
     for name, value in (("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg)):
-        if not (math.isfinite(value) and value >= 0):  # an infinite exponent: inf * 0 = NaN in the gradient
+        check_real(name, value)
+        if not (_is_finite(value) and value >= 0):  # an infinite exponent: inf * 0 = NaN in the gradient
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    check_real("clip", clip)
     if not 0 <= clip < 1:
         raise ValueError(f"clip must be in [0, 1), got {clip}")
 
@@ -62,12 +83,14 @@ def can_check_values(tensor: torch.Tensor) -> bool:
 
 def check_label_smoothing(label_smoothing) -> None:
     """For the module forms, which take it at construction (the op checks it again at every call)."""
+    check_real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
 def check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    check_real("eps", eps)
+    if not (_is_finite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -85,6 +108,14 @@ def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -
     if ndim is not None and tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
     return tensor
+
+
+def as_tensor_argument(name: str, value, ndim: Optional[int], device) -> Optional[torch.Tensor]:
+    """A tensor argument as it is (the operator checks its dtype and device); an array-like (nested lists, a
+    NumPy array) as a floating-point tensor on `device` (as_float_tensor)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return as_float_tensor(name, value, ndim, device)
 
 
 def warn_zero_diagonal(cost_matrix: torch.Tensor, cost_mode: str) -> None:

@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ._registrations import call_operator
 from ._sequences import as_sequence_batch
-from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, check_no_grad, check_tensor, needs_data_checks
+from ._validation import REDUCTIONS, as_tensor_argument, check_choice, check_cost_matrix_values, check_eps, \
+    check_focusing, check_integer, check_no_grad, check_real, check_tensor, needs_data_checks
 
 __all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
            "weighted_bce_with_logits"]
@@ -74,7 +74,7 @@ def cost_sensitive_cross_entropy(
             the loss of correct predictions: keep it at 1 (a zero gives them zero loss and zero gradient;
             the module form warns about it).
         weight: ``(C,)`` class weights, as in ``F.cross_entropy`` (a tensor or an array-like).
-        ignore_index: target value whose samples contribute neither loss nor gradient.
+        ignore_index: an int, the target value whose samples contribute neither loss nor gradient.
         reduction: ``"none"`` (per-sample losses, target's shape), ``"mean"`` (sum divided by the summed
             ``weight[y]`` of non-ignored samples, their count without ``weight``) or ``"sum"``.
         label_smoothing: in ``[0, 1]``, as in ``F.cross_entropy``.
@@ -92,10 +92,10 @@ def cost_sensitive_cross_entropy(
     check_tensor("target", target)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("cost_mode", cost_mode, COST_MODES)
-    if not isinstance(cost_matrix, (Tensor, type(None))):
-        cost_matrix = as_float_tensor("cost_matrix", cost_matrix, 2, input.device)
-    if not isinstance(weight, (Tensor, type(None))):
-        weight = as_float_tensor("weight", weight, 1, input.device)
+    check_integer("ignore_index", ignore_index)
+    check_real("label_smoothing", label_smoothing)
+    cost_matrix = as_tensor_argument("cost_matrix", cost_matrix, 2, input.device)
+    weight = as_tensor_argument("weight", weight, 1, input.device)
     check_no_grad("cost_matrix", cost_matrix)
     check_no_grad("weight", weight)
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.dtype.is_complex:
@@ -247,9 +247,10 @@ def weighted_bce_with_logits(
         target: dense targets, the input's shape: floating point (soft labels; read directly in the input's
             dtype or float32, other floating dtypes are converted to float32), ``bool`` or ``uint8``
             (read as 0 / 1 in their own narrow dtype, never converted).
-        weight: rescaling weight broadcastable to the input's shape, as in PyTorch.
+        weight: rescaling weight broadcastable to the input's shape, as in PyTorch (a tensor or an array-like:
+            nested lists, a NumPy array).
         pos_weight: weight of the positive term, broadcastable to the input's shape: usually ``(L,)``, one
-            per label (the last dimension).
+            per label (the last dimension); a tensor or an array-like.
         reduction: ``"none"`` (the input's shape), ``"mean"`` (over all elements, as PyTorch) or ``"sum"``.
         positive_indices: sparse targets instead of ``target``: ``(N, K)`` int64 (or int32) label indices in
             ``[0, L)`` that are positive for each row, padded with ``-1``. A label listed twice in a row counts
@@ -275,6 +276,8 @@ def weighted_bce_with_logits(
     if (target is None) == (positive_indices is None):
         raise ValueError("pass exactly one of target (dense) and positive_indices (sparse), got "
                          f"{'neither' if target is None else 'both'}")
+    weight = as_tensor_argument("weight", weight, None, input.device)
+    pos_weight = as_tensor_argument("pos_weight", pos_weight, None, input.device)
     check_no_grad("weight", weight)
     check_no_grad("pos_weight", pos_weight)
     if target is not None:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, check_label_smoothing, warn_zero_diagonal
+    check_focusing, check_integer, check_label_smoothing, warn_zero_diagonal
 
 __all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
            "WeightedBCEWithLogitsLoss"]
@@ -22,7 +22,18 @@ def _as_float_buffer(name: str, value: Optional[TensorLike], ndim: Optional[int]
     return None if tensor is None else tensor.detach().clone()
 
 
-class CostSensitiveCrossEntropyLoss(nn.Module):
+class _FusedLossModule(nn.Module):
+    """Base of the modules. TorchScript cannot compile the Python argument checks in front of the operators:
+    torch.jit.script (of the loss or of a model holding it) says so and names what works, rather than failing
+    inside its compiler on an f-string."""
+
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its argument checks are "
+                        "Python): use torch.export.export, torch.compile or torch.jit.trace, which record the fused "
+                        "operator")
+
+
+class CostSensitiveCrossEntropyLoss(_FusedLossModule):
     r"""Module form of :func:`fused_losses.cost_sensitive_cross_entropy`.
 
     Args:
@@ -48,6 +59,7 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("cost_mode", cost_mode, F.COST_MODES)
+        check_integer("ignore_index", ignore_index)
         check_label_smoothing(label_smoothing)
         cost = _as_float_buffer("cost_matrix", cost_matrix, 2)
         if cost is not None:
@@ -71,7 +83,7 @@ class CostSensitiveCrossEntropyLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}")
 
 
-class _CorrelationLoss(nn.Module):
+class _CorrelationLoss(_FusedLossModule):
     """Module form of a correlation loss; ``kind`` is set by the subclasses."""
 
     kind: str
@@ -128,7 +140,7 @@ class ConcordanceCorrelationLoss(_CorrelationLoss):
     """
 
     kind = "concordance"
-class WeightedBCEWithLogitsLoss(nn.Module):
+class WeightedBCEWithLogitsLoss(_FusedLossModule):
     r"""Module form of :func:`fused_losses.weighted_bce_with_logits` (weighted, focal or asymmetric BCE).
 
     Args:

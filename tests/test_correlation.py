@@ -627,6 +627,12 @@ def test_errors(device):
         f(x, y, reduction="avg")
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1e-08"):
         f(x, y, eps=-1e-8)
+    with pytest.raises(TypeError, match=r"eps must be a real number, got NoneType"):
+        f(x, y, eps=None)
+    # Any real number, NumPy's included (a float32 hyperparameter read from a config array).
+    torch.testing.assert_close(f(x, y, eps=np.float32(1e-6)), f(x, y, eps=float(np.float32(1e-6))))
+    torch.testing.assert_close(fused_losses.PearsonCorrelationLoss(eps=np.float32(1e-6))(x, y),
+                               f(x, y, eps=float(np.float32(1e-6))))
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         fused_losses.ConcordanceCorrelationLoss(reduction="mean ")
     with pytest.raises(ValueError, match=r"kind must be 'pearson' or 'concordance'"):
@@ -639,6 +645,23 @@ def test_errors(device):
                                                                       False, False)
         torch.ops.fused_losses.correlation_loss_backward(torch.ones(2, 1, device=device), x, y, None, stats, total,
                                                          "pearson", "none", False, 0.0, True, False)
+
+
+def test_vmap_over_lengths_names_the_mask_instead():
+    """vmap cannot read the lengths' values for their range check: vmapping over lengths raises an error naming
+    lengths and the mask that replaces it (PyTorch's own error names neither); that mask vmaps, and lengths
+    closed over (not vmapped) work as they are."""
+    x, y = torch.randn(2, 3, 6), torch.randn(3, 6)
+    lengths = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    f = fused_losses.pearson_correlation_loss
+    with pytest.raises(ValueError, match=r"lengths cannot be vmapped over.*mask=torch.arange\(6\) < "
+                                         r"lengths.unsqueeze\(-1\)"):
+        torch.vmap(lambda a, n: f(a, y, lengths=n))(x, lengths)
+    expected = torch.stack([f(a, y, lengths=n) for a, n in zip(x, lengths)])
+    torch.testing.assert_close(torch.vmap(lambda a, m: f(a, y, mask=m))(x, torch.arange(6) < lengths.unsqueeze(-1)),
+                               expected)
+    torch.testing.assert_close(torch.vmap(lambda a: f(a, y, lengths=lengths[0]))(x),
+                               torch.stack([f(a, y, lengths=lengths[0]) for a in x]))
 
 
 @pytest.mark.parametrize("reduction, per_timestep", [("none", False), ("none", True), ("mean", False), ("sum", True)])

@@ -297,6 +297,14 @@ def test_errors_name_the_argument(device):
         csce(x, y, cost_mode="max")
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         csce(x, y, label_smoothing=1.5)
+    with pytest.raises(TypeError, match="label_smoothing must be a real number, got NoneType"):
+        csce(x, y, label_smoothing=None)
+    # A float ignore_index would be truncated (1.5 ignoring class 1): a TypeError, as F.cross_entropy raises.
+    with pytest.raises(TypeError, match="ignore_index must be an int, got 1.5"):
+        csce(x, y, ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int, got 1.0"):
+        fused_losses.CostSensitiveCrossEntropyLoss(ignore_index=1.0)
+    torch.testing.assert_close(csce(x, y, ignore_index=np.int64(1)), F.cross_entropy(x, y, ignore_index=1))
     with pytest.raises(ValueError, match="cost_matrix must not require grad"):
         csce(x, y, torch.ones(4, 4, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="weight must not require grad"):

@@ -205,6 +205,47 @@ def test_jacrev_and_hessian_match_autograd(name):
     torch.testing.assert_close(hessian, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("module", [fused_losses.CostSensitiveCrossEntropyLoss([[1.0, 2.0], [1.0, 1.0]]),
+                                    fused_losses.ConcordanceCorrelationLoss(),
+                                    fused_losses.WeightedBCEWithLogitsLoss(pos_weight=[2.0])])
+def test_jit_script_refuses_the_modules_clearly(module):
+    """TorchScript cannot compile the Python argument checks: torch.jit.script of a loss module, or of a model
+    holding one, raises an error naming the module and what to use instead (not a compiler error on an
+    f-string deep in fused_losses)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.loss = module
+    for scripted in (module, model):
+        with pytest.raises(TypeError, match=f"{type(module).__name__} cannot be compiled by torch.jit.script.*"
+                                            "torch.export.export, torch.compile or torch.jit.trace"):
+            torch.jit.script(scripted)
+
+
+@pytest.mark.parametrize("loss, make_target", [
+    (fused_losses.CostSensitiveCrossEntropyLoss(torch.ones(4, 4) + torch.eye(4)), lambda rows: torch.arange(rows) % 4),
+    (fused_losses.PearsonCorrelationLoss(), lambda rows: torch.randn(rows, 4)),
+    (fused_losses.WeightedBCEWithLogitsLoss(pos_weight=[1.0, 2.0, 3.0, 4.0], gamma_neg=2.0),
+     lambda rows: torch.rand(rows, 4)),
+])
+def test_export_of_a_model_with_the_loss(loss, make_target):
+    """torch.export.export of a model ending in a loss module, with a dynamic batch size: the exported program
+    computes the eager loss for another batch size."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 4)
+            self.loss = loss
+
+        def forward(self, features, target):
+            return self.loss(self.layer(features), target)
+
+    model = Model()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(5, 3), make_target(5)),
+                                  dynamic_shapes=({0: batch}, {0: batch}))
+    features, target = torch.randn(9, 3), make_target(9)
+    torch.testing.assert_close(program.module()(features, target), model(features, target))
+
+
 @pytest.mark.parametrize("name", ["ce_argmax", "pearson_masked_per_timestep", "bce_sparse_focal"])
 def test_jit_trace_records_the_operator_and_saves(name, tmp_path):
     """torch.jit.trace of a loss whose input requires grad records the operator (not a Python autograd.Function,

@@ -458,6 +458,39 @@ def _three_losses(device, dtype=torch.float32):
     ]
 
 
+_DYNAMIC_SHAPE_LOSSES = {
+    "cost_sensitive_cross_entropy": (
+        lambda rows: (torch.randn(rows, 5), torch.randint(0, 5, (rows,))),
+        lambda z, y: fused_losses.cost_sensitive_cross_entropy(z, y, torch.ones(5, 5) + torch.eye(5), ignore_index=1,
+                                                               label_smoothing=0.1)),
+    "pearson_correlation_loss": (
+        lambda rows: (torch.randn(rows, 7), torch.randn(rows, 7), torch.randint(0, 8, (rows,))),
+        lambda z, y, lengths: fused_losses.pearson_correlation_loss(z, y, lengths=lengths, eps=1e-6)),
+    "concordance_correlation_loss": (
+        lambda rows: (torch.randn(7, rows, 2), torch.randn(7, rows, 2)),
+        lambda z, y: fused_losses.concordance_correlation_loss(z, y, dim=0, per_timestep=True)),
+    "weighted_bce_with_logits": (
+        lambda rows: (torch.randn(rows, 6), torch.randint(-1, 6, (rows, 3))),
+        lambda z, indices: fused_losses.weighted_bce_with_logits(z, positive_indices=indices, gamma_neg=2.0,
+                                                                 clip=0.05)),
+}
+
+
+@pytest.mark.parametrize("name", list(_DYNAMIC_SHAPE_LOSSES))
+def test_compile_fullgraph_with_dynamic_shapes(name):
+    """torch.compile(fullgraph=True, dynamic=True): one graph for every batch size, equal to eager (the argument
+    checks must not call what Dynamo cannot trace with symbolic values, such as math.isfinite)."""
+    make_arguments, loss_fn = _DYNAMIC_SHAPE_LOSSES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    for rows in (4, 6, 9):
+        z, *rest = make_arguments(rows)
+        a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        compiled_loss, eager_loss = compiled(a, *rest), loss_fn(b, *rest)
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        torch.testing.assert_close(torch.autograd.grad(compiled_loss, a)[0], torch.autograd.grad(eager_loss, b)[0])
+
+
 def test_autocast_reads_the_logits_dtype_and_returns_float32(device):
     """Under autocast the logits are not re-cast: bf16 logits (a Linear's output under autocast) are read as
     they are, and the loss comes back in float32 as PyTorch's losses do under autocast, close to the float32

@@ -3,6 +3,7 @@ BCE with logits on dense or sparse multi-label targets), on every device of the 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -438,6 +439,18 @@ def test_gradcheck(device, target_form, focusing):
         assert torch.autograd.gradcheck(fn, (x,))
 
 
+def test_weight_and_pos_weight_as_array_likes(device):
+    """Nested lists and NumPy arrays are accepted by the functional form as by the module (and as the
+    cost-sensitive cross-entropy takes its weight and cost matrix), on the input's device."""
+    x, target = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    weight, pos_weight = [[1.0], [0.5], [2.0]], [1.0, 2.0, 3.0, 0.5]
+    expected = F.binary_cross_entropy_with_logits(x, target, torch.tensor(weight, device=device),
+                                                  pos_weight=torch.tensor(pos_weight, device=device))
+    for as_array in (list, np.array):
+        torch.testing.assert_close(weighted_bce_with_logits(x, target, as_array(weight), as_array(pos_weight)),
+                                   expected)
+
+
 def test_compile_fullgraph_matches_eager(device):
     x = torch.randn(8, 40, device=device)
     indices = random_indices(8, 40, 5, device)
@@ -542,6 +555,12 @@ def _error_cases(device):
                   "gamma_pos must be a finite number >= 0, got -0.5"),
         "gamma_infinite": (lambda: weighted_bce_with_logits(x, target, gamma_neg=math.inf), ValueError,
                            "gamma_neg must be a finite number >= 0, got inf"),
+        "gamma_none": (lambda: weighted_bce_with_logits(x, target, gamma_pos=None), TypeError,
+                       "gamma_pos must be a real number, got NoneType"),
+        "clip_none": (lambda: weighted_bce_with_logits(x, target, clip=None), TypeError,
+                      "clip must be a real number, got NoneType"),
+        "weight_not_numbers": (lambda: weighted_bce_with_logits(x, target, weight="ones"), TypeError,
+                               "weight must be a tensor or an array-like of numbers"),
         "clip_high": (lambda: weighted_bce_with_logits(x, target, clip=1.0), ValueError, r"clip must be in \[0, 1\)"),
         "clip_negative": (lambda: weighted_bce_with_logits(x, target, clip=-0.1), ValueError,
                           r"clip must be in \[0, 1\)"),
