@@ -52,6 +52,12 @@ def check_real(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
+def check_bool(name: str, value) -> None:
+    """A flag: True or False (a string such as "False" is truthy and would be read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_integer(name: str, value) -> None:
     """A Python or NumPy integer (what torch's int arguments take): a float would be truncated silently."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):

@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ._registrations import call_operator
 from ._sequences import as_sequence_batch
-from ._validation import REDUCTIONS, as_tensor_argument, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, check_integer, check_no_grad, check_real, check_tensor, needs_data_checks
+from ._validation import REDUCTIONS, as_tensor_argument, check_bool, check_choice, check_cost_matrix_values, \
+    check_eps, check_focusing, check_integer, check_no_grad, check_real, check_tensor, needs_data_checks
 
 __all__ = ["cost_sensitive_cross_entropy", "pearson_correlation_loss", "concordance_correlation_loss",
            "weighted_bce_with_logits"]
@@ -123,6 +123,7 @@ def cost_sensitive_cross_entropy(
 def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[Tensor], dim: int,
                       reduction: str, per_timestep: bool, eps: float, lengths: Optional[Tensor]) -> Tensor:
     check_choice("reduction", reduction, REDUCTIONS)
+    check_bool("per_timestep", per_timestep)
     check_eps(eps)
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and input.dtype != target.dtype
             and input.dtype.is_floating_point and target.dtype.is_floating_point):
@@ -131,7 +132,7 @@ def _correlation_loss(kind: str, input: Tensor, target: Tensor, mask: Optional[T
         input, target = input.to(common), target.to(common)
     batch = as_sequence_batch(input, target, mask, dim, lengths)
     loss, *_ = call_operator("correlation_loss", batch.input, batch.target, batch.mask, kind, reduction,
-                             bool(per_timestep), float(eps), _writes_gradient(batch.input, reduction),
+                             per_timestep, float(eps), _writes_gradient(batch.input, reduction),
                              _writes_gradient(batch.target, reduction))
     return _as_autocast_output(batch.restore_layout(loss, per_timestep) if reduction == "none" else loss)
 

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._validation import REDUCTIONS, as_float_tensor, check_choice, check_cost_matrix_values, check_eps, \
-    check_focusing, check_integer, check_label_smoothing, warn_zero_diagonal
+from ._validation import REDUCTIONS, as_float_tensor, check_bool, check_choice, check_cost_matrix_values, \
+    check_eps, check_focusing, check_integer, check_label_smoothing, warn_zero_diagonal
 
 __all__ = ["CostSensitiveCrossEntropyLoss", "PearsonCorrelationLoss", "ConcordanceCorrelationLoss",
            "WeightedBCEWithLogitsLoss"]
@@ -91,6 +91,7 @@ class _CorrelationLoss(_FusedLossModule):
     def __init__(self, dim: int = 1, reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8) -> None:
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
+        check_bool("per_timestep", per_timestep)
         check_eps(eps)
         self.dim = dim
         self.reduction = reduction
@@ -140,6 +141,8 @@ class ConcordanceCorrelationLoss(_CorrelationLoss):
     """
 
     kind = "concordance"
+
+
 class WeightedBCEWithLogitsLoss(_FusedLossModule):
     r"""Module form of :func:`fused_losses.weighted_bce_with_logits` (weighted, focal or asymmetric BCE).
 

@@ -623,6 +623,11 @@ def test_errors(device):
     torch.testing.assert_close(promoted, f(x.double(), y.double()))
     with pytest.raises(TypeError, match=r"input must be float32, float16, bfloat16 or float64, got Long"):
         f(x.long(), y.long())
+    # A string flag is truthy: "False" would have returned per-step losses.
+    with pytest.raises(TypeError, match=r"per_timestep must be a bool, got 'False'"):
+        f(x, y, reduction="none", per_timestep="False")
+    with pytest.raises(TypeError, match=r"per_timestep must be a bool, got 1"):
+        fused_losses.PearsonCorrelationLoss(per_timestep=1)
     with pytest.raises(ValueError, match=r"reduction must be one of 'none', 'mean', 'sum', got 'avg'"):
         f(x, y, reduction="avg")
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1e-08"):
