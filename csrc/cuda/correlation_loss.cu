@@ -344,6 +344,21 @@ __device__ void sweep_chunk(Visitor& visitor, int64_t begin, int64_t end, bool v
 
 // ----------------------------------------------------------------------------- generic kernels
 
+// A thread's own Width values in a block's shared memory: values that change rarely (once per run or per
+// sequence) wait there so that their registers serve the sweep; volatile, so that the compiler reloads them at
+// each use instead of carrying them in registers after all. The block's slots are laid out [Width][threads],
+// value k of consecutive threads in consecutive words, so a warp's access to value k touches 32 different
+// banks; a [threads][Width] layout put lanes Width values apart, and lanes t and t + 32 / gcd(Width, 32) on one
+// bank (docs/design.md, "Registers (issue 15)").
+template <typename T, int Width>
+struct ThreadSlots {
+  using Block = T[Width][kBlockThreads];  // declared __shared__ by the user, one per purpose
+  volatile T* first;                      // this thread's value 0; value k lies k * kBlockThreads further on
+
+  __device__ static ThreadSlots of(Block& block) { return {&block[0][threadIdx.x]}; }
+  __device__ volatile T& operator[](int k) const { return first[k * kBlockThreads]; }
+};
+
 // Resident blocks per SM that a task's sweep kernel is compiled for (Task::kMinBlocksPerSM, __launch_bounds__):
 // `wanted` on the float32 / half paths, whose rows stream fastest (4: at most 64 registers at 256 threads);
 // float64 keeps the compiler's choice.
@@ -366,11 +381,12 @@ __global__ void __launch_bounds__(kBlockThreads, Task::kMinBlocksPerSM)
   using acc_t = typename State::value_type;
   constexpr int kItemsPerIteration = kBlockThreads / Group;
   const int lane = threadIdx.x % Group;
-  // The thread's (weighted loss, weight) sums change once per finished sequence: they wait in shared memory
-  // (volatile: not carried in registers), which leaves their registers to the sweeps.
-  __shared__ acc_t thread_sums[kBlockThreads][2];
-  volatile acc_t* finished_sums = thread_sums[threadIdx.x];
-  finished_sums[0] = finished_sums[1] = acc_t(0);
+  // The thread's (weighted loss, weight) sums change once per finished sequence: they wait in shared memory,
+  // which leaves their registers to the sweeps.
+  __shared__ typename ThreadSlots<acc_t, 2>::Block thread_sums;
+  const auto finished_sums = ThreadSlots<acc_t, 2>::of(thread_sums);
+  finished_sums[0] = acc_t(0);
+  finished_sums[1] = acc_t(0);
   // Every thread runs the same number of iterations, so the group merges never diverge.
   for (int64_t first = int64_t(blockIdx.x) * kItemsPerIteration; first < plan.items();
        first += int64_t(gridDim.x) * kItemsPerIteration) {
@@ -495,10 +511,9 @@ void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStrea
 // ----------------------------------------------------------------------------- correlation tasks
 
 // Where a gradient visitor keeps its sequence's GradientCoefficients between steps (the centres stay in
-// CentredSteps): in registers, or with kParked in the thread's slot of shared memory, read back at every step or
-// pack (volatile, so that the compiler does not carry them in registers after all). The sweep with a per-step
-// upstream parks them: its upstream row leaves them no room under 64 registers (docs/design.md, "Registers
-// (issue 15)").
+// CentredSteps): in registers, or with kParked in the thread's ThreadSlots, read back at every step or pack. The
+// sweep with a per-step upstream parks them: its upstream row leaves them no room under 64 registers
+// (docs/design.md, "Registers (issue 15)").
 template <typename acc_t, bool kParked>
 struct SequenceCoefficients {
   GradientCoefficients<acc_t> held;
@@ -509,10 +524,10 @@ struct SequenceCoefficients {
 template <typename acc_t>
 struct SequenceCoefficients<acc_t, true> {
   static constexpr int kWidth = 6;  // ax, ay, b, c, ex, ey
-  volatile acc_t* parked;
+  ThreadSlots<acc_t, kWidth> parked;
   __device__ explicit SequenceCoefficients(const GradientCoefficients<acc_t>& coef) {
-    __shared__ acc_t slots[kBlockThreads][kWidth];
-    parked = slots[threadIdx.x];
+    __shared__ typename ThreadSlots<acc_t, kWidth>::Block slots;
+    parked = ThreadSlots<acc_t, kWidth>::of(slots);
     const acc_t values[kWidth] = {coef.ax, coef.ay, coef.b, coef.c, coef.ex, coef.ey};
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) parked[k] = values[k];
@@ -671,12 +686,11 @@ struct MomentsTask {
 
   // Each run of a lane's loads (visit_in_runs) is summed around its own first valid step (ShiftedSums) and
   // folded into the lane's moments by a Chan merge: plain sums of longer runs would lose float32 digits (a
-  // G = 1 lane may sweep thousands of strided steps). The folded moments wait in the thread's slot of shared
-  // memory between runs, so that their 8 registers serve the loads of the run; volatile keeps the compiler from
-  // carrying them through the run in registers after all.
+  // G = 1 lane may sweep thousands of strided steps). The folded moments wait in the thread's ThreadSlots
+  // between runs, so that their 8 registers serve the loads of the run.
   struct Visitor {
     StepReader<scalar_t> steps;
-    volatile acc_t* folded;  // State::kWidth values in shared memory, this thread's own
+    ThreadSlots<acc_t, State::kWidth> folded;
     ShiftedSums<acc_t> run;
     template <int N>
     __device__ void at(int64_t t) {
@@ -708,8 +722,8 @@ struct MomentsTask {
   };
 
   __device__ Visitor visitor(int64_t seq) const {
-    __shared__ acc_t folded_moments[kBlockThreads][State::kWidth];
-    Visitor visitor{StepReader<scalar_t>(in, seq), folded_moments[threadIdx.x], {}};
+    __shared__ typename ThreadSlots<acc_t, State::kWidth>::Block folded_moments;
+    Visitor visitor{StepReader<scalar_t>(in, seq), ThreadSlots<acc_t, State::kWidth>::of(folded_moments), {}};
     visitor.store_folded(State{});
     return visitor;
   }
