@@ -595,6 +595,17 @@ __device__ __forceinline__ void load_logits(const scalar_t* logits, acc_t (&z)[v
   }
 }
 
+// `value`, which the compiler cannot trace back to its computation. The sparse kernel's row and chunk loops pass
+// their variable through it: nvcc then computes what a row or chunk derives from it (offsets, bounds) from the
+// value itself, and carries no induction variables of its own across the sweep (a step counter, row * 2), which
+// spilled at the 64-register bound (docs/design.md, "Sparse targets").
+__device__ __forceinline__ int64_t opaque_to_optimizer(int64_t value) {
+#ifndef FUSED_LOSSES_HOST_EMULATION
+  asm("" : "+l"(value));
+#endif
+  return value;
+}
+
 // A warp per row, in two steps per chunk of kChunkLabels labels (docs/design.md, "Sparse targets"): a dense
 // sweep evaluates every element as a negative (y = 0, evaluate_negative): no label test in the loop, and no
 // pos_weight; then, after a __syncwarp, the lanes walk the row's index list, kWarpSize positions at a time, and
@@ -626,8 +637,9 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
   // are uniform over the warp, so every lane reaches every vote and __syncwarp.
   const auto all_rows = [&](auto weight_read, auto scale_read, auto stores, auto sums) {
     constexpr bool kStores = decltype(stores)::value, kSums = decltype(sums)::value;
-    for (int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; row < num_rows;
-         row += int64_t(gridDim.x) * kWarpsPerBlock) {
+    for (int64_t next_row = int64_t(blockIdx.x) * kWarpsPerBlock + warp; next_row < num_rows;
+         next_row += int64_t(gridDim.x) * kWarpsPerBlock) {
+      const int64_t row = opaque_to_optimizer(next_row);
       const int64_t* row_indices = indices + row * max_positives;
       const scalar_t* row_logits = args.logits + row * layout.strides[kLogits][0];
       scalar_t* row_out = kStores ? args.out + row * num_labels : nullptr;
@@ -657,7 +669,8 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseMinBlocks<scalar_t>)
       // The row's operands at label 0, for the packs (null when absent).
       const acc_t* row_weight = args.weight != nullptr ? args.weight + offset(kWeight, 0) : nullptr;
       const scalar_t* row_grad_loss = args.grad_loss != nullptr ? args.grad_loss + offset(kGradLoss, 0) : nullptr;
-      for (int64_t chunk = 0; chunk < num_labels; chunk += kChunkLabels) {
+      for (int64_t next_chunk = 0; next_chunk < num_labels; next_chunk += kChunkLabels) {
+        const int64_t chunk = opaque_to_optimizer(next_chunk);
         const int64_t chunk_end = std::min(num_labels, chunk + kChunkLabels);
         if (several_batches) {
           for (int word = lane; word < kChunkWords; word += kWarpSize) bitmap[word] = 0;
