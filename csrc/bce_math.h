@@ -133,14 +133,6 @@ struct FastFloatMath : ScalarMath<float> {
   C10_HOST_DEVICE static float divide(float a, float b) { return Primitives::divide(a, b); }
   C10_HOST_DEVICE static float reciprocal(float x) { return Primitives::reciprocal(x); }
   C10_HOST_DEVICE static float fma(float a, float b, float c) { return Primitives::fma(a, b, c); }
-  // base^gamma from log(base) without a branch on gamma == 0 (a branch per factor splits the kernels' loops):
-  // exp(gamma * max(log base, lowest)). gamma = 0 gives exp(0) = 1, 0^0 included; a base of 0 (log -inf) gives
-  // exp(-inf or below -2^126 for gamma > 2^-121) = 0, and for a smaller gamma a factor that multiplies a zero
-  // term anyway (the loss and gradient terms vanish where their focusing base is 0). A NaN log is replaced
-  // by lowest, but the term it belongs to is NaN through its other factor.
-  C10_HOST_DEVICE static float power_from_log(float log_base, float gamma) {
-    return exp(gamma * max(log_base, std::numeric_limits<float>::lowest()));
-  }
   C10_HOST_DEVICE static float log1p_unit_interval(float e) { return log1p_unit_interval_series<FastFloatMath>(e); }
   // log(1 - m) for m in [0, 1) given complement = 1 - m (formed without cancellation): -2 atanh(m / (2 - m))
   // for m <= 1/2 (the argument stays in [0, 1/3]: relative accuracy as m -> 0, where a fast log of 1 - m
@@ -188,15 +180,10 @@ C10_HOST_DEVICE inline SigmoidParts<V> sigmoid_parts(V z, bool need_probabilitie
   return s;
 }
 
-// base^gamma from log(base), with 0^0 = 1 (exp(0 * -inf) would be NaN): the policy's power_from_log where it
-// has one (the GPU's branch-free form), else a test of gamma, uniform over the call (the CPU saves the exp).
+// base^gamma from log(base), with 0^0 = 1 (exp(0 * -inf) would be NaN).
 template <typename Math, typename acc_t, typename V = typename Math::Value>
 C10_HOST_DEVICE inline V power_from_log(V log_base, acc_t gamma) {
-  if constexpr (requires { Math::power_from_log(log_base, gamma); }) {
-    return Math::power_from_log(log_base, gamma);
-  } else {
-    return gamma == acc_t(0) ? V(1) : Math::exp(V(gamma) * log_base);
-  }
+  return gamma == acc_t(0) ? V(1) : Math::exp(V(gamma) * log_base);
 }
 
 // The pos_weight argument when there is none, known at compile time (the unweighted CUDA kernels): q y is y,
