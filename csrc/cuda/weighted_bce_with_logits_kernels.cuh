@@ -357,7 +357,9 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
         logits[v] = load_pack<scalar_t, kLogitsVec>(args.logits + first + v * kLogitsVec);
       }
 #pragma unroll
-      for (int v = 0; v < E / kTargetVec; ++v) targets[v] = load_pack<target_t, kTargetVec>(target + first + v * kTargetVec);
+      for (int v = 0; v < E / kTargetVec; ++v) {
+        targets[v] = load_pack<target_t, kTargetVec>(target + first + v * kTargetVec);
+      }
       Pack<scalar_t, kLogitsVec> stored;
       [[maybe_unused]] FlatPosition position = step_position;  // read by the weighted kernels only
 #pragma unroll
@@ -813,8 +815,8 @@ inline FlatAdvance flat_advance(int64_t elements, int64_t num_labels) {
   return {elements / num_labels, elements % num_labels};
 }
 
-// The first element (below kFlatAlignmentElements, at most numel) where logits and target are both 16-byte aligned:
-// a base misaligned by the same number of elements in each peels a short head. nullopt when there is none.
+// The first element (below kFlatAlignmentElements, at most numel) where logits and target are both 16-byte
+// aligned: a base misaligned by the same number of elements in each peels a short head. nullopt when there is none.
 // (The output, a fresh tensor, is stored in packs when it is aligned at the head too, else one element per thread.)
 template <typename scalar_t, typename target_t>
 std::optional<int64_t> flat_head(const PassArgs<scalar_t>& args, const target_t* target) {
