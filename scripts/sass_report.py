@@ -648,9 +648,10 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         bce_pass, scalar, target, focusing, weighted = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
         written = 0 if bce_pass == "Forward" else size
-        weight_bytes = (8 if scalar == "fp64" else 4) if weighted == "true" else 0
+        accumulation_size = 8 if scalar == "fp64" else 4
+        weight_bytes = accumulation_size if weighted == "true" else 0
         if focusing == "asl":
-            elements = 16 // (8 if scalar == "fp64" else 4)  # kFlatStepElements: kSubPackElements
+            elements = 16 // accumulation_size  # kFlatStepElements: kSubPackElements
             loop_kind, vector_accesses = "packed", 0
             accesses = "kSubPackElements elements: loads of that many logits and targets (8-16 bytes of logits)"
         else:
