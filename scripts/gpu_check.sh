@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one command that fits one device call (README, "Running the GPU check"): GPU machines are
-# lent for minutes, so the whole check runs under one wall-time budget, build included, in five stages:
+# lent for minutes, so the whole check runs under one wall-time budget, build included, in six stages:
 #   1 build     the CUDA extension (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0) with the machine's python3 and torch
 #               (no network: nothing is installed but a liger-kernel wheel carried in wheels/, if there)
 #   2 tests     every CUDA test but torch.compile, > 2^31 elements and DDP, fastest first, not stopping at a
@@ -9,7 +9,9 @@
 #               vocabulary-size baseline), torch.compile skipped for the last rows if time runs short
 #   4 sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck over tests/test_kernel_paths.py:
 #               every kernel and launch path once (its KERNELS table maps kernel -> case)
-#   5 slow      torch.compile, > 2^31 elements, DDP: with what time is left
+#   5 profile   Nsight Compute over the headline cases' fused kernels (scripts/gpu_profile.py): achieved DRAM
+#               bandwidth, issue slots, occupancy, instructions per byte, from the hardware counters
+#   6 slow      torch.compile, > 2^31 elements, DDP: with what time is left
 # Each stage prints its wall time, stops at its own time limit (a cap, and what the budget leaves after
 # keeping the minimum of the later stages 2-4), and writes its results as it goes, so a run cut off still
 # returns what it finished. $OUT (default ./gpu_results) gets at most 6 files (the device tool returns 8):
@@ -18,8 +20,9 @@
 #   results.tar.gz   every finished stage's log and JUnit XML, each sanitizer tool's log, bench.png
 #                    (rewritten after each stage)
 #   bench.json, bench.md   the benchmark rows, rewritten after each row
+#   extension.tar.xz the extension the build stage built (a later call can carry it and skip the build stage)
 #
-# Usage: scripts/gpu_check.sh [STAGE...]      (default: build tests bench sanitize slow, in that order)
+# Usage: scripts/gpu_check.sh [STAGE...]      (default: build tests bench sanitize profile slow, in that order)
 # Environment: OUT; GPU_CHECK_BUDGET_S (default 540: the device call's timeout_s of 600 less a margin);
 #   PYTHON (default python3); GPU_CHECK_DRY_RUN=1 prints each stage's commands and limits and checks the test
 #   and benchmark selections (pytest --collect-only, benchmarks --list): no GPU needed.
@@ -41,14 +44,14 @@ DEADLINE=$((SECONDS + BUDGET))
 # stages 2-4 keep their MIN for themselves while earlier stages run. Estimates (README, not yet measured on a
 # GPU): build ~100 s (nvcc takes ~90 s for weighted_bce_with_logits_forward.cu on one core, the longest of the
 # sources compiled in parallel), tests ~90 s, bench ~130 s, sanitize ~140 s, slow what is left.
-declare -A CAP=([build]=240 [tests]=150 [bench]=170 [sanitize]=160 [slow]=600)
-declare -A MIN=([build]=60 [tests]=40 [bench]=60 [sanitize]=45 [slow]=30)
-RESERVED_STAGES=" tests bench sanitize "
+declare -A CAP=([build]=240 [tests]=150 [bench]=170 [sanitize]=160 [profile]=100 [slow]=600)
+declare -A MIN=([build]=60 [tests]=40 [bench]=60 [sanitize]=45 [profile]=40 [slow]=30)
+RESERVED_STAGES=" tests bench sanitize profile "
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests bench sanitize slow)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests bench sanitize profile slow)
 for stage in "${STAGES[@]}"; do
-  [ -n "${CAP[$stage]:-}" ] || { echo "unknown stage '$stage' (build tests bench sanitize slow)"; exit 2; }
+  [ -n "${CAP[$stage]:-}" ] || { echo "unknown stage '$stage' (build tests bench sanitize profile slow)"; exit 2; }
 done
 
 # The test selections. Stage 2: the CUDA tests (marker `cuda`: the CUDA parameter of the `device` fixture and
@@ -113,7 +116,11 @@ import torch, fused_losses
 x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
 gpu = fused_losses.cost_sensitive_cross_entropy(x.cuda(), y.cuda()).cpu()
 torch.testing.assert_close(gpu, fused_losses.cost_sensitive_cross_entropy(x, y))
-print('CUDA kernels run:', torch.ops.fused_losses.cost_sensitive_cross_entropy.default)"
+print('CUDA kernels run:', torch.ops.fused_losses.cost_sensitive_cross_entropy.default)" || return 1
+  # For a later call of the same session: carried back, it spares that call the build.
+  tar -cf - fused_losses/_C*.so | xz -T0 -6 >"$OUT/extension.tar.xz.part" && mv "$OUT/extension.tar.xz.part" \
+    "$OUT/extension.tar.xz"
+  return 0
 }
 
 stage_tests() {
@@ -169,6 +176,26 @@ stage_sanitize() {
   return "$failed"
 }
 
+# Nsight Compute, clocks as found (--clock-control none: the machine's settings are not ours to change), over
+# the cudaProfilerStart/Stop ranges of scripts/gpu_profile.py; the details CSV then summarised per kernel.
+NCU_SECTIONS=(SpeedOfLight MemoryWorkloadAnalysis ComputeWorkloadAnalysis Occupancy LaunchStats WarpStateStats
+  InstructionStats)
+stage_profile() {  # $1: limit
+  local ncu
+  ncu=$(command -v ncu || compgen -G '/usr/local/cuda/bin/ncu' || compgen -G '/opt/nvidia/nsight-compute/*/ncu' \
+    | head -1)
+  [ -n "$ncu" ] || { echo "ncu not found"; return 1; }
+  local sections=() section
+  for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
+  timeout --kill-after=10 "$1" "$ncu" --profile-from-start off --clock-control none --target-processes all \
+    "${sections[@]}" --csv --page details --print-units base --log-file "$WORK/profile.csv" \
+    "$PYTHON" scripts/gpu_profile.py --budget-s $(($1 * 2 / 3 - 15))
+  local code=$?
+  "$PYTHON" scripts/gpu_profile.py --summarize "$WORK/profile.csv" | tee "$WORK/profile.md"
+  grep -m5 -E '==(ERROR|WARNING)==' "$WORK/profile.csv"
+  return "$code"
+}
+
 stage_slow() {
   timed "$1" "${PYTEST[@]}" "${SLOW_SELECTION[@]}" --durations=10 --junitxml="$WORK/slow.xml"
 }
@@ -179,6 +206,7 @@ stage_result() {
     build) grep -E '^(CUDA kernels run|[A-Za-z.]*(Error|error)[: ])' "$2" | tail -1 | cut -c1-150 ;;
     tests | slow) pytest_result "$2" ;;
     bench) grep -cE '\| (met|MISSED|FAILED)' "$OUT/bench.md" 2>/dev/null | sed 's/$/ rows written/' ;;
+    profile) grep -c '^| .* | `' "$2" | sed 's/$/ kernels profiled/' ;;
     sanitize) grep -E '^=== (memcheck|racecheck|initcheck|synccheck):' "$2" | sed 's/^=== //' | cut -c1-60 \
       | tr '\n' ';' ;;
   esac
@@ -200,6 +228,8 @@ dry_run() {
              "$PYTHON" -m benchmarks --device cuda --headline --list ;;
       sanitize) echo "compute-sanitizer --tool {${SANITIZER_TOOLS[*]}} ... ${PYTEST[*]} ${SANITIZE_SELECTION[*]}"
                 "${PYTEST[@]}" "${SANITIZE_SELECTION[@]}" --collect-only | tail -1 ;;
+      profile) echo "ncu --section {${NCU_SECTIONS[*]}} ... $PYTHON scripts/gpu_profile.py --budget-s N"
+               "$PYTHON" scripts/gpu_profile.py --list ;;
       slow) echo "${PYTEST[*]} ${SLOW_SELECTION[*]}"
             "${PYTEST[@]}" "${SLOW_SELECTION[@]}" --collect-only | grep -E '::|collected' ;;
     esac
