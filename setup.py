@@ -51,7 +51,9 @@ def _extension():
     # No implicit fused multiply-adds: the compiler fuses a multiply into an add only where the product has
     # no other use, so the same formula could round differently in the forward that also writes the gradient
     # and in the backward. Without contraction both schedules give the same bits (explicit fmadd remains).
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-ffp-contract=off"]
+    # C++20 named (concepts, std::bit_cast): torch.utils.cpp_extension adds its own standard only when none is
+    # given, and that is C++17 up to torch 2.11.
+    cxx_flags = ["-std=c++20", "-O3", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     if _cpu_supports_avx2():
         # at::vec::Vectorized picks its 256-bit implementation from CPU_CAPABILITY_AVX2.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -65,7 +67,7 @@ def _extension():
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         _default_cuda_arch_list()
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA", "--fmad=false"]
+        nvcc_flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA", "--fmad=false"]
         return CUDAExtension(
             "fused_losses._C",
             cpu_sources + cuda_sources,
