@@ -8,7 +8,11 @@ sources are compiled for sm_90). Install with `pip install --no-build-isolation 
 
 import glob
 import os
+import shlex
+import subprocess
 import sys
+import sysconfig
+import tempfile
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported: point it at the toolkit first.
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -28,6 +32,44 @@ def _cpu_supports_avx2() -> bool:
     except OSError:
         return False
     return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+def _libstdcxx_link_args() -> list:
+    """Link arguments that keep the C++ runtime shared with torch's. Some toolchains link libstdc++ statically
+    by default (seen on a GPU machine whose CXX was a g++ with -static-libstdc++): the extension then carries
+    a private copy whose functions, bound inside the extension, use the process's libstdc++ data (locale
+    facets), and every C++ error message that formats a number broke: the numbers vanished (here) or the
+    process crashed (there). A probe library built with the same compiler tells; if it embeds libstdc++, the
+    shared one is named explicitly ahead of the driver's static archive, which then adds nothing."""
+    compiler = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+    probe = "#include <sstream>\nstd::string probe(double v) { std::ostringstream s; s << v; return s.str(); }\n"
+
+    def link(extra):
+        with tempfile.TemporaryDirectory() as folder:
+            source, library = os.path.join(folder, "probe.cpp"), os.path.join(folder, "probe.so")
+            with open(source, "w") as file:
+                file.write(probe)
+            try:
+                subprocess.run(compiler + ["-shared", "-fPIC", source, "-o", library, *extra], check=True,
+                               capture_output=True, timeout=120)
+                with open(library, "rb") as file:
+                    return file.read()
+            except (OSError, subprocess.SubprocessError):
+                return None
+
+    plain = link([])
+    # A static copy defines std::locale itself and names no shared libstdc++.
+    if plain is None or b"libstdc++.so" in plain or b"_ZNSt6locale5_ImplC" not in plain:
+        return []
+    shared = ["-l:libstdc++.so.6"]
+    fixed = link(shared)
+    if fixed is None or b"libstdc++.so.6" not in fixed:
+        print(f"warning: {' '.join(compiler)} links libstdc++ statically and the shared libstdc++.so.6 was not "
+              "found: the extension's error messages may lose their numbers or crash", file=sys.stderr)
+        return []
+    print(f"{' '.join(compiler)} links libstdc++ statically: linking the shared libstdc++.so.6 instead",
+          file=sys.stderr)
+    return shared
 
 
 def _want_cuda() -> bool:
@@ -64,6 +106,7 @@ def _extension():
         # (torch/lib/libgomp.so.1): one thread pool, sized by torch.set_num_threads.
         cxx_flags.append("-fopenmp")
         link_args.append("-fopenmp")
+        link_args += _libstdcxx_link_args()
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         _default_cuda_arch_list()

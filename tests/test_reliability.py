@@ -4,9 +4,11 @@ concurrency, and a 2-process DDP step matching the single-process gradient."""
 import datetime
 import gc
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -507,6 +509,18 @@ def test_autocast_reads_the_logits_dtype_and_returns_float32(device):
         assert loss_fn(logits.detach()).dtype == expected_dtype, name
         loss.backward()
         assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks a Linux (libstdc++) build")
+def test_extension_uses_the_process_libstdcxx():
+    """A toolchain that links libstdc++ statically (setup.py, _libstdcxx_link_args) gave the extension a private
+    copy of it: every C++ error message that formats a number lost the numbers or crashed the process."""
+    library = Path(fused_losses._C.__file__).read_bytes()
+    assert b"libstdc++.so.6" in library, "the extension does not link the shared libstdc++"
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"target must have the input's shape \[3, 5\], got \[3, 4\]"):
+        torch.ops.fused_losses.weighted_bce_with_logits(x, x[:, :4], None, None, None, "mean", 0.0, 0.0, 0.0, False)
 
 
 @pytest.mark.cuda
