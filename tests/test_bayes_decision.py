@@ -74,7 +74,7 @@ def test_hand_worked_asymmetric_example(device):
     # B: 5.2, C: 0.8), leaves A.
     b_as_a = [[0, 1, 1], [10, 0, 1], [1, 1, 0]]
     assert bayes_decision(logits, b_as_a).item() == 1
-    assert bayes_decision(logits, torch.tensor(b_as_a).T).item() == 0
+    assert bayes_decision(logits, torch.tensor(b_as_a, device=device).T).item() == 0
 
 
 def test_ties_go_to_the_lowest_index(device):

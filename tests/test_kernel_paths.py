@@ -306,11 +306,10 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
     if form == "sparse":
         kwargs["positive_indices"] = indices.to(device)
     else:
-        target = {"float": dense.to(dtype), "bool": dense.bool(), "uint8": dense.to(torch.uint8)}[form]
-        if layout == "broadcast":  # one target row for every sample: a stride-0 view
-            target = target[:1].expand(rows, labels)
+        target = {"float": dense.to(dtype), "bool": dense.bool(), "uint8": dense.to(torch.uint8)}[form].to(device)
+        if layout == "broadcast":  # one target row for every sample: a stride-0 view (made on the device: a
+            target = target[:1].expand(rows, labels)  # copy to another device would be contiguous)
             dense = dense[:1].expand(rows, labels)
-        target = target.to(device)
         if layout == "misaligned":
             target = _offset_by_one(target)
         kwargs["target"] = target
