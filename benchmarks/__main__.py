@@ -281,6 +281,7 @@ def main(argv=None) -> int:
         if json_path:
             first = regimes_so_far[0]
             report = {"device": name, "device_type": args.device, "date": date, "torch": torch.__version__,
+                      "cuda": torch.version.cuda if args.device == "cuda" else None,
                       "copy_gbps": first["copy_gbps"], "quick": args.quick, "allocator_regime": first["regime"],
                       "complete": len(measured) == len(regimes) and all(r["complete"] for r in measured),
                       "rows": first["rows"], "regimes": regimes_so_far}

@@ -109,7 +109,9 @@ def dense_target_from_indices(positive_indices: Tensor, num_labels: int, dtype: 
     rows = positive_indices.shape[0]
     dense = torch.zeros(rows, num_labels + 1, dtype=dtype, device=positive_indices.device)
     dense.scatter_(1, positive_indices.where(positive_indices >= 0, num_labels), 1)  # padding -> extra column
-    return dense[:, :num_labels]
+    # Contiguous, as a user's target is: the view without the extra column has padded rows, which the fused
+    # kernels read through their strided path (a benchmark once measured that path instead of the flat one).
+    return dense[:, :num_labels].contiguous()
 
 
 def _power_from_log(log_base: Tensor, gamma: float) -> Tensor:

@@ -62,3 +62,14 @@ def test_cpu_target_is_speedup_or_bandwidth(speedup, pct_copy, status):
                      bytes_forward=1, bytes_forward_backward=int(pct_copy * 1e6))
     results = {"fused": {"fwd_bwd_ms": 1.0, "fwd_ms": 1.0}, "compiled": {"fwd_bwd_ms": speedup}}
     assert summarise(case, results, "cpu", copy_gbps=100.0)["status"] == status
+
+
+def test_bce_cases_pass_contiguous_targets():
+    """The targets a user passes are contiguous: a padded view (once made by the reference's dense-target
+    helper) sent the GPU benchmark's float-target row through the strided kernel, not the flat one it reports."""
+    from benchmarks.cases_weighted_bce import cases
+    for case in cases("cpu", quick=True):
+        inputs = case.make_inputs()
+        for name in ("target", "float_target", "positive_indices"):
+            if name in inputs:
+                assert inputs[name].is_contiguous(), (case.label, name)
