@@ -2,7 +2,7 @@
 # The GPU check in one command that fits one device call (README, "Running the GPU check"): GPU machines are
 # lent for minutes, so the whole check runs under one wall-time budget, build included, in six stages:
 #   1 build     the CUDA extension (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0) with the machine's python3 and torch
-#               (no network: nothing is installed but a liger-kernel wheel carried in wheels/, if there)
+#               (no network: nothing is installed but the wheels carried in wheels/: liger-kernel, expecttest)
 #   2 tests     every CUDA test but torch.compile, > 2^31 elements and DDP, fastest first, not stopping at a
 #               failure or a crash (8 pytest-xdist workers where installed); records and checks the kernels
 #               each tests/test_kernel_paths.py case launches; the build's toolchain checks (marker toolchain)
@@ -108,7 +108,7 @@ for tool in (["nvcc", "--version"], ["compute-sanitizer", "--version"], ["nproc"
     except (OSError, IndexError):
         print(tool[0], "not found")
 EOF
-  echo "$LIGER"
+  echo "$WHEELS"
   timeout --kill-after=10 "$1" "$PYTHON" setup.py build_ext --inplace || return 1
   # The build must hold CUDA kernels: one loss on the GPU against the CPU.
   "$PYTHON" -c "
@@ -225,7 +225,7 @@ dry_run() {
     echo "--- $stage: cap ${CAP[$stage]} s, min ${MIN[$stage]} s, limit now $(stage_limit "$stage") s"
     case $stage in
       build) echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST $PYTHON setup.py build_ext --inplace"
-             ls wheels/liger_kernel-*.whl 2>/dev/null || echo "(no wheels/liger_kernel-*.whl: no Liger)" ;;
+             ls wheels/*.whl 2>/dev/null || echo "(no wheels/*.whl: no Liger, no expecttest)" ;;
       tests) echo "FUSED_LOSSES_KERNEL_TRACE=1 ${PYTEST[*]} ${TEST_SELECTION[*]}"
              "${PYTEST[@]}" "${TEST_SELECTION[@]}" --collect-only | tail -1 ;;
       bench) echo "$PYTHON -m benchmarks --device cuda --headline --time-budget-s N --json $OUT/bench.json"
@@ -244,22 +244,23 @@ if [ "$DRY_RUN" = 1 ]; then dry_run; exit $?; fi
 
 # ------------------------------------------------------------------------------------------------- run
 
-# The machine has no network: Liger's cross-entropy (the benchmark's baseline) only from a carried wheel,
-# installed aside (nothing of the machine's changes) for every run, also one of the bench stage alone.
-LIGER="no wheels/liger_kernel-*.whl: the benchmark runs without Liger"
-if compgen -G "wheels/liger_kernel-*.whl" >/dev/null; then
-  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" wheels/liger_kernel-*.whl \
-    >"$WORK/liger-install.log" 2>&1; then
+# The machine has no network: Liger's cross-entropy (the benchmark's baseline) and expecttest (which PyTorch's
+# OpInfo samples, tests/test_reliability.py, need) only from carried wheels, installed aside (nothing of the
+# machine's changes) for every run, also one of a single stage.
+WHEELS="no wheels/*.whl: the benchmark runs without Liger, the OpInfo tests skip"
+if compgen -G "wheels/*.whl" >/dev/null; then
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" wheels/*.whl \
+    >"$WORK/wheels-install.log" 2>&1; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    LIGER="liger-kernel installed from $(basename wheels/liger_kernel-*.whl)"
+    WHEELS="installed from wheels/: $(cd wheels && echo *.whl)"
   else
-    LIGER="liger-kernel did not install: $(tail -1 "$WORK/liger-install.log")"
+    WHEELS="wheels/*.whl did not install: $(tail -1 "$WORK/wheels-install.log")"
   fi
 fi
 : >"$OUT/summary.txt"
 summary "gpu_check $(date -u +%FT%TZ): budget ${BUDGET} s, stages ${STAGES[*]}, $(git rev-parse --short HEAD 2>/dev/null)"
 summary "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
-summary "$LIGER"
+summary "$WHEELS"
 for stage in "${STAGES[@]}"; do
   limit=$(stage_limit "$stage")
   if [ "$limit" -lt "${MIN[$stage]}" ]; then
