@@ -110,7 +110,8 @@ def _extension():
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         _default_cuda_arch_list()
-        nvcc_flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA", "--fmad=false"]
+        nvcc_flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFUSED_LOSSES_WITH_CUDA",
+                      "--fmad=false"]
         return CUDAExtension(
             "fused_losses._C",
             cpu_sources + cuda_sources,

@@ -24,6 +24,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import sass_report  # scripts/, this file's folder
+
 MARKER_KERNEL = "spin_kernel"
 # (section, metric name as ncu's details page writes it) -> column of the summary
 METRICS = OrderedDict([
@@ -81,20 +83,9 @@ def _number(text: str) -> float:
 
 
 def short_kernel_name(name: str) -> str:
-    """'void fused_losses::cuda::(anonymous namespace)::flat_kernel<(Pass)2, c10::BFloat16, ...>(...)' ->
-    'flat_kernel<(Pass)2, BFloat16, ...>'."""
-    name = name.removeprefix("void ").strip()
-    if name.endswith(")"):  # drop the parameter list: from its matching '('
-        depth = 0
-        for position in range(len(name) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(name[position], 0)
-            if depth == 0:
-                name = name[:position]
-                break
-    head, _, template = name.partition("<")
-    head = head.rsplit("::", 1)[-1]
-    template = re.sub(r"\b(c10|at|fused_losses|cuda|std)::|\(anonymous namespace\)::", "", template)
-    return f"{head}<{template}" if template else head
+    """sass_report's short names ('flat_kernel<Forward, bf16, bool, ...>'), from ncu's demangling, which writes
+    anonymous namespaces '<unnamed>' and enum template arguments as plain numbers."""
+    return sass_report.short_kernel_name(name.replace("<unnamed>::", ""))
 
 
 def read_kernels(path: Path):
@@ -135,15 +126,15 @@ def summarize(path: Path) -> int:
             continue
         case = cases[case_index] if 0 <= case_index < len(cases) else None
         label = f"{case.op} {case.label}" if case else "?"
-        time_us = kernel.get("time_us", float("nan"))
-        bytes_moved = kernel.get("mem_bytes_per_s", float("nan")) * time_us * 1e-6
-        instructions = kernel.get("warp_instructions", float("nan")) * 32
+        metric = {column: kernel.get(column, float("nan")) for column in METRICS.values()}
+        time_us = metric["time_us"]
+        bytes_moved = metric["mem_bytes_per_s"] * time_us * 1e-6
+        instructions = metric["warp_instructions"] * 32
         totals.setdefault(label, [case, 0.0])[1] += time_us
         print(f"| {label} | `{short_kernel_name(kernel['name'])[:90]}` | {kernel['grid']} x {kernel['block']} | "
-              f"{kernel.get('registers', float('nan')):.0f} | {time_us:.1f} | {kernel.get('dram_pct', float('nan')):.0f} | "
-              f"{kernel.get('mem_bytes_per_s', float('nan')) / 1e9:.0f} | {kernel.get('sm_pct', float('nan')):.0f} | "
-              f"{kernel.get('issue_pct', float('nan')):.0f} | {kernel.get('occupancy_pct', float('nan')):.0f} "
-              f"({kernel.get('theoretical_pct', float('nan')):.0f}) | {kernel.get('cycles_per_issue', float('nan')):.1f} | "
+              f"{metric['registers']:.0f} | {time_us:.1f} | {metric['dram_pct']:.0f} | "
+              f"{metric['mem_bytes_per_s'] / 1e9:.0f} | {metric['sm_pct']:.0f} | {metric['issue_pct']:.0f} | "
+              f"{metric['occupancy_pct']:.0f} ({metric['theoretical_pct']:.0f}) | {metric['cycles_per_issue']:.1f} | "
               f"{instructions / bytes_moved if bytes_moved > 0 else float('nan'):.1f} |")
     print("\nPer case: the schedule's bytes (benchmarks' count, forward + backward) over the summed kernel time "
           "under the profiler (its cache flush before each kernel included).\n")
@@ -171,5 +162,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: benchmarks
     sys.exit(main())
