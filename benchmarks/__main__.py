@@ -56,6 +56,9 @@ def summarise(case: BenchCase, results: Dict, device: str, copy_gbps: float) -> 
         return row
     row["gbps"] = case.bytes_forward_backward / (fused["fwd_bwd_ms"] * 1e-3) / 1e9
     row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+    if "graph_fwd_bwd_ms" in fused:  # the device's time alone (CUDA graph replay)
+        graph_gbps = case.bytes_forward_backward / (fused["graph_fwd_bwd_ms"] * 1e-3) / 1e9
+        row["graph_pct_copy"] = 100 * graph_gbps / copy_gbps
     row["fwd_gbps"] = case.bytes_forward / (fused["fwd_ms"] * 1e-3) / 1e9
     for name in IMPLEMENTATIONS[1:]:
         if "fwd_bwd_ms" in results.get(name, {}):
@@ -85,9 +88,17 @@ def _ms(results: Dict, name: str) -> str:
     return f"{value:.3f}" if value is not None else ("err" if "error" in results.get(name, {}) else "-")
 
 
+def _graph(row: Dict) -> str:
+    """The fused forward + backward replayed from a CUDA graph: ms (% copy), 'err' or '-' (CPU)."""
+    fused = row["results"].get("fused", {})
+    if "graph_fwd_bwd_ms" in fused:
+        return f"{fused['graph_fwd_bwd_ms']:.3f} ({row['graph_pct_copy']:.0f}%)"
+    return "err" if "graph_error" in fused else "-"
+
+
 def markdown_table(rows: List[Dict]) -> str:
-    header = ("| op | case | fused fwd+bwd ms | fused fwd ms | GB/s | % copy | eager ms | compiled ms | liger ms "
-              "| x eager | x compiled | peak extra MB | target |")
+    header = ("| op | case | fused fwd+bwd ms | fused fwd ms | GB/s | % copy | graph ms (% copy) | eager ms "
+              "| compiled ms | liger ms | x eager | x compiled | peak extra MB | target |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         res = row["results"]
@@ -96,8 +107,8 @@ def markdown_table(rows: List[Dict]) -> str:
         lines.append(
             f"| {row['op']} | {row['case']} | {_ms(res, 'fused')} | "
             f"{fused.get('fwd_ms', float('nan')):.3f} | {row.get('gbps', float('nan')):.1f} | "
-            f"{row.get('pct_copy', float('nan')):.0f}% | {_ms(res, 'eager')} | {_ms(res, 'compiled')} | "
-            f"{_ms(res, 'liger')} | {row.get('speedup_vs_eager', float('nan')):.2f} | "
+            f"{row.get('pct_copy', float('nan')):.0f}% | {_graph(row)} | {_ms(res, 'eager')} | "
+            f"{_ms(res, 'compiled')} | {_ms(res, 'liger')} | {row.get('speedup_vs_eager', float('nan')):.2f} | "
             f"{row.get('speedup_vs_compiled', float('nan')):.2f} | "
             f"{peak / 2**20 if peak is not None else float('nan'):.1f} | {row['status']} |")
     return "\n".join(lines)

@@ -132,6 +132,28 @@ def measure_implementation(fn: Callable, case: BenchCase, input_sets: List[Dict]
     return {"fwd_bwd_ms": fwd_bwd_ms, "fwd_ms": fwd_ms, "peak_extra_bytes": memory.peak_bytes}
 
 
+def graph_replay_ms(fn: Callable, case: BenchCase, inputs: Dict, quick: bool) -> float:
+    """Forward + backward captured once in a CUDA graph and replayed: the device's time alone, without the
+    Python and launch overhead of an eager call (the gap between the two says how host-bound a row is). One
+    input set: a replay reads the tensors captured."""
+    target = inputs[case.grad_input]
+
+    def forward_backward():
+        return torch.autograd.grad(fn(**inputs), target)
+
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):  # warm-up on a side stream, as torch.cuda.graph asks
+        for _ in range(2):
+            forward_backward()
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    warmup, reps = (3, 10) if quick else (5, 30)
+    return time_ms(lambda i: graph.replay(), "cuda", warmup, reps)
+
+
 def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: bool = True) -> Dict:
     first = case.make_inputs()
     input_sets = [first] + [case.make_inputs() for _ in range(_rotation(first, device) - 1)]
@@ -149,4 +171,11 @@ def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: b
             results[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
         if device == "cuda":
             torch.cuda.empty_cache()
+    fused = results["fused"]
+    if device == "cuda" and "fwd_bwd_ms" in fused:
+        try:
+            fused["graph_fwd_bwd_ms"] = graph_replay_ms(case.fused, case, first, quick)
+        except Exception as error:  # reported in the row, not fatal
+            fused["graph_error"] = f"{type(error).__name__}: {error}"[:300]
+        torch.cuda.empty_cache()
     return results

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import child_command, summarise
+from benchmarks.__main__ import child_command, markdown_table, summarise
 from benchmarks.case import BenchCase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +73,19 @@ def test_bce_cases_pass_contiguous_targets():
         for name in ("target", "float_target", "positive_indices"):
             if name in inputs:
                 assert inputs[name].is_contiguous(), (case.label, name)
+
+
+@pytest.mark.parametrize("fused, shown", [
+    ({"graph_fwd_bwd_ms": 0.5}, "| 0.500 (50%) |"),
+    ({"graph_error": "RuntimeError: capture failed"}, "| err |"),
+    ({}, "| - |"),  # the CPU: no graph
+])
+def test_graph_replay_column(fused, shown):
+    """The CUDA graph replay of the fused forward + backward (the device's time without host overhead) gets its
+    own column and its own share of the copy bandwidth: 50 MB in 0.5 ms at a copy of 200 GB/s is 50%."""
+    case = BenchCase(op="op", label="case", make_inputs=dict, fused=None, reference=None, bytes_forward=1,
+                     bytes_forward_backward=50_000_000)
+    results = {"fused": {"fwd_bwd_ms": 1.0, "fwd_ms": 1.0, **fused}}
+    row = summarise(case, results, "cuda", copy_gbps=200.0)
+    assert "graph ms (% copy)" in markdown_table([row]).splitlines()[0]
+    assert shown in markdown_table([row]).splitlines()[2]
