@@ -2,10 +2,12 @@
 # The GPU check in one command that fits one device call (README, "Running the GPU check"): GPU machines are
 # lent for minutes, so the whole check runs under one wall-time budget, build included, in six stages:
 #   1 build     the CUDA extension (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0) with the machine's python3 and torch
-#               (no network: nothing is installed but the wheels carried in wheels/: liger-kernel, expecttest)
+#               (no network: nothing is installed but the wheels carried in wheels/: README, "Running the
+#               GPU check": liger-kernel, expecttest, keras and the two of its needs the image lacks)
 #   2 tests     every CUDA test but torch.compile, > 2^31 elements and DDP, fastest first, not stopping at a
 #               failure or a crash (8 pytest-xdist workers where installed); records and checks the kernels
 #               each tests/test_kernel_paths.py case launches; the build's toolchain checks (marker toolchain)
+#               and the Keras tests (marker keras: on CUDA there; they skip without a carried keras wheel)
 #   3 bench     python -m benchmarks --device cuda --headline (the issue's headline rows, Liger as the
 #               vocabulary-size baseline), torch.compile skipped for the last rows if time runs short
 #   4 sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck over tests/test_kernel_paths.py:
@@ -57,7 +59,7 @@ done
 # The test selections. Stage 2: the CUDA tests (marker `cuda`: the CUDA parameter of the `device` fixture and
 # the CUDA-only tests) but the slow ones. Stage 5: those slow ones; the DDP tests run on the CPU (gloo), here
 # only because the issue's slow list names them.
-TEST_SELECTION=(tests -m "cuda or toolchain" -k "not compile and not 2_pow_31")
+TEST_SELECTION=(tests -m "cuda or toolchain or keras" -k "not compile and not 2_pow_31")
 SLOW_SELECTION=(tests -k "(compile or 2_pow_31) and cuda or ddp")
 SANITIZE_SELECTION=(tests/test_kernel_paths.py -m cuda)
 # SIGINT at a stage's limit: pytest stops as on Ctrl-C and still writes its summary and JUnit XML. A process
@@ -225,7 +227,7 @@ dry_run() {
     echo "--- $stage: cap ${CAP[$stage]} s, min ${MIN[$stage]} s, limit now $(stage_limit "$stage") s"
     case $stage in
       build) echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST $PYTHON setup.py build_ext --inplace"
-             ls wheels/*.whl 2>/dev/null || echo "(no wheels/*.whl: no Liger, no expecttest)" ;;
+             ls wheels/*.whl 2>/dev/null || echo "(no wheels/*.whl: no Liger, expecttest, Keras)" ;;
       tests) echo "FUSED_LOSSES_KERNEL_TRACE=1 ${PYTEST[*]} ${TEST_SELECTION[*]}"
              "${PYTEST[@]}" "${TEST_SELECTION[@]}" --collect-only | tail -1 ;;
       bench) echo "$PYTHON -m benchmarks --device cuda --headline --time-budget-s N --json $OUT/bench.json"
@@ -244,10 +246,10 @@ if [ "$DRY_RUN" = 1 ]; then dry_run; exit $?; fi
 
 # ------------------------------------------------------------------------------------------------- run
 
-# The machine has no network: Liger's cross-entropy (the benchmark's baseline) and expecttest (which PyTorch's
-# OpInfo samples, tests/test_reliability.py, need) only from carried wheels, installed aside (nothing of the
-# machine's changes) for every run, also one of a single stage.
-WHEELS="no wheels/*.whl: the benchmark runs without Liger, the OpInfo tests skip"
+# The machine has no network: Liger's cross-entropy (the benchmark's baseline), expecttest (which PyTorch's
+# OpInfo samples, tests/test_reliability.py, need) and Keras only from carried wheels, installed aside (nothing
+# of the machine's changes) for every run, also one of a single stage.
+WHEELS="no wheels/*.whl: the benchmark runs without Liger, the OpInfo and Keras tests skip"
 if compgen -G "wheels/*.whl" >/dev/null; then
   if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" wheels/*.whl \
     >"$WORK/wheels-install.log" 2>&1; then

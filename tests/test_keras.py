@@ -23,7 +23,8 @@ from fused_losses import keras as fk  # noqa: E402
 from fused_losses._validation import can_check_values  # noqa: E402
 
 # Keras' torch backend (not this code) converts variables through NumPy's pre-2.0 __array__ protocol.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.keras]
 
 DEVICE = keras.ops.zeros(()).device  # where Keras' torch backend puts tensors
 ROOT = Path(__file__).resolve().parent.parent
