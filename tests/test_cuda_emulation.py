@@ -350,6 +350,23 @@ def test_correlation_mask_lined_up_off_16_bytes(emulated, shape, dtype, options)
     check_correlation(emulated, offset_rows(prediction), offset_rows(target), offset_rows(mask), options)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["time_contiguous", "transposed"])
+def test_correlation_mask_bytes_read_as_valid(emulated, transposed):
+    """A bool mask viewed from uint8 bytes (0, 2, 255, 1, 7) gives bitwise the losses of the 0 / 1 mask in the
+    same layout (tests/test_correlation.py's case, which the first GPU run compared across layouts: a mask
+    that is not time-contiguous sweeps single steps, not packs, and rounds differently)."""
+    generator = torch.Generator().manual_seed(_seed((4, 30), "mask bytes"))
+    x, y = torch.randn(4, 30, 1, generator=generator), torch.randn(4, 30, 1, generator=generator)
+    bytes_ = torch.tensor([0, 2, 255, 1, 7], dtype=torch.uint8).repeat(4, 6)
+    raw, valid = bytes_.view(torch.bool), bytes_ != 0
+    if transposed:
+        raw, valid = bytes_.t().contiguous().view(torch.bool).t(), valid.t().contiguous().t()
+    for reduction, per_timestep in (("mean", False), ("none", True)):
+        args = (reduction, per_timestep, EPS, False, False)
+        got = emulated.correlation_loss(x, y, raw, "pearson", *args)[0]
+        assert torch.equal(got, emulated.correlation_loss(x, y, valid, "pearson", *args)[0]), reduction
+
+
 @pytest.mark.parametrize("shape", [(4, 700, 2), (2, 5000, 1), (3, 900, 1)], ids=str)
 @pytest.mark.parametrize("kind", ["pearson", "concordance"])
 def test_correlation_float32_far_from_zero(emulated, shape, kind):
