@@ -123,14 +123,17 @@ TARGETS = {"float": "{T}", "bool": "bool", "uint8": "unsigned char"}
 # case id -> the fused_losses kernels it launches, with why the host code picks that path (csrc/cuda/*.cu).
 KERNELS = {
     # Cross-entropy: rows of at most 64 bytes, back to back, go through the shared-memory tile kernels; other
-    # rows take G lanes (lanes_per_row): 1 for strided rows or <= 4 loads, 4 up to 64 loads, a warp beyond; a
+    # rows take G lanes (lanes_per_row): 1 for strided rows or <= 4 loads, 4 up to 64 loads, 16 up to 256, a warp
+    # beyond; a
     # load is a 16-byte pack when every row is aligned and C is a multiple of the pack. Extra terms: each lane
     # split once with and once without.
     "ce_G1_strided": _cross_entropy(1, True),  # (N, C, H, W): class stride H * W; expected cost, smoothing
     "ce_G1_vector": _cross_entropy(1, False),  # fp32 C = 8 in rows of 12 (not a tile): two packs; argmax
     "ce_G4_scalar": _cross_entropy(4, True),  # fp32 C = 30: not a multiple of 4, 120 bytes; expected
     "ce_G4_vector": _cross_entropy(4, False),  # bf16 C = 64: 8 packs; argmax, no smoothing
-    "ce_G32_vector": _cross_entropy(32, True),  # fp32 C = 1000: 250 packs; smoothing
+    "ce_G16_vector": _cross_entropy(16, False),  # bf16 C = 1000: 125 packs; argmax
+    "ce_G16_scalar": _cross_entropy(16, True),  # fp32 C = 201; expected cost
+    "ce_G32_vector": _cross_entropy(32, True),  # fp32 C = 1100: 275 packs; smoothing
     "ce_G32_scalar": _cross_entropy(32, False),  # fp16 C = 1001; class weights only
     "ce_tile": _cross_entropy("tile", True),  # fp32 C = 10 (40 bytes); expected cost, smoothing
     "ce_tile_misaligned": _cross_entropy("tile", False),  # bf16 C = 32 (64 bytes), base 2 bytes off 16; 300 rows
@@ -335,7 +338,9 @@ CASES = {
     "ce_G1_vector": lambda d: _cross_entropy_case(d, (50, 8), torch.float32, "argmax", layout="padded"),
     "ce_G4_scalar": lambda d: _cross_entropy_case(d, (70, 30), torch.float32, "expected"),
     "ce_G4_vector": lambda d: _cross_entropy_case(d, (70, 64), torch.bfloat16, "argmax", weight=False),
-    "ce_G32_vector": lambda d: _cross_entropy_case(d, (40, 1000), torch.float32, "argmax", smoothing=0.1),
+    "ce_G16_vector": lambda d: _cross_entropy_case(d, (40, 1000), torch.bfloat16, "argmax"),
+    "ce_G16_scalar": lambda d: _cross_entropy_case(d, (40, 201), torch.float32, "expected"),
+    "ce_G32_vector": lambda d: _cross_entropy_case(d, (40, 1100), torch.float32, "argmax", smoothing=0.1),
     "ce_G32_scalar": lambda d: _cross_entropy_case(d, (40, 1001), torch.float16, None),
     "ce_tile": lambda d: _cross_entropy_case(d, (70, 10), torch.float32, "expected", smoothing=0.1),
     "ce_tile_misaligned": lambda d: _cross_entropy_case(d, (300, 32), torch.bfloat16, "argmax", layout="misaligned"),

@@ -266,7 +266,7 @@ constexpr int64_t kMinLoadsPerLane = 32, kMinChunkSteps = 512, kRunLoads = 16;
 #endif
 
 ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous, int pack) {
-  const int64_t units = (steps + pack - 1) / pack;  // loads per input and sequence
+  const int64_t units = ceil_div(steps, pack);  // loads per input and sequence
   ChunkPlan plan{sequences, steps, std::max<int64_t>(steps, 1), 1, 1, sequences};
   if (!time_contiguous || units <= 4) {
     plan.lanes = 1;
@@ -280,11 +280,10 @@ ChunkPlan make_chunk_plan(int64_t sequences, int64_t steps, bool time_contiguous
   const int64_t min_chunk_steps = std::max<int64_t>(kMinLoadsPerLane * plan.lanes * pack, kMinChunkSteps);
   const int64_t threads = sequences * plan.lanes;
   if (threads >= kTargetThreads || steps < 2 * min_chunk_steps) return plan;
-  const int64_t wanted = std::min((steps + min_chunk_steps - 1) / min_chunk_steps,
-                                  (kTargetThreads + threads - 1) / threads);
+  const int64_t wanted = std::min(ceil_div(steps, min_chunk_steps), ceil_div(kTargetThreads, threads));
   const int64_t granule = int64_t(plan.lanes) * pack;  // chunks of whole packs, the same number per lane
-  plan.chunk_steps = ((steps + wanted - 1) / wanted + granule - 1) / granule * granule;
-  plan.chunks = (steps + plan.chunk_steps - 1) / plan.chunk_steps;
+  plan.chunk_steps = ceil_div(ceil_div(steps, wanted), granule) * granule;
+  plan.chunks = ceil_div(steps, plan.chunk_steps);
   plan.item_count = plan.sequences * plan.chunks;
   return plan;
 }
@@ -503,7 +502,7 @@ template <typename Task>
 void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStream_t stream) {
   dispatch_lanes(plan.lanes, [&](auto lanes) {
     constexpr int Group = decltype(lanes)::value;
-    const int64_t blocks = grid_size(plan.items(), kBlockThreads / Group);
+    const int64_t blocks = map_grid_size(plan.items(), kBlockThreads / Group);
     launch_kernel(map_items_kernel<Group, Task>, blocks, stream, task, plan, vectorized);
   });
 }

@@ -42,10 +42,16 @@ constexpr int kMinBlocksPerSM = std::is_same_v<scalar_t, double> ? 2 : 4;
 
 enum class RowAccess { Tile, Packs, Elements };
 
-// Lanes per row for a row of `units` loads (16-byte vectors or single elements).
+// Lanes per row for a row of `units` loads (16-byte vectors or single elements). Each lane added to a row costs
+// issue slots that do no loads: a round of the lanes' merge, and the row's epilogue (the finish, the statistics,
+// the gradient's coefficients), which the whole group issues while one lane works. So a row gets as few lanes as
+// keep a lane at 16 loads or fewer (what the rows of a block read in the scan must still be in L1 / L2 when the
+// gradient sweep reads them again), and a warp only beyond 256 loads (C = 1000 in bf16: 16 lanes, two rows per
+// warp; the first GPU profile found the warp-per-row forward issue-bound there, docs/design.md).
 int lanes_per_row(int64_t units, bool strided) {
   if (strided || units <= 4) return 1;
-  return units <= 64 ? 4 : kWarpSize;
+  if (units <= 64) return 4;
+  return units <= 256 ? 16 : kWarpSize;
 }
 
 template <typename F>
@@ -53,6 +59,7 @@ void dispatch_lanes_per_row(int lanes, const F& f) {
   switch (lanes) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 4: return f(std::integral_constant<int, 4>{});
+    case 16: return f(std::integral_constant<int, 16>{});
     default: return f(std::integral_constant<int, kWarpSize>{});
   }
 }
@@ -328,6 +335,43 @@ __device__ void merge_group(RowScan<acc_t>& scan) {
   }
 }
 
+// exp(from - to) for to >= from through fast_exp, exactly 1 when equal (also for two infinities of one sign).
+template <typename acc_t>
+__device__ __forceinline__ acc_t fast_rescale(acc_t from, acc_t to) {
+  return from == to ? acc_t(1) : fast_exp(from - to);
+}
+
+// merge_group for the fast scan, whose result stands only when scan_is_finite (a row that fails it is scanned
+// again and merged by merge_group). Where every lane's scan is finite, a lane's best value is its max: only the
+// max, the sums and, for the argmax, a 32-bit index travel (2 or 3 shuffles a round where merge_group takes 7),
+// and each rescale is one fast exp. A row whose lanes' scans are not all finite still merges to a scan that is
+// not (a NaN sum, an infinite max), as merge_group's would. Every lane of the warp must call it.
+template <int Group, bool kExtraTerms, typename acc_t>
+__device__ void merge_finite_group(RowScan<acc_t>& scan, bool want_argmax) {
+  constexpr int kNoIndex = std::numeric_limits<int>::max();
+  int best_index = scan.best_index < kNoIndex ? static_cast<int>(scan.best_index) : kNoIndex;
+#pragma unroll
+  for (int offset = Group / 2; offset > 0; offset /= 2) {
+    const acc_t other_max = group_xor<Group>(scan.max, offset);
+    const acc_t other_sum = group_xor<Group>(scan.sum_exp, offset);
+    const acc_t new_max = larger(scan.max, other_max);
+    const acc_t r_self = fast_rescale(scan.max, new_max), r_other = fast_rescale(other_max, new_max);
+    scan.sum_exp = scan.sum_exp * r_self + other_sum * r_other;
+    if constexpr (kExtraTerms) {
+      const acc_t other_cost = group_xor<Group>(scan.cost_exp, offset);
+      scan.cost_exp = scan.cost_exp * r_self + other_cost * r_other;
+      scan.weighted_logit_sum += group_xor<Group>(scan.weighted_logit_sum, offset);
+    }
+    if (want_argmax) {  // the first index of the max: the larger max, the smaller index on a tie
+      const int other_index = group_xor<Group>(best_index, offset);
+      if (other_max > scan.max || (other_max == scan.max && other_index < best_index)) best_index = other_index;
+    }
+    scan.max = new_max;
+  }
+  scan.best_value = scan.max;
+  scan.best_index = best_index;
+}
+
 // Lane 0's result of the row in every lane of the group; every lane of the warp must call it.
 template <int Group, typename acc_t>
 __device__ RowLoss<acc_t> broadcast_row_loss(const RowLoss<acc_t>& row) {
@@ -510,7 +554,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
     if (kind == TargetKind::Valid) {
       scan = scan_lane<scalar_t, Group, kExtraTerms>(cfg, row_ptr, layout.class_stride, access, y, want_argmax, lane);
     }
-    merge_group<Group>(scan);
+    merge_finite_group<Group, kExtraTerms>(scan, want_argmax);
     // A NaN, +inf or an all -inf row: the warp scans its rows again element by element (rare; uniform in the
     // warp).
     const bool rescan = kind == TargetKind::Valid && !scan_is_finite(scan);
@@ -914,7 +958,7 @@ void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, co
     const int lanes = access == RowAccess::Tile ? 1 : lanes_for(p, kVecSize<scalar_t>, vectorized);
     dispatch_lanes_per_row(lanes, [&](auto lanes_tag) {
       constexpr int Group = decltype(lanes_tag)::value;
-      const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
+      const int64_t blocks = map_grid_size(p.num_rows, kBlockThreads / Group);
       dispatch_extra_terms(cfg, [&](auto extra_terms_tag) {
         constexpr bool kExtraTerms = decltype(extra_terms_tag)::value;
         if (access == RowAccess::Tile) {

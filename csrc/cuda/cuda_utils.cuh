@@ -6,6 +6,9 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#ifndef FUSED_LOSSES_HOST_EMULATION
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -153,6 +156,9 @@ template <typename acc_t, int Width, typename Epilogue>
 __global__ void __launch_bounds__(kBlockThreads)
     reduce_partials_kernel(const acc_t* __restrict__ partials, int64_t num_partials, Epilogue epilogue) {
   acc_t totals[Width] = {};
+  // Unrolled so that a thread's loads are in flight together (one at a time, a 16384-partial sum took 7 us on
+  // an H200); the additions keep their order, and so their bits.
+#pragma unroll 8
   for (int64_t i = threadIdx.x; i < num_partials; i += kBlockThreads) {
 #pragma unroll
     for (int k = 0; k < Width; ++k) totals[k] += partials[i * Width + k];
@@ -262,11 +268,33 @@ __device__ void broadcast_group(State& state) {
 
 // ----------------------------------------------------------------------------- launch helpers
 
-// Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time. It depends on the
-// problem size only, so per-block partial sums (and the final sum) do not depend on the device.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time, for kernels that sum
+// per block. It depends on the problem size only, so per-block partial sums (and the final sum) do not depend
+// on the device.
 inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
-  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks));
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, items_per_block), kMaxBlocks));
+}
+
+// Grid for a grid-stride loop whose blocks sum nothing (gradients, per-element losses): its results do not depend
+// on the grid, so the grid may depend on the device. At most the blocks of kBlockThreads threads the device's SMs
+// hold at once, each given the same number of iterations: the first GPU profile timed kMaxBlocks blocks that
+// return at once (the in-place backward when grad_output is 1) at 12 us on an H200.
+inline int64_t map_grid_size(int64_t work_items, int64_t items_per_block) {
+  const int64_t needed = std::max<int64_t>(1, ceil_div(work_items, items_per_block));
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  const int64_t resident = kMaxBlocks;
+#else
+  // Two attribute reads of the current device (the caller's device guard): host only, no synchronisation.
+  const int device = c10::cuda::current_device();
+  int multiprocessors = 0, threads_per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_multiprocessor, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const int64_t resident =
+      std::min<int64_t>(kMaxBlocks, int64_t(multiprocessors) * (threads_per_multiprocessor / kBlockThreads));
+#endif
+  return needed <= resident ? needed : ceil_div(needed, ceil_div(needed, resident));
 }
 
 // A stored element as the accumulation type. A bool is read through its byte, any non-zero byte being true

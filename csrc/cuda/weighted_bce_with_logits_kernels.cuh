@@ -846,6 +846,10 @@ void with_kernel_variant(Focusing focusing, bool weighted, const F& f) {
 template <Pass pass, typename scalar_t, typename target_t>
 int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* partials, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
+  // A pass that sums per block needs the device-independent grid; the others (gradients, 'none') do not.
+  const auto grid_for = [&](int64_t work_items, int64_t items_per_block) {
+    return partials != nullptr ? grid_size(work_items, items_per_block) : map_grid_size(work_items, items_per_block);
+  };
   const auto allocate_partials = [&](int64_t blocks) {
     if (partials == nullptr) return;
     *partials = at::empty({blocks}, p.input.options().dtype(acc_scalar_type(p.input.scalar_type())));
@@ -856,7 +860,7 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     const bool vectorized = p.layout.strides[kLogits][1] == 1 && p.layout.strides[kLogits][0] % vec == 0 &&
                             p.num_labels % vec == 0 && is_aligned_16(args.logits) &&
                             (args.out == nullptr || is_aligned_16(args.out));
-    const int64_t blocks = grid_size(p.num_rows(), kWarpsPerBlock);
+    const int64_t blocks = grid_for(p.num_rows(), kWarpsPerBlock);
     allocate_partials(blocks);
     with_kernel_variant(focusing_of(args.cfg), args.weight != nullptr || args.grad_loss != nullptr,
                         [&](auto focusing, auto weighted) {
@@ -891,7 +895,7 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
           constexpr Focusing kFocusing = decltype(focusing)::value;
           constexpr int E = kFlatStepElements<scalar_t, target_t, kFocusing>;
-          blocks = grid_size((p.numel - *head) / E, kBlockThreads);
+          blocks = grid_for((p.numel - *head) / E, kBlockThreads);
           allocate_partials(blocks);
           const FlatOperands<scalar_t> operands{*weight, *pos_weight, *grad_loss, num_labels,
                                                 flat_advance(S, num_labels),
@@ -902,7 +906,7 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         return blocks;
       }
     }
-    const int64_t blocks = grid_size(p.numel, kBlockThreads);
+    const int64_t blocks = grid_for(p.numel, kBlockThreads);
     allocate_partials(blocks);
     if (p.numel <= std::numeric_limits<int32_t>::max()) {
       launch_kernel(strided_kernel<pass, scalar_t, target_t, SmallBceLayout>, blocks, stream, args, target,
