@@ -21,8 +21,9 @@ contiguous, aligned tensor), so padded rows and misaligned bases are made inside
 leaf (differentiably).
 
 Not launched here: the kernels in UNREACHABLE, and more than one grid-stride iteration of the cross-entropy and
-correlation kernels (over 2^17 rows; test_weighted_bce.py::test_cuda_grid_stride_loops and the emulation's
-small-limit build cover the loops)."""
+correlation forwards (16384 blocks of 256 / G rows: over 2^18 rows at 16 lanes; the gradient kernels loop beyond
+one wave of resident blocks, some 10^4 rows on an H100; test_weighted_bce.py::test_cuda_grid_stride_loops and the
+emulation's small-limit build cover the loops)."""
 
 import os
 import re

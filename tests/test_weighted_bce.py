@@ -617,7 +617,8 @@ def test_cuda_invalid_indices(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("form", ["float", "bool", "sparse"])
 def test_cuda_grid_stride_loops(form):
-    """More work than one pass of the fixed grid (16384 blocks): every thread / warp loops several times."""
+    """More work than one pass of the grid (16384 blocks for the passes that sum; the backwards' and 'none''s
+    one wave of resident blocks is smaller): every thread / warp loops several times."""
     rows, num_labels = (140_000, 40) if form == "sparse" else (70_001, 1000)  # odd numel: a flat tail too
     x = torch.randn(rows, num_labels, device="cuda") * 3
     indices = random_indices(rows, num_labels, 4, "cuda")

@@ -502,8 +502,8 @@ template <typename Task>
 void run_map(const Task& task, const ChunkPlan& plan, bool vectorized, cudaStream_t stream) {
   dispatch_lanes(plan.lanes, [&](auto lanes) {
     constexpr int Group = decltype(lanes)::value;
-    const int64_t blocks = map_grid_size(plan.items(), kBlockThreads / Group);
-    launch_kernel(map_items_kernel<Group, Task>, blocks, stream, task, plan, vectorized);
+    const auto kernel = map_items_kernel<Group, Task>;
+    launch_kernel(kernel, map_grid_size(kernel, plan.items(), kBlockThreads / Group), stream, task, plan, vectorized);
   });
 }
 

@@ -13,7 +13,8 @@
 // Rows are read in one of three ways (RowAccess): a block stages 256 short contiguous rows (at most
 // kTileRowBytes each) through shared memory with coalesced 16-byte copies and each thread scans one row there
 // (tile kernels); otherwise a group of G lanes owns a row and reads it as 16-byte packs (G = 1 up to 4 packs, 4
-// up to 64, a warp beyond) or element by element (strided or misaligned rows).
+// up to 64, 16 up to 256, a warp beyond) or element by element (strided or misaligned rows; the same split by
+// elements).
 //
 // The scan (LaneScan) works a pack (or a tile row) at a time: the pack's max first, one rescale of the running
 // sums when it raises the max, then exp(z - max) of each element through the SFU (fast_exp). The argmax is
@@ -343,7 +344,7 @@ __device__ __forceinline__ acc_t fast_rescale(acc_t from, acc_t to) {
 
 // merge_group for the fast scan, whose result stands only when scan_is_finite (a row that fails it is scanned
 // again and merged by merge_group). Where every lane's scan is finite, a lane's best value is its max: only the
-// max, the sums and, for the argmax, a 32-bit index travel (2 or 3 shuffles a round where merge_group takes 7),
+// max, the sums and, for the argmax, a 32-bit index travel (2-5 shuffles a round where merge_group takes 7),
 // and each rescale is one fast exp. A row whose lanes' scans are not all finite still merges to a scan that is
 // not (a NaN sum, an infinite max), as merge_group's would. Every lane of the warp must call it.
 template <int Group, bool kExtraTerms, typename acc_t>
@@ -958,15 +959,16 @@ void backward_into(const CrossEntropyProblem& p, const at::Tensor& grad_loss, co
     const int lanes = access == RowAccess::Tile ? 1 : lanes_for(p, kVecSize<scalar_t>, vectorized);
     dispatch_lanes_per_row(lanes, [&](auto lanes_tag) {
       constexpr int Group = decltype(lanes_tag)::value;
-      const int64_t blocks = map_grid_size(p.num_rows, kBlockThreads / Group);
       dispatch_extra_terms(cfg, [&](auto extra_terms_tag) {
         constexpr bool kExtraTerms = decltype(extra_terms_tag)::value;
         if (access == RowAccess::Tile) {
-          launch_kernel(tile_backward_kernel<scalar_t, kExtraTerms>, blocks, stream, in, targets, p.num_rows, cfg,
+          const auto kernel = tile_backward_kernel<scalar_t, kExtraTerms>;
+          launch_kernel(kernel, map_grid_size(kernel, p.num_rows, kTileRows), stream, in, targets, p.num_rows, cfg,
                         args, out);
         } else {
-          launch_kernel(backward_kernel<scalar_t, Group, kExtraTerms>, blocks, stream, in, targets, p.layout,
-                        grad_layout, p.num_rows, cfg, vectorized, args, out);
+          const auto kernel = backward_kernel<scalar_t, Group, kExtraTerms>;
+          launch_kernel(kernel, map_grid_size(kernel, p.num_rows, kBlockThreads / Group), stream, in, targets,
+                        p.layout, grad_layout, p.num_rows, cfg, vectorized, args, out);
         }
       });
     });

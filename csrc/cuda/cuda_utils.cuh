@@ -277,22 +277,23 @@ inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, items_per_block), kMaxBlocks));
 }
 
-// Grid for a grid-stride loop whose blocks sum nothing (gradients, per-element losses): its results do not depend
-// on the grid, so the grid may depend on the device. At most the blocks of kBlockThreads threads the device's SMs
-// hold at once, each given the same number of iterations: the first GPU profile timed kMaxBlocks blocks that
-// return at once (the in-place backward when grad_output is 1) at 12 us on an H200.
-inline int64_t map_grid_size(int64_t work_items, int64_t items_per_block) {
+// Grid for a grid-stride loop of `kernel` whose blocks sum nothing (gradients, per-element losses): its results do
+// not depend on the grid, so the grid may depend on the device. At most the blocks the device holds at once
+// (its SMs times the kernel's resident blocks per SM, by its registers, shared memory and threads), each given
+// the same number of iterations: the first GPU profile timed kMaxBlocks blocks that return at once (the in-place
+// backward when grad_output is 1) at 12 us on an H200. Host queries only, no synchronisation.
+template <typename... Params>
+int64_t map_grid_size(void (*kernel)(Params...), int64_t work_items, int64_t items_per_block) {
   const int64_t needed = std::max<int64_t>(1, ceil_div(work_items, items_per_block));
 #ifdef FUSED_LOSSES_HOST_EMULATION
+  static_cast<void>(kernel);
   const int64_t resident = kMaxBlocks;
 #else
-  // Two attribute reads of the current device (the caller's device guard): host only, no synchronisation.
-  const int device = c10::cuda::current_device();
-  int multiprocessors = 0, threads_per_multiprocessor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_multiprocessor, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  int multiprocessors = 0, blocks_per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, kBlockThreads, 0));
   const int64_t resident =
-      std::min<int64_t>(kMaxBlocks, int64_t(multiprocessors) * (threads_per_multiprocessor / kBlockThreads));
+      std::min<int64_t>(kMaxBlocks, int64_t(multiprocessors) * std::max(blocks_per_multiprocessor, 1));
 #endif
   return needed <= resident ? needed : ceil_div(needed, ceil_div(needed, resident));
 }

@@ -22,8 +22,9 @@
 //   Weights and per-element grad_loss are read in the (rows, L) view of the range, L the last merged dimension:
 //   contiguous, periodic along the labels (a (L,) pos_weight), constant along them (an (N, 1) per-row weight) or
 //   any row / label strides, in packs, one broadcast value or element by element (FlatForm). Compiled per
-//   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size); the
-//   head and the tail after the last whole step take one element per thread.
+//   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size;
+//   map_grid_size for the passes that sum nothing); the head and the tail after the last whole step take one
+//   element per thread.
 // - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
 //   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
@@ -847,8 +848,9 @@ template <Pass pass, typename scalar_t, typename target_t>
 int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* partials, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   // A pass that sums per block needs the device-independent grid; the others (gradients, 'none') do not.
-  const auto grid_for = [&](int64_t work_items, int64_t items_per_block) {
-    return partials != nullptr ? grid_size(work_items, items_per_block) : map_grid_size(work_items, items_per_block);
+  const auto grid_for = [&](auto kernel, int64_t work_items, int64_t items_per_block) {
+    return partials != nullptr ? grid_size(work_items, items_per_block)
+                               : map_grid_size(kernel, work_items, items_per_block);
   };
   const auto allocate_partials = [&](int64_t blocks) {
     if (partials == nullptr) return;
@@ -860,15 +862,16 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     const bool vectorized = p.layout.strides[kLogits][1] == 1 && p.layout.strides[kLogits][0] % vec == 0 &&
                             p.num_labels % vec == 0 && is_aligned_16(args.logits) &&
                             (args.out == nullptr || is_aligned_16(args.out));
-    const int64_t blocks = grid_for(p.num_rows(), kWarpsPerBlock);
-    allocate_partials(blocks);
+    int64_t blocks = 0;
     with_kernel_variant(focusing_of(args.cfg), args.weight != nullptr || args.grad_loss != nullptr,
                         [&](auto focusing, auto weighted) {
                           constexpr Focusing kFocusing = decltype(focusing)::value;
                           constexpr bool kWeighted = decltype(weighted)::value;
-                          launch_kernel(sparse_rows_kernel<pass, scalar_t, kFocusing, kWeighted>, blocks, stream, args,
-                                        p.positive_indices->const_data_ptr<int64_t>(), p.max_positives, p.layout,
-                                        vectorized);
+                          const auto kernel = sparse_rows_kernel<pass, scalar_t, kFocusing, kWeighted>;
+                          blocks = grid_for(kernel, p.num_rows(), kWarpsPerBlock);
+                          allocate_partials(blocks);
+                          launch_kernel(kernel, blocks, stream, args, p.positive_indices->const_data_ptr<int64_t>(),
+                                        p.max_positives, p.layout, vectorized);
                         });
     return blocks;
   } else {
@@ -895,26 +898,27 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
           constexpr Focusing kFocusing = decltype(focusing)::value;
           constexpr int E = kFlatStepElements<scalar_t, target_t, kFocusing>;
-          blocks = grid_for((p.numel - *head) / E, kBlockThreads);
+          const auto kernel = flat_kernel<pass, scalar_t, target_t, kFocusing, decltype(weighted_tag)::value>;
+          blocks = grid_for(kernel, (p.numel - *head) / E, kBlockThreads);
           allocate_partials(blocks);
           const FlatOperands<scalar_t> operands{*weight, *pos_weight, *grad_loss, num_labels,
                                                 flat_advance(S, num_labels),
                                                 flat_advance(blocks * kBlockThreads * E, num_labels)};
-          launch_kernel(flat_kernel<pass, scalar_t, target_t, kFocusing, decltype(weighted_tag)::value>, blocks,
-                        stream, args, target, operands, *head, out_packed);
+          launch_kernel(kernel, blocks, stream, args, target, operands, *head, out_packed);
         });
         return blocks;
       }
     }
-    const int64_t blocks = grid_for(p.numel, kBlockThreads);
-    allocate_partials(blocks);
+    const auto launch_strided = [&](auto kernel, const auto& layout) {
+      const int64_t blocks = grid_for(kernel, p.numel, kBlockThreads);
+      allocate_partials(blocks);
+      launch_kernel(kernel, blocks, stream, args, target, layout);
+      return blocks;
+    };
     if (p.numel <= std::numeric_limits<int32_t>::max()) {
-      launch_kernel(strided_kernel<pass, scalar_t, target_t, SmallBceLayout>, blocks, stream, args, target,
-                    SmallBceLayout(p.layout));
-    } else {
-      launch_kernel(strided_kernel<pass, scalar_t, target_t, BceLayout>, blocks, stream, args, target, p.layout);
+      return launch_strided(strided_kernel<pass, scalar_t, target_t, SmallBceLayout>, SmallBceLayout(p.layout));
     }
-    return blocks;
+    return launch_strided(strided_kernel<pass, scalar_t, target_t, BceLayout>, p.layout);
   }
 }
 
