@@ -47,13 +47,14 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------- expected kernels
 
 
-def _cross_entropy(group, extra_terms):
+def _cross_entropy(group, extra_terms, class_weights=True):
     """csrc/cuda/cost_sensitive_cross_entropy.cu. Every case runs 'mean' with the 2-pass forward (writes the
     gradient: the target_weight_kernel pre-pass and its StoreTotalEpilogue reduce, 'mean' only) and the 3-pass
     one, the backward, and 'none' (3-pass). group: the lanes per row of forward_kernel / backward_kernel, or
     'tile' for short contiguous rows (rows_fit_tile: outer stride C and C * sizeof(T) <= 64 bytes), whose
-    target-weight pre-pass counts rows as Group = 1. extra_terms: expected-cost mode or label smoothing
-    (needs_extra_terms)."""
+    target-weight pre-pass counts rows as Group = 1; without class weights the pre-pass is an exact count, one
+    lane per row whatever the group (total_weight_is_exact_count). extra_terms: expected-cost mode or label
+    smoothing (needs_extra_terms)."""
     e = "true" if extra_terms else "false"
     if group == "tile":
         passes = [f"tile_forward_kernel<{{T}}, true, {e}>", f"tile_forward_kernel<{{T}}, false, {e}>",
@@ -62,7 +63,8 @@ def _cross_entropy(group, extra_terms):
     else:
         passes = [f"forward_kernel<{{T}}, {group}, true, {e}>", f"forward_kernel<{{T}}, {group}, false, {e}>",
                   f"backward_kernel<{{T}}, {group}, {e}>"]
-    return passes + [f"target_weight_kernel<{group}, {{A}}>", "reduce_partials_kernel<{A}, 1, StoreTotalEpilogue<{A}>>",
+    pre_pass = f"target_weight_kernel<{group if class_weights else 1}, {{A}}>"
+    return passes + [pre_pass, "reduce_partials_kernel<{A}, 1, StoreTotalEpilogue<{A}>>",
                      "reduce_partials_kernel<{A}, 2, ReducedLossEpilogue<{T}>>"]
 
 
@@ -131,7 +133,7 @@ KERNELS = {
     "ce_G1_strided": _cross_entropy(1, True),  # (N, C, H, W): class stride H * W; expected cost, smoothing
     "ce_G1_vector": _cross_entropy(1, False),  # fp32 C = 8 in rows of 12 (not a tile): two packs; argmax
     "ce_G4_scalar": _cross_entropy(4, True),  # fp32 C = 30: not a multiple of 4, 120 bytes; expected
-    "ce_G4_vector": _cross_entropy(4, False),  # bf16 C = 64: 8 packs; argmax, no smoothing
+    "ce_G4_vector": _cross_entropy(4, False, class_weights=False),  # bf16 C = 64: 8 packs; argmax, no smoothing
     "ce_G16_vector": _cross_entropy(16, False),  # bf16 C = 1000: 125 packs; argmax
     "ce_G16_scalar": _cross_entropy(16, True),  # fp32 C = 201; expected cost
     "ce_G32_vector": _cross_entropy(32, True),  # fp32 C = 1100: 275 packs; smoothing
@@ -166,6 +168,8 @@ KERNELS = {
        for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     # logits, target 4 bytes off: 3-element head; outputs aligned (fresh tensors): stored element by element
     "bce_flat_misaligned": _bce_flat("{T}", "asl", True),
+    # a padded-row target with contiguous logits: functional copies it (_copy_target_for_flat_kernels)
+    "bce_flat_padded_target": _bce_flat("{T}", "asl", True),
     "bce_strided_float": [k.replace("{Y}", "{T}") for k in BCE_STRIDED],  # transposed logits
     "bce_strided_bool": [k.replace("{Y}", "bool") for k in BCE_STRIDED],  # broadcast (stride-0) target
     "bce_strided_uint8": [k.replace("{Y}", "unsigned char") for k in BCE_STRIDED],  # transposed logits
@@ -290,7 +294,8 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
               weight=False):
     """focusing: 'asl' (gamma_neg 2, clip 0.05), 'focal' (gamma_pos 1, gamma_neg 2) or 'plain' BCE; weighted: a
     pos_weight; weight: a (L,) weight. layout 'misaligned': logits and target contiguous, both one element off 16
-    bytes (the flat kernel peels a head)."""
+    bytes (the flat kernel peels a head); 'padded_target': the target a padded-row view; 'transposed': the
+    logits a transposed view; 'broadcast': the target one row expanded (stride 0)."""
     rows, labels = shape
     gen = torch.Generator().manual_seed(labels)
     scores = torch.rand(rows, labels, generator=gen)
@@ -316,6 +321,8 @@ def _bce_case(device, shape, dtype, form, layout="contiguous", max_positives=6, 
             dense = dense[:1].expand(rows, labels)
         if layout == "misaligned":
             target = _offset_by_one(target)
+        if layout == "padded_target":  # rows one element apart more than L: copied for the flat kernels on CUDA
+            target = torch.cat([target, target[:, :1]], dim=1)[:, :labels]
         kwargs["target"] = target
     arrange = _offset_by_one if layout == "misaligned" else (lambda z: z)
 
@@ -350,6 +357,7 @@ CASES = {
            d, *_FLAT_SHAPES[form], form, focusing=focusing, weighted=weighted))
        for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     "bce_flat_misaligned": lambda d: _bce_case(d, (31, 33), torch.float32, "float", layout="misaligned"),
+    "bce_flat_padded_target": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="padded_target"),
     "bce_strided_float": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="transposed"),
     "bce_strided_bool": lambda d: _bce_case(d, (40, 30), torch.float32, "bool", layout="broadcast"),
     "bce_strided_uint8": lambda d: _bce_case(d, (40, 30), torch.bfloat16, "uint8", layout="transposed"),

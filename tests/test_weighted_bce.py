@@ -613,6 +613,41 @@ def test_cuda_invalid_indices(monkeypatch):
         weighted_bce_with_logits(x, positive_indices=indices)
 
 
+def test_strided_dense_targets_are_copied_for_the_flat_kernels():
+    """On CUDA a dense target in a layout the flat kernels cannot read (a padded-row slice, a transposed view) is
+    copied once before the operator; a broadcast target (a copy would materialise it), a contiguous one, and any
+    target beside logits that are not contiguous themselves are passed as they are."""
+    from fused_losses.functional import _copy_target_for_flat_kernels as copies
+    x = torch.randn(6, 5)
+    wide = torch.rand(6, 7)
+    assert copies(x, wide[:, :5])  # padded rows
+    assert copies(x, torch.rand(5, 6).t())  # transposed
+    assert not copies(x, torch.rand(6, 5))  # contiguous
+    assert not copies(x, torch.rand(1, 5).expand(6, 5))  # broadcast along the rows
+    assert not copies(x, torch.rand(6, 1).expand(6, 5)[:, :5])  # broadcast along the labels
+    assert not copies(torch.randn(5, 6).t(), wide[:, :5])  # the logits themselves are strided
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["padded", "transposed"])
+def test_cuda_strided_target_matches_the_contiguous_one_bitwise(layout):
+    """The copied target runs the same flat kernels as a contiguous target: loss and gradient bit for bit, in
+    both schedules."""
+    x = torch.randn(64, 300, device="cuda", dtype=torch.bfloat16) * 3
+    dense = (torch.rand(64, 300, device="cuda") < 0.05).to(torch.bfloat16)
+    strided = (torch.cat([dense, dense[:, :4]], dim=1)[:, :300] if layout == "padded"
+               else dense.t().contiguous().t())
+    assert not strided.is_contiguous() and torch.equal(strided, dense)
+    pos_weight = torch.rand(300, device="cuda") + 0.5
+    for reduction in ("mean", "none"):
+        got = loss_and_grad(lambda z: weighted_bce_with_logits(z, strided, pos_weight=pos_weight, gamma_neg=2.0,
+                                                               clip=0.05, reduction=reduction), x)
+        want = loss_and_grad(lambda z: weighted_bce_with_logits(z, dense, pos_weight=pos_weight, gamma_neg=2.0,
+                                                                clip=0.05, reduction=reduction), x)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("form", ["float", "bool", "sparse"])

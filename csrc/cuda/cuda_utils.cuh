@@ -277,11 +277,12 @@ inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, items_per_block), kMaxBlocks));
 }
 
-// Grid for a grid-stride loop of `kernel` whose blocks sum nothing (gradients, per-element losses): its results do
-// not depend on the grid, so the grid may depend on the device. At most the blocks the device holds at once
-// (its SMs times the kernel's resident blocks per SM, by its registers, shared memory and threads), each given
-// the same number of iterations: the first GPU profile timed kMaxBlocks blocks that return at once (the in-place
-// backward when grad_output is 1) at 12 us on an H200. Host queries only, no synchronisation.
+// Grid for a grid-stride loop of `kernel` whose results do not depend on the grid, so that the grid may depend on
+// the device: its blocks sum nothing (gradients, per-element losses), or sum exactly (counts). At most the blocks
+// the device holds at once (its SMs times the kernel's resident blocks per SM, by its registers, shared memory and
+// threads), each given the same number of iterations: the first GPU profile timed kMaxBlocks blocks that return
+// at once (the in-place backward when grad_output is 1) at 12 us on an H200. Host queries only, no
+// synchronisation.
 template <typename... Params>
 int64_t map_grid_size(void (*kernel)(Params...), int64_t work_items, int64_t items_per_block) {
   const int64_t needed = std::max<int64_t>(1, ceil_div(work_items, items_per_block));
