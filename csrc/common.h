@@ -106,6 +106,8 @@ inline void check_optional_parameter(const std::optional<at::Tensor>& tensor, co
                     tensor->sizes());
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Deterministic parallel sum of `Width` quantities over `count` items: the items are cut into fixed blocks of
 // `block_size` (independent of the thread count), `block_sum(begin, end)` sums one block, and the block sums
 // are added in block order. The result is therefore bitwise identical for any number of threads.
@@ -113,7 +115,7 @@ template <typename acc_t, size_t Width, typename BlockSum>
 std::array<acc_t, Width> deterministic_parallel_sum(int64_t count, int64_t block_size, const BlockSum& block_sum) {
   std::array<acc_t, Width> total{};
   if (count <= 0) return total;
-  const int64_t num_blocks = (count + block_size - 1) / block_size;
+  const int64_t num_blocks = ceil_div(count, block_size);
   std::vector<std::array<acc_t, Width>> partials(num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t first_block, int64_t last_block) {
     for (int64_t block = first_block; block < last_block; ++block) {

@@ -268,8 +268,6 @@ __device__ void broadcast_group(State& state) {
 
 // ----------------------------------------------------------------------------- launch helpers
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Grid for a grid-stride loop over `work_items` items handled `items_per_block` at a time, for kernels that sum
 // per block. It depends on the problem size only, so per-block partial sums (and the final sum) do not depend
 // on the device.
