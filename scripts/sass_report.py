@@ -85,14 +85,15 @@ REGISTER_TARGET = 64
 BLOCKS_PER_SM_TARGET = 4
 
 # Threads per block of every kernel, by kernel name: each launch in csrc/cuda/*.cu uses kBlockThreads (256,
-# cuda_utils.cuh): forward_kernel, backward_kernel, tile_forward_kernel, tile_backward_kernel and
-# target_weight_kernel in cost_sensitive_cross_entropy.cu;
+# cuda_utils.cuh): forward_kernel, block_row_forward_kernel, backward_kernel, tile_forward_kernel,
+# tile_backward_kernel and target_weight_kernel in cost_sensitive_cross_entropy.cu;
 # reduce_items_kernel, combine_chunks_kernel and map_items_kernel in correlation_loss.cu (run_reduction,
 # run_map); flat_kernel, strided_kernel and sparse_rows_kernel in weighted_bce_with_logits_kernels.cuh
 # (launch_pass);
 # reduce_partials_kernel in cuda_utils.cuh (launch_reduce_partials). A kernel missing here is an error.
 LAUNCH_THREADS = {
     "forward_kernel": 256,
+    "block_row_forward_kernel": 256,
     "backward_kernel": 256,
     "target_weight_kernel": 256,
     "tile_forward_kernel": 256,
@@ -306,7 +307,8 @@ def resident_blocks(registers: int, shared_bytes: int, threads: int) -> tuple[in
 INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 GUARD = re.compile(r"^@!?U?P[T\d]+\s+")
 MEMORY_WIDTHS = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
-GLOBAL_ACCESSES = ("LDG", "STG", "LD", "ST")  # LD / ST: generic addresses (global memory in these kernels)
+# LD / ST: generic addresses (global memory in these kernels); LDGSTS: cp.async, global to shared memory.
+GLOBAL_ACCESSES = ("LDG", "STG", "LD", "ST", "LDGSTS")
 
 
 @dataclass
@@ -565,12 +567,15 @@ class SweepModel:
 
     loop_kinds: the innermost loops that together process an element: 'read' (16-byte global loads,
     no 16-byte stores), 'write' (16-byte stores), 'vector' (any 16-byte access), 'packed' (an 8- or 16-byte
-    global load) or 'scalar' (any access).
+    global load), 'async_copy' (16-byte copies from global to shared memory, LDGSTS), 'shared_vector' (16-byte
+    loads from shared memory and no 16-byte global access or store; versions of one source loop are alternatives,
+    the costliest taken) or 'scalar' (any access).
     elements: elements per iteration; 0 means: the number of `counted_load_bytes`-wide loads in the loop
     (a scalar loop the compiler unrolled); a 'shared' kind stands for every loop that loads
     `shared_load_bytes`-wide elements from shared memory without 16-byte or store accesses to global memory (the
     per-row loops of a tile kernel; unrolled versions and remainders of one source loop each count), all added,
-    each handling as many elements as it has such loads. dram_bytes: bytes each element costs in DRAM traffic.
+    each handling as many elements as it has such loads ('shared_vector': times `elements_per_shared_load`).
+    dram_bytes: bytes each element costs in DRAM traffic.
     vector_accesses: 16-byte accesses every selected loop must hold (checks `elements`)."""
     loop_kinds: tuple[str, ...]
     elements: int
@@ -579,6 +584,7 @@ class SweepModel:
     vector_accesses: int = 0
     counted_load_bytes: int = 0
     shared_load_bytes: int = 0  # 'shared': the element width of the shared-memory loads that count elements
+    elements_per_shared_load: int = 0  # 'shared_vector': elements one 16-byte shared-memory load brings
     elements_per_vector: int = 0  # when set, a global loop handles this many elements per 16-byte load ('read')
                                   # or store ('write'), not `elements`: the loops the compiler unrolled
 
@@ -598,6 +604,21 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                                    "re-reads it from L1/L2); DRAM: logits read, gradient written")
         return SweepModel(("read",), 16 // size, size, vector_accesses=1, elements_per_vector=16 // size,
                           what="online-softmax scan of one 16-byte pack of logits; DRAM: logits read")
+    if op == "cross_entropy" and base == "block_row_forward_kernel":
+        scalar, writes_gradient, _ = arguments
+        size = TYPE_SIZES[scalar]
+        pack = 16 // size
+        if writes_gradient == "true":
+            return SweepModel(("async_copy", "shared_vector", "write"), pack, 2 * size, vector_accesses=1,
+                              elements_per_shared_load=pack, elements_per_vector=pack,
+                              what="a 16-byte cp.async of logits into shared memory, the online-softmax scan "
+                                   "there and the gradient sweep from there (the part of a row beyond the shared "
+                                   "memory is re-read, the loop taken as the costlier); DRAM: logits read, "
+                                   "gradient written. Resident blocks here count registers and static shared "
+                                   "memory; the staged row (up to 227 KB) leaves fewer")
+        return SweepModel(("read",), pack, size, vector_accesses=1, elements_per_vector=pack,
+                          what="online-softmax scan of 16-byte packs of logits, 4 loads in flight (2 with extra "
+                               "terms); DRAM: logits read")
     if op == "cross_entropy" and base == "backward_kernel":
         size = TYPE_SIZES[arguments[0]]
         return SweepModel(("write",), 16 // size, 2 * size, vector_accesses=2, elements_per_vector=16 // size,
@@ -699,6 +720,11 @@ def _loop_matches(loop: Loop, kind: str) -> bool:
         return loop.vector_accesses() > 0
     if kind == "packed":
         return loop.wide_loads() > 0
+    if kind == "async_copy":
+        return any(key.startswith("LDGSTS") for key in loop.accesses)
+    if kind == "shared_vector":
+        return (loop.shared_loads.get(16, 0) > 0 and loop.vector_accesses() == 0
+                and not any(key.startswith("ST") for key in loop.accesses))
     if kind == "shared":  # no copy to or from global memory (scalar loads of cost or weight rows are fine)
         return (bool(loop.shared_loads) and loop.vector_accesses() == 0
                 and not any(key.startswith("ST") for key in loop.accesses))
@@ -733,13 +759,15 @@ def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
     def elements_of(loop: Loop, kind: str) -> int:
         if kind == "shared":
             return loop.shared_loads.get(model.shared_load_bytes, 0)
+        if kind == "shared_vector":
+            return loop.shared_loads.get(16, 0) * model.elements_per_shared_load
         if model.elements_per_vector:
             return loop.vector_accesses("ST" if kind == "write" else "LD") * model.elements_per_vector
         return model.elements or loop.loads_of(model.counted_load_bytes)
 
     chosen = []
     for kind in model.loop_kinds:
-        pool = loops if kind == "shared" else innermost
+        pool = loops if kind in ("shared", "shared_vector") else innermost  # may read no global memory
         candidates = [(loop, elements_of(loop, kind)) for loop in pool if _loop_matches(loop, kind)]
         candidates = [(loop, elements) for loop, elements in candidates if elements > 0]
         if not candidates:
@@ -754,7 +782,8 @@ def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
     per_byte, min_per_byte = per_element / model.dram_bytes, min_per_element / model.dram_bytes
     checks = [f"loop {hex(loop.header)} has {loop.vector_accesses()} 16-byte accesses, the model expects at least "
               f"{model.vector_accesses}" for loop, _ in chosen
-              if not _loop_matches(loop, "shared") and loop.vector_accesses() < model.vector_accesses]
+              if not _loop_matches(loop, "shared") and not _loop_matches(loop, "shared_vector")
+              and loop.vector_accesses() < model.vector_accesses]
     return HotLoops([hex(loop.header) for loop, _ in chosen], [loop.static for loop, _ in chosen],
                     [loop.min_path for loop, _ in chosen], [elements for _, elements in chosen], per_element,
                     min_per_element, model.dram_bytes, per_byte, min_per_byte,

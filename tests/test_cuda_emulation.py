@@ -134,11 +134,14 @@ def test_shim_reports_divergent_barriers(emulated, mistake, message):
 
 # Rows of C classes; the row counts pass the small build's grid (3 blocks) more than once for every row split
 # (the shared-memory tile of 256 rows for contiguous rows of at most 64 bytes, its last tile partial; else a
-# thread per row at C <= 4 vectors, 4 lanes up to 64 vectors, 16 up to 256, a warp beyond, counted in elements
+# thread per row at C <= 4 vectors, 4 lanes up to 64 vectors, 16 up to 256, a warp up to 512, counted in elements
 # where rows are read element by element: in the aligned layouts C = 264 takes 16 lanes in float32 and 4 in
-# bfloat16, C = 1000 16 lanes and a warp in float64; misaligned, C = 100 takes 16 lanes and C = 264 a warp). Odd
-# row counts at 16 lanes leave the last warp one row past the end.
-CE_SHAPES = [(800, 1), (800, 3), (520, 10), (800, 16), (300, 40), (101, 100), (50, 264), (61, 1000), (64, 5, 7)]
+# bfloat16, C = 1000 16 lanes and a warp in float64; misaligned, C = 100 takes 16 lanes and C = 264 a warp; and
+# a block per row beyond 512 vectors: C = 4200 in every dtype, aligned, its row staged in shared memory, which in
+# the small build holds 64 vectors of it, the rest read again). Odd row counts at 16 lanes leave the last warp
+# one row past the end.
+CE_SHAPES = [(800, 1), (800, 3), (520, 10), (800, 16), (300, 40), (101, 100), (50, 264), (61, 1000), (9, 4200),
+             (64, 5, 7)]
 CE_OPTIONS = [
     dict(cost_mode="argmax", reduction="mean", cost=False, weight=False, label_smoothing=0.0, ignore=False),
     dict(cost_mode="argmax", reduction="mean", cost=True, weight=True, label_smoothing=0.0, ignore=True),
@@ -208,7 +211,7 @@ def test_cross_entropy(emulated, shape, dtype, options):
     check_cross_entropy(emulated, *ce_case(shape, dtype, CE_OPTIONS[options], layout), CE_OPTIONS[options])
 
 
-@pytest.mark.parametrize("shape", [(520, 10), (300, 40), (40, 1000)], ids=str)
+@pytest.mark.parametrize("shape", [(520, 10), (300, 40), (40, 1000), (9, 4200)], ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 # Argmax mode: where an expected-cost gradient's terms cancel, the two devices' summation orders exceed the float
 # tolerances.
@@ -230,12 +233,13 @@ def test_cross_entropy_non_finite_logits(emulated, shape, dtype, options, layout
     check_cross_entropy(emulated, LAYOUTS[layout](logits), target, cost, weight, CE_OPTIONS[options])
 
 
-@pytest.mark.parametrize("shape", [(300, 40), (60, 100), (50, 264), (40, 1000)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 40), (60, 100), (50, 264), (40, 1000), (9, 4200)], ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_cross_entropy_argmax_ties_take_the_first_index(emulated, shape, dtype):
-    """A row's max held by several lanes (at C = 264 in bf16 / fp16 twice by lane 0, in packs 16 and 32): the
-    argmax cost is that of the first index, as torch.argmax (the lanes' merge prefers the smaller index on a
-    tie, also where it sits in a higher lane)."""
+    """A row's max held by several lanes (at C = 264 in bf16 / fp16 twice by lane 0, in packs 16 and 32; at
+    C = 4200, a block per row, in two warps, and in bf16 at index 4199 by thread 12, which also holds index 100):
+    the argmax cost is that of the first index, as torch.argmax (the lanes' and the warps' merges prefer the
+    smaller index on a tie, also where it sits in a higher lane)."""
     logits, target, cost, weight = ce_case(shape, dtype, CE_OPTIONS[1], "contiguous")
     num_classes = shape[1]
     ties = [i for i in (num_classes - 1, 9, 130, 500) if i < num_classes]

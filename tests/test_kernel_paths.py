@@ -50,16 +50,21 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def _cross_entropy(group, extra_terms, class_weights=True):
     """csrc/cuda/cost_sensitive_cross_entropy.cu. Every case runs 'mean' with the 2-pass forward (writes the
     gradient: the target_weight_kernel pre-pass and its StoreTotalEpilogue reduce, 'mean' only) and the 3-pass
-    one, the backward, and 'none' (3-pass). group: the lanes per row of forward_kernel / backward_kernel, or
+    one, the backward, and 'none' (3-pass). group: the lanes per row of forward_kernel / backward_kernel,
     'tile' for short contiguous rows (rows_fit_tile: outer stride C and C * sizeof(T) <= 64 bytes), whose
-    target-weight pre-pass counts rows as Group = 1; without class weights the pre-pass is an exact count, one
-    lane per row whatever the group (total_weight_is_exact_count). extra_terms: expected-cost mode or label
-    smoothing (needs_extra_terms)."""
+    target-weight pre-pass counts rows as Group = 1, or 'block' for vectorizable rows of more than 512 packs
+    (block_row_forward_kernel, a block per row; the backward a warp per row); without class weights the pre-pass
+    is an exact count, one lane per row whatever the group (total_weight_is_exact_count). extra_terms:
+    expected-cost mode or label smoothing (needs_extra_terms)."""
     e = "true" if extra_terms else "false"
     if group == "tile":
         passes = [f"tile_forward_kernel<{{T}}, true, {e}>", f"tile_forward_kernel<{{T}}, false, {e}>",
                   f"tile_backward_kernel<{{T}}, {e}>"]
         group = 1
+    elif group == "block":
+        passes = [f"block_row_forward_kernel<{{T}}, true, {e}>", f"block_row_forward_kernel<{{T}}, false, {e}>",
+                  f"backward_kernel<{{T}}, 32, {e}>"]
+        group = 256
     else:
         passes = [f"forward_kernel<{{T}}, {group}, true, {e}>", f"forward_kernel<{{T}}, {group}, false, {e}>",
                   f"backward_kernel<{{T}}, {group}, {e}>"]
@@ -127,9 +132,8 @@ TARGETS = {"float": "{T}", "bool": "bool", "uint8": "unsigned char"}
 KERNELS = {
     # Cross-entropy: rows of at most 64 bytes, back to back, go through the shared-memory tile kernels; other
     # rows take G lanes (lanes_per_row): 1 for strided rows or <= 4 loads, 4 up to 64 loads, 16 up to 256, a warp
-    # beyond; a
-    # load is a 16-byte pack when every row is aligned and C is a multiple of the pack. Extra terms: each lane
-    # split once with and once without.
+    # beyond, and in the forward a block for rows of more than 512 packs; a load is a 16-byte pack when every row
+    # is aligned and C is a multiple of the pack. Extra terms: each lane split once with and once without.
     "ce_G1_strided": _cross_entropy(1, True),  # (N, C, H, W): class stride H * W; expected cost, smoothing
     "ce_G1_vector": _cross_entropy(1, False),  # fp32 C = 8 in rows of 12 (not a tile): two packs; argmax
     "ce_G4_scalar": _cross_entropy(4, True),  # fp32 C = 30: not a multiple of 4, 120 bytes; expected
@@ -138,6 +142,8 @@ KERNELS = {
     "ce_G16_scalar": _cross_entropy(16, True),  # fp32 C = 201; expected cost
     "ce_G32_vector": _cross_entropy(32, True),  # fp32 C = 1100: 275 packs; smoothing
     "ce_G32_scalar": _cross_entropy(32, False),  # fp16 C = 1001; class weights only
+    "ce_block_argmax": _cross_entropy("block", False),  # bf16 C = 4104: 513 packs; argmax, class weights
+    "ce_block_expected": _cross_entropy("block", True, class_weights=False),  # fp32 C = 2052; expected, smoothing
     "ce_tile": _cross_entropy("tile", True),  # fp32 C = 10 (40 bytes); expected cost, smoothing
     "ce_tile_misaligned": _cross_entropy("tile", False),  # bf16 C = 32 (64 bytes), base 2 bytes off 16; 300 rows
     # Correlation: items (sequence, chunk) of G lanes (make_chunk_plan): 1 for strided time or <= 4 loads, 4 up
@@ -350,6 +356,9 @@ CASES = {
     "ce_G16_scalar": lambda d: _cross_entropy_case(d, (40, 201), torch.float32, "expected"),
     "ce_G32_vector": lambda d: _cross_entropy_case(d, (40, 1100), torch.float32, "argmax", smoothing=0.1),
     "ce_G32_scalar": lambda d: _cross_entropy_case(d, (40, 1001), torch.float16, None),
+    "ce_block_argmax": lambda d: _cross_entropy_case(d, (40, 4104), torch.bfloat16, "argmax"),
+    "ce_block_expected": lambda d: _cross_entropy_case(d, (40, 2052), torch.float32, "expected", weight=False,
+                                                       smoothing=0.1),
     "ce_tile": lambda d: _cross_entropy_case(d, (70, 10), torch.float32, "expected", smoothing=0.1),
     "ce_tile_misaligned": lambda d: _cross_entropy_case(d, (300, 32), torch.bfloat16, "argmax", layout="misaligned"),
     **{f"bce_flat_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":

@@ -13,8 +13,9 @@
 // Rows are read in one of three ways (RowAccess): a block stages 256 short contiguous rows (at most
 // kTileRowBytes each) through shared memory with coalesced 16-byte copies and each thread scans one row there
 // (tile kernels); otherwise a group of G lanes owns a row and reads it as 16-byte packs (G = 1 up to 4 packs, 4
-// up to 64, 16 up to 256, a warp beyond) or element by element (strided or misaligned rows; the same split by
-// elements).
+// up to 64, 16 up to 256, a warp up to 512, and in the forward the whole block beyond, which keeps the row in
+// shared memory for the gradient sweep: block_row_forward_kernel) or element by element (strided or misaligned
+// rows; the same split by elements, up to a warp).
 //
 // The scan (LaneScan) works a pack (or a tile row) at a time: the pack's max first, one rescale of the running
 // sums when it raises the max, then exp(z - max) of each element through the SFU (fast_exp). The argmax is
@@ -48,7 +49,8 @@ enum class RowAccess { Tile, Packs, Elements };
 // the gradient's coefficients), which the whole group issues while one lane works. So a row gets as few lanes as
 // keep a lane at 16 loads or fewer (what the rows of a block read in the scan must still be in L1 / L2 when the
 // gradient sweep reads them again), and a warp only beyond 256 loads (C = 1000 in bf16: 16 lanes, two rows per
-// warp; the first GPU profile found the warp-per-row forward issue-bound there, docs/design.md).
+// warp; the first GPU profile found the warp-per-row forward issue-bound there, docs/design.md). Vectorizable
+// rows of more than 512 loads take a block in the forward (forward_lanes_for).
 int lanes_per_row(int64_t units, bool strided) {
   if (strided || units <= 4) return 1;
   if (units <= 64) return 4;
@@ -342,6 +344,25 @@ __device__ __forceinline__ acc_t fast_rescale(acc_t from, acc_t to) {
   return from == to ? acc_t(1) : fast_exp(from - to);
 }
 
+// One step of the fast merge (merge_finite_group): `scan`, whose first index of the max is `best_index` (with
+// want_argmax), takes in the max and the sums of `other`, whose first index of the max is `other_index`.
+template <bool kExtraTerms, typename acc_t>
+__device__ __forceinline__ void merge_finite(RowScan<acc_t>& scan, int& best_index, const RowScan<acc_t>& other,
+                                             int other_index, bool want_argmax) {
+  const acc_t new_max = larger(scan.max, other.max);
+  const acc_t r_self = fast_rescale(scan.max, new_max), r_other = fast_rescale(other.max, new_max);
+  scan.sum_exp = scan.sum_exp * r_self + other.sum_exp * r_other;
+  if constexpr (kExtraTerms) {
+    scan.cost_exp = scan.cost_exp * r_self + other.cost_exp * r_other;
+    scan.weighted_logit_sum += other.weighted_logit_sum;
+  }
+  // The first index of the max: the larger max, the smaller index on a tie.
+  if (want_argmax && (other.max > scan.max || (other.max == scan.max && other_index < best_index))) {
+    best_index = other_index;
+  }
+  scan.max = new_max;
+}
+
 // merge_group for the fast scan, whose result stands only when scan_is_finite (a row that fails it is scanned
 // again and merged by merge_group). Where every lane's scan is finite, a lane's best value is its max: only the
 // max, the sums and, for the argmax, a 32-bit index travel (2-5 shuffles a round where merge_group takes 7),
@@ -353,21 +374,15 @@ __device__ void merge_finite_group(RowScan<acc_t>& scan, bool want_argmax) {
   int best_index = scan.best_index < kNoIndex ? static_cast<int>(scan.best_index) : kNoIndex;
 #pragma unroll
   for (int offset = Group / 2; offset > 0; offset /= 2) {
-    const acc_t other_max = group_xor<Group>(scan.max, offset);
-    const acc_t other_sum = group_xor<Group>(scan.sum_exp, offset);
-    const acc_t new_max = larger(scan.max, other_max);
-    const acc_t r_self = fast_rescale(scan.max, new_max), r_other = fast_rescale(other_max, new_max);
-    scan.sum_exp = scan.sum_exp * r_self + other_sum * r_other;
+    RowScan<acc_t> other;
+    other.max = group_xor<Group>(scan.max, offset);
+    other.sum_exp = group_xor<Group>(scan.sum_exp, offset);
     if constexpr (kExtraTerms) {
-      const acc_t other_cost = group_xor<Group>(scan.cost_exp, offset);
-      scan.cost_exp = scan.cost_exp * r_self + other_cost * r_other;
-      scan.weighted_logit_sum += group_xor<Group>(scan.weighted_logit_sum, offset);
+      other.cost_exp = group_xor<Group>(scan.cost_exp, offset);
+      other.weighted_logit_sum = group_xor<Group>(scan.weighted_logit_sum, offset);
     }
-    if (want_argmax) {  // the first index of the max: the larger max, the smaller index on a tie
-      const int other_index = group_xor<Group>(best_index, offset);
-      if (other_max > scan.max || (other_max == scan.max && other_index < best_index)) best_index = other_index;
-    }
-    scan.max = new_max;
+    const int other_index = want_argmax ? group_xor<Group>(best_index, offset) : kNoIndex;
+    merge_finite<kExtraTerms>(scan, best_index, other, other_index, want_argmax);
   }
   scan.best_value = scan.max;
   scan.best_index = best_index;
@@ -581,6 +596,209 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
         store_row_gradient<scalar_t, Group, kExtraTerms>(
             cfg, kind, y, row_stats, outputs.num_stats, gradient_scale, row_ptr, layout.class_stride,
             gradient.out + gradient.layout.row_offset(row), gradient.layout.class_stride, gradient.vectorized, lane);
+      }
+    }
+  }
+  store_block_partials<acc_t, 2>(sums, partials);
+}
+
+// ------------------------------------------------------------------------------------------ block-per-row kernels
+
+// Rows of more than kWarpRowMaxPacks 16-byte packs (C > 4096 in bf16, 2048 in fp32: vocabulary-size rows) take a
+// block each (block_row_forward_kernel); at most that many, a lane of a warp reads at most 16 packs.
+constexpr int kWarpRowMaxPacks = 16 * kWarpSize;
+// Packs a thread of a block row loads into registers before it uses them (loads in flight), where the row is
+// not staged in shared memory: 4, or 2 in the kernels with the extra terms (4 spilled there in bf16).
+template <bool kExtraTerms>
+constexpr int kBlockRowUnroll = kExtraTerms ? 2 : 4;
+
+// Calls f(pack, v) for the thread's packs v = first, first + kBlockThreads, ... below `packs` of a row read by
+// the whole block, loading kUnroll of them before it uses them (loads in flight).
+template <int kUnroll, typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_pack_batched(const scalar_t* __restrict__ row, int first, int packs,
+                                                      const F& f) {
+  constexpr int vec = kVecSize<scalar_t>;
+  for (int v = first; v < packs; v += kUnroll * kBlockThreads) {
+    Pack<scalar_t, vec> batch[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * kBlockThreads < packs) batch[u] = load_pack(row + (v + u * kBlockThreads) * vec);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * kBlockThreads < packs) f(batch[u], v + u * kBlockThreads);
+    }
+  }
+}
+
+// Merges the block's warp results (each the same in every lane of its warp) in warp order, as
+// merge(total, warp_result), and returns the total in every thread. Every thread of the block must call it.
+template <typename T, typename Merge>
+__device__ T merge_warp_results(const T& warp_result, const Merge& merge) {
+  constexpr int kWarps = kBlockThreads / kWarpSize;
+  union alignas(T) Slot {  // raw memory: a __shared__ T cannot have T's member initializers
+    unsigned char bytes[sizeof(T)];
+  };
+  __shared__ Slot slots[kWarps];
+  T* results = reinterpret_cast<T*>(slots);
+  if (threadIdx.x % kWarpSize == 0) results[threadIdx.x / kWarpSize] = warp_result;
+  __syncthreads();
+  T total = results[0];
+  for (int warp = 1; warp < kWarps; ++warp) merge(total, results[warp]);
+  __syncthreads();  // slots are reused by the next call
+  return total;
+}
+
+// Thread 0's `value` in every thread of the block. Every thread of the block must call it.
+template <typename T>
+__device__ T broadcast_from_first_thread(const T& value) {
+  union alignas(T) Slot {  // as in merge_warp_results
+    unsigned char bytes[sizeof(T)];
+  };
+  __shared__ Slot slot;
+  if (threadIdx.x == 0) *reinterpret_cast<T*>(&slot) = value;
+  __syncthreads();
+  const T result = *reinterpret_cast<const T*>(&slot);
+  __syncthreads();  // slot is reused by the next call
+  return result;
+}
+
+// The thread's packs v = threadIdx.x, + kBlockThreads, ... of a row read by the whole block, scanned as scan_lane
+// scans a lane's packs. With kStage the packs below staged_packs are first copied to shared memory (staged[v])
+// all at once, without registers (copy_16_bytes_async: the whole staged row in flight, where a block is the only
+// one its SM holds), and scanned there; the gradient sweep reads them again there. The rest are loaded
+// kBlockRowUnroll at a time. Either way the packs are added in the same order, so the loss has the same bits.
+template <typename scalar_t, bool kStage, bool kExtraTerms>
+__device__ RowScan<acc_type<scalar_t>> scan_block_row(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
+                                                      const scalar_t* __restrict__ row, int64_t y, bool want_argmax,
+                                                      Pack<scalar_t, kVecSize<scalar_t>>* staged, int staged_packs) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int vec = kVecSize<scalar_t>;
+  const int packs = static_cast<int>(cfg.num_classes / vec);
+  if constexpr (kStage) {
+    for (int v = threadIdx.x; v < staged_packs; v += kBlockThreads) copy_16_bytes_async(&staged[v], row + v * vec);
+    wait_for_async_copies();
+  }
+  const ExtraTermInputs<acc_t> inputs = extra_term_inputs(cfg, y);
+  LaneScan<acc_t, kExtraTerms> lane_scan;
+  with_extra_terms<kExtraTerms>(inputs.cost_row, inputs.smoothing ? inputs.class_weight : nullptr,
+                                [&](const auto& extra) {
+    const auto add_pack = [&](Pack<scalar_t, vec> pack, int v) {  // a copy: one 16-byte load from shared memory
+      acc_t values[vec];
+#pragma unroll
+      for (int i = 0; i < vec; ++i) values[i] = static_cast<acc_t>(pack.values[i]);
+      lane_scan.add_unit(values, v * vec, v, extra);
+    };
+    int v = threadIdx.x;
+    if constexpr (kStage) {
+      for (; v < staged_packs; v += kBlockThreads) add_pack(staged[v], v);
+    }
+    for_each_pack_batched<kBlockRowUnroll<kExtraTerms>>(row, v, packs, add_pack);
+  });
+  RowScan<acc_t> scan = lane_scan.row_scan();
+  if (want_argmax && lane_scan.max_unit >= 0) {
+    const int unit_first = lane_scan.max_unit * vec;
+    set_argmax(scan, unit_first + first_index_of(row + unit_first, 1, vec, lane_scan.max));
+  }
+  return scan;
+}
+
+// The block writes its row's gradient (as store_row_gradient, vectorized): the packs each thread staged from
+// shared memory, the rest of a row longer than the shared memory holds read again, kBlockRowUnroll at a time.
+template <typename scalar_t, bool kExtraTerms>
+__device__ void store_block_row_gradient(const CrossEntropyConfig<acc_type<scalar_t>>& cfg, TargetKind kind,
+                                         int64_t y, const acc_type<scalar_t>* row_stats, int num_stats,
+                                         acc_type<scalar_t> scale, const scalar_t* __restrict__ in_row,
+                                         scalar_t* __restrict__ out_row,
+                                         const Pack<scalar_t, kVecSize<scalar_t>>* staged, int staged_packs) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int vec = kVecSize<scalar_t>;
+  const int C = static_cast<int>(cfg.num_classes);
+  if (kind != TargetKind::Valid) {
+    const scalar_t fill = static_cast<scalar_t>(not_valid_row_gradient<acc_t>(kind));
+    for (int j = threadIdx.x; j < C; j += kBlockThreads) out_row[j] = fill;
+    return;
+  }
+  const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
+  const int target = static_cast<int>(y);
+  with_gradient_extra_terms<kExtraTerms>(cfg, k, y, [&](const auto& extra) {
+    const auto store_gradient = [&](Pack<scalar_t, vec> pack, int v) {
+#pragma unroll
+      for (int i = 0; i < vec; ++i) {
+        pack.values[i] = static_cast<scalar_t>(
+            gradient_element(k, extra, static_cast<acc_t>(pack.values[i]), v * vec + i, target));
+      }
+      store_pack(out_row + v * vec, pack);
+    };
+    const int packs = C / vec;
+    int v = threadIdx.x;
+    for (; v < staged_packs; v += kBlockThreads) store_gradient(staged[v], v);
+    for_each_pack_batched<kBlockRowUnroll<kExtraTerms>>(in_row, v, packs, store_gradient);
+  });
+}
+
+// The forward of rows of more than kWarpRowMaxPacks packs, a block per row (vectorizable rows only). With a warp
+// per row, the second read of such rows (the gradient sweep after the scan) went to DRAM: the rows all the SMs'
+// warps swept at once did not fit the L2 (the H200 profile read 6.3 GB at C = 128256 in bf16, where the schedule
+// counts 4.2). Here, with the gradient, each thread copies its packs of the row into the block's dynamic shared
+// memory (`staged_packs` of them: up to the device's per-block limit, 227 KB on an H100, C = 116224 in bf16),
+// scans them there and writes their gradient from there; only the rest of a longer row is read again, while the
+// block's row is the only one its SM holds. A thread stages and reads back only its own packs, so the staging
+// needs no barrier. The block's
+// rows and its per-block sums are those of a forward_kernel with Group = kBlockThreads (target_weight_kernel
+// mirrors them); the lanes' merge is merge_finite_group within each warp, then the warps in order.
+template <typename scalar_t, bool kWriteGradient, bool kExtraTerms>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
+    block_row_forward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target,
+                             RowLayout layout, int64_t num_rows, CrossEntropyConfig<acc_type<scalar_t>> call_cfg,
+                             int staged_packs, ForwardRowOutputs<scalar_t> outputs,
+                             acc_type<scalar_t>* __restrict__ partials, ForwardGradientArgs<scalar_t> gradient) {
+  using acc_t = acc_type<scalar_t>;
+  using PackT = Pack<scalar_t, kVecSize<scalar_t>>;
+  const CrossEntropyConfig<acc_t> cfg = specialized<kExtraTerms>(call_cfg);
+  const bool want_argmax = cfg.cost != nullptr && cfg.mode == CostMode::Argmax;
+  PackT* staged = kWriteGradient ? dynamic_shared_memory<PackT>() : nullptr;
+  acc_t sums[2] = {0, 0};  // loss, class weight of the counted rows (thread 0's)
+  const acc_t gradient_scale = kWriteGradient ? unit_gradient_scale(gradient) : acc_t(0);
+  const auto merge_fast = [&](RowScan<acc_t>& total, const RowScan<acc_t>& warp_scan) {
+    int best_index = static_cast<int>(total.best_index);
+    merge_finite<kExtraTerms>(total, best_index, warp_scan, static_cast<int>(warp_scan.best_index), want_argmax);
+    total.best_index = best_index;
+    total.best_value = total.max;
+  };
+  const auto merge_exact = [](RowScan<acc_t>& total, const RowScan<acc_t>& warp_scan) { total.merge(warp_scan); };
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const int64_t y = target[row];
+    const TargetKind kind = classify_target(y, cfg.num_classes, cfg.ignore_index);
+    const scalar_t* row_ptr = input + layout.row_offset(row);
+    RowScan<acc_t> scan;
+    if (kind == TargetKind::Valid) {
+      scan = scan_block_row<scalar_t, kWriteGradient, kExtraTerms>(cfg, row_ptr, y, want_argmax, staged, staged_packs);
+    }
+    merge_finite_group<kWarpSize, kExtraTerms>(scan, want_argmax);
+    scan = merge_warp_results(scan, merge_fast);
+    // A NaN, +inf or an all -inf row (the same decision in every thread): scanned again element by element.
+    if (kind == TargetKind::Valid && !scan_is_finite(scan)) {
+      RowScan<acc_t> exact = exact_scan(cfg, row_ptr, 1, threadIdx.x, kBlockThreads, y);
+      merge_group<kWarpSize>(exact);
+      scan = merge_warp_results(exact, merge_exact);
+    }
+    RowLoss<acc_t> result{};
+    if (threadIdx.x == 0) {
+      const acc_t target_logit = kind == TargetKind::Valid ? static_cast<acc_t>(row_ptr[y]) : acc_t(0);
+      result = finish_and_store_row(cfg, kind, scan, y, target_logit, row, outputs, sums);
+    }
+    if constexpr (kWriteGradient) {
+      acc_t row_stats[kMaxRowStats];
+      store_row_stats(row_stats, outputs.num_stats, broadcast_from_first_thread(result));
+      scalar_t* out_row = gradient.out + gradient.layout.row_offset(row);
+      if (gradient.vectorized) {
+        store_block_row_gradient<scalar_t, kExtraTerms>(cfg, kind, y, row_stats, outputs.num_stats, gradient_scale,
+                                                        row_ptr, out_row, staged, staged_packs);
+      } else {  // a gradient tensor that is not 16-byte aligned (not from the caching allocator)
+        store_row_gradient<scalar_t, kBlockThreads, kExtraTerms>(cfg, kind, y, row_stats, outputs.num_stats,
+                                                                 gradient_scale, row_ptr, 1, out_row,
+                                                                 gradient.layout.class_stride, false, threadIdx.x);
       }
     }
   }
@@ -856,6 +1074,18 @@ int lanes_for(const CrossEntropyProblem& p, int vec, bool vectorized) {
   return lanes_per_row(vectorized ? p.num_classes / vec : p.num_classes, p.layout.class_stride != 1);
 }
 
+// The forward's lanes per row: lanes_for, or the whole block for vectorizable rows of more than kWarpRowMaxPacks
+// packs (block_row_forward_kernel). The backward reads such rows once and keeps a warp per row.
+int forward_lanes_for(const CrossEntropyProblem& p, int vec, bool vectorized) {
+  return vectorized && p.num_classes / vec > kWarpRowMaxPacks ? kBlockThreads : lanes_for(p, vec, vectorized);
+}
+
+template <typename F>
+void dispatch_forward_lanes(int lanes, const F& f) {
+  if (lanes == kBlockThreads) return f(std::integral_constant<int, kBlockThreads>{});
+  dispatch_lanes_per_row(lanes, f);
+}
+
 // Whether a forward's total weight is a count that float arithmetic holds exactly in any order of the additions:
 // without class weights each valid row adds 1, and every partial sum is an integer of at most num_rows.
 template <typename acc_t>
@@ -921,8 +1151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
       gradient_args.mean = p.reduction == Reduction::Mean;
       gradient_args.total_weight = total_weight.const_data_ptr<acc_t>();
     }
-    const int lanes = access == RowAccess::Tile ? 1 : lanes_for(p, kVecSize<scalar_t>, vectorized);
-    dispatch_lanes_per_row(lanes, [&](auto lanes_tag) {
+    const int lanes = access == RowAccess::Tile ? 1 : forward_lanes_for(p, kVecSize<scalar_t>, vectorized);
+    dispatch_forward_lanes(lanes, [&](auto lanes_tag) {
       constexpr int Group = decltype(lanes_tag)::value;
       const int64_t blocks = grid_size(p.num_rows, kBlockThreads / Group);
       if (gradient_args.mean) {
@@ -932,7 +1162,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
       const auto launch_forward = [&](auto write_gradient_tag, auto extra_terms_tag) {
         constexpr bool kWriteGradient = decltype(write_gradient_tag)::value;
         constexpr bool kExtraTerms = decltype(extra_terms_tag)::value;
-        if (access == RowAccess::Tile) {
+        if constexpr (Group == kBlockThreads) {
+          using PackT = Pack<scalar_t, kVecSize<scalar_t>>;
+          const auto kernel = block_row_forward_kernel<scalar_t, kWriteGradient, kExtraTerms>;
+          const int64_t packs = p.num_classes / kVecSize<scalar_t>;
+          const int staged_packs = kWriteGradient ? static_cast<int>(std::min<int64_t>(
+                                                        packs, max_dynamic_shared_bytes(kernel) / sizeof(PackT)))
+                                                  : 0;
+          launch_kernel_with_shared_memory(kernel, blocks, staged_packs * sizeof(PackT), stream, in, targets,
+                                           p.layout, p.num_rows, cfg, staged_packs, outputs,
+                                           partials.data_ptr<acc_t>(), gradient_args);
+        } else if (access == RowAccess::Tile) {
           launch_kernel(tile_forward_kernel<scalar_t, kWriteGradient, kExtraTerms>, blocks, stream, in, targets,
                         p.num_rows, cfg, outputs, partials.data_ptr<acc_t>(), gradient_args);
         } else {

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #ifndef FUSED_LOSSES_HOST_EMULATION
 #include <c10/cuda/CUDAFunctions.h>
+#include <cuda_pipeline_primitives.h>
 #endif
 
 #include <cstdint>
@@ -24,6 +25,15 @@ constexpr unsigned kFullWarp = 0xffffffffu;  // every lane of a warp takes part 
 constexpr int64_t kMaxBlocks = 3;
 #else
 constexpr int64_t kMaxBlocks = 16384;
+#endif
+#ifdef FUSED_LOSSES_HOST_EMULATION
+// The dynamic shared memory a block may take in the emulation: an H100's 227 KB, or in the small-limit build
+// 1 KB, so that rows longer than that take the paths for what does not fit.
+#ifdef FUSED_LOSSES_SMALL_LIMITS
+constexpr size_t kEmulatedSharedBytes = 1 << 10;
+#else
+constexpr size_t kEmulatedSharedBytes = 227 << 10;
+#endif
 #endif
 
 // Number of `scalar_t` in one 16-byte load or store.
@@ -103,16 +113,72 @@ __device__ __forceinline__ T group_broadcast(T value) {
   return __shfl_sync(kFullWarp, value, 0, Group);
 }
 
-// Launches `kernel(args...)` on `blocks` blocks of kBlockThreads threads. Every launch goes through here so
-// that the host emulation (tests/cuda_emulation) runs the same kernels on the CPU, block by block.
+// Launches `kernel(args...)` on `blocks` blocks of kBlockThreads threads, each with `shared_bytes` of dynamic
+// shared memory (dynamic_shared_memory). Every launch goes through here so that the host emulation
+// (tests/cuda_emulation) runs the same kernels on the CPU, block by block.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, const Args&... args) {
+void launch_kernel_with_shared_memory(void (*kernel)(Params...), int64_t blocks, size_t shared_bytes,
+                                      cudaStream_t stream, const Args&... args) {
 #ifdef FUSED_LOSSES_HOST_EMULATION
-  host_emulation::run_grid(blocks, kBlockThreads, [&] { kernel(args...); });
+  host_emulation::run_grid(blocks, kBlockThreads, [&] { kernel(args...); }, shared_bytes);
 #else
-  kernel<<<blocks, kBlockThreads, 0, stream>>>(args...);
+  constexpr size_t kSharedBytesWithoutOptIn = 48 << 10;
+  if (shared_bytes > kSharedBytesWithoutOptIn) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  }
+  kernel<<<blocks, kBlockThreads, shared_bytes, stream>>>(args...);
 #endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, const Args&... args) {
+  launch_kernel_with_shared_memory(kernel, blocks, 0, stream, args...);
+}
+
+// The most dynamic shared memory a block of `kernel` may take on the current device: the per-block opt-in
+// limit less the kernel's static shared memory (kEmulatedSharedBytes in the host emulation).
+template <typename... Params>
+size_t max_dynamic_shared_bytes(void (*kernel)(Params...)) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  static_cast<void>(kernel);
+  return kEmulatedSharedBytes;
+#else
+  int per_block = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return static_cast<size_t>(per_block) - std::min<size_t>(per_block, attributes.sharedSizeBytes);
+#endif
+}
+
+// Starts copying 16 bytes (16-byte aligned) from global to shared memory without going through registers
+// (cp.async on sm_80 and newer); the copies a thread has started are complete, for that thread, after its
+// wait_for_async_copies (other threads need a barrier after that).
+__device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  std::memcpy(shared, global, 16);
+#else
+  __pipeline_memcpy_async(shared, global, 16);
+#endif
+}
+
+__device__ __forceinline__ void wait_for_async_copies() {
+#ifndef FUSED_LOSSES_HOST_EMULATION
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+#endif
+}
+
+// The dynamic shared memory of the running block (launch_kernel_with_shared_memory), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  return static_cast<T*>(host_emulation::dynamic_shared_memory());
+#else
+  extern __shared__ uint4 dynamic_shared_chunks[];  // uint4: 16-byte aligned
+  return reinterpret_cast<T*>(dynamic_shared_chunks);
+#endif
 }
 
 // Sum of `Width` values over the block, in a fixed order (bitwise reproducible); valid in thread 0.

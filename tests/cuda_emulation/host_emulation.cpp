@@ -112,6 +112,10 @@ struct Fiber {
   bool finished = false;
 };
 
+struct alignas(16) SharedChunk {
+  unsigned char bytes[16];
+};
+
 struct BlockRun {
   std::vector<Fiber> fibers;
   Context scheduler;
@@ -121,6 +125,7 @@ struct BlockRun {
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<std::array<unsigned char, 16>> exchange;  // each thread's published bytes
+  std::vector<SharedChunk> dynamic_shared;               // the launch's dynamic shared memory, block by block
   uint64_t events = 0;  // arrivals and exits: a scheduler round without one is a deadlock
   std::string error;
 };
@@ -224,6 +229,8 @@ void run_block(BlockRun& run, int64_t block, int64_t blocks) {
   run.block_barrier = Barrier{};
   std::fill(run.warp_barriers.begin(), run.warp_barriers.end(), Barrier{});
   run.events = 0;
+  // Shared memory starts undefined on the GPU: all-ones bytes (a NaN as a float) make a read before a write show.
+  std::memset(run.dynamic_shared.data(), 0xff, run.dynamic_shared.size() * sizeof(SharedChunk));
   for (int t = 0; t < run.threads; ++t) {
     Fiber& fiber = run.fibers[t];
     fiber.finished = false;
@@ -256,7 +263,7 @@ const ThreadPosition& current_position() {
   return self().position;
 }
 
-void run_grid(int64_t blocks, int threads, const std::function<void()>& body) {
+void run_grid(int64_t blocks, int threads, const std::function<void()>& body, size_t dynamic_shared_bytes) {
   TORCH_CHECK(active_run == nullptr, "host emulation: a launch from inside a kernel");
   TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "host emulation: bad grid size ", blocks);
   TORCH_CHECK(threads >= 1 && threads <= kMaxThreads, "host emulation: bad block size ", threads);
@@ -266,6 +273,7 @@ void run_grid(int64_t blocks, int threads, const std::function<void()>& body) {
   run.fibers.resize(threads);
   run.warp_barriers.resize((threads + kWarpSize - 1) / kWarpSize);
   run.exchange.resize(threads);
+  run.dynamic_shared.resize((dynamic_shared_bytes + sizeof(SharedChunk) - 1) / sizeof(SharedChunk));
   active_run = &run;
   try {
     for (int64_t block = 0; block < blocks; ++block) run_block(run, block, blocks);
@@ -274,6 +282,11 @@ void run_grid(int64_t blocks, int threads, const std::function<void()>& body) {
     throw;
   }
   active_run = nullptr;
+}
+
+void* dynamic_shared_memory() {
+  TORCH_CHECK(!active_run->dynamic_shared.empty(), "host emulation: dynamic shared memory of a launch without any");
+  return active_run->dynamic_shared.data();
 }
 
 void sync_block() { arrive_and_wait(active_run->block_barrier, active_run->threads, kSyncThreads); }

@@ -44,7 +44,9 @@ const ThreadPosition& current_position();
 
 // Runs `blocks` blocks of `threads` threads, each thread calling `body`; throws std::runtime_error (with the
 // block and what the threads were waiting for) when the threads of a block cannot all reach the same barrier.
-void run_grid(int64_t blocks, int threads, const std::function<void()>& body);
+// The blocks run one at a time, so they share one buffer of `dynamic_shared_bytes` (dynamic_shared_memory).
+void run_grid(int64_t blocks, int threads, const std::function<void()>& body, size_t dynamic_shared_bytes = 0);
+void* dynamic_shared_memory();  // 16-byte aligned; only in a launch that asked for some
 
 void sync_block();
 void sync_warp(unsigned int mask);
