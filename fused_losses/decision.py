@@ -17,6 +17,10 @@ def bayes_decision(logits: Tensor, cost_matrix) -> Tensor:
     ``cost_matrix = 1 - eye(C)`` (every mistake costs 1) this is ``argmax``. Ties go to the lowest index, as
     ``torch.argmin``. The rule is only as good as the probabilities: it needs a calibrated model.
 
+    Infinite logits take the limit of softmax: a row with ``+inf`` entries puts all its probability on them,
+    shared equally (a row of ``-inf`` only: uniform). A row holding a NaN gets ``torch.argmax``'s class for it
+    (the first NaN), whatever the costs.
+
     Adding a constant to a row of the cost matrix does not change the decision, so costs may be negative
     (a gain for a correct prediction); they must be finite (checked on the CPU, and on CUDA with
     ``FUSED_LOSSES_CHECK=1``, which costs a host synchronisation).
@@ -52,6 +56,13 @@ def bayes_decision(logits: Tensor, cost_matrix) -> Tensor:
     if can_check_values(cost) and not bool(torch.isfinite(cost).all()):
         raise ValueError("cost_matrix must contain only finite values")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    probabilities = torch.softmax(logits.to(dtype), dim=class_dim).movedim(class_dim, -1)  # (..., C)
+    logits = logits.to(dtype).movedim(class_dim, -1)  # (..., C)
+    top = logits.amax(dim=-1, keepdim=True)  # NaN where the row holds a NaN
+    probabilities = torch.softmax(logits, dim=-1)
+    # Softmax is NaN where the largest logit is infinite (+inf, or -inf throughout): its limit shares the mass
+    # equally among the entries equal to that logit. Selected without reading values: no host synchronisation.
+    at_top = (logits == top).to(dtype)
+    probabilities = torch.where(top.isinf(), at_top / at_top.sum(dim=-1, keepdim=True), probabilities)
     expected_cost = probabilities @ cost.to(dtype)  # (..., C): entry j = sum_i p_i cost[i, j]
-    return expected_cost.argmin(dim=-1)
+    # A NaN row has no probabilities: it gets argmax's answer (the first NaN), as documented.
+    return torch.where(top.squeeze(-1).isnan(), logits.argmax(dim=-1), expected_cost.argmin(dim=-1))

@@ -86,6 +86,26 @@ def test_ties_go_to_the_lowest_index(device):
     assert torch.equal(bayes_decision(uniform, cost), torch.ones(3, dtype=torch.long, device=device))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_infinite_and_nan_logits(device, dtype):
+    """Softmax of a row with +inf logits is NaN; its limit puts the mass on the +inf entries, shared equally (an
+    all -inf row: on every entry). A NaN row gives torch.argmax's answer (it takes NaN as the maximum). With
+    0-1 costs every row is argmax, as for finite logits."""
+    inf, nan = math.inf, math.nan
+    logits = torch.tensor([[0.0, inf, 0.0], [inf, 0.0, inf], [-inf, inf, -inf], [-inf, -inf, -inf],
+                           [0.0, nan, 0.0], [nan, inf, nan], [5.0, -inf, 0.0]], dtype=dtype, device=device)
+    assert torch.equal(bayes_decision(logits, 1 - torch.eye(3, device=device)), logits.argmax(1))
+    # The mass of row 1 is split between classes 0 and 2: predicting 1 costs 1 (the cheapest), 0 and 2 cost 5.
+    cost = torch.tensor([[0.0, 1.0, 10.0], [1.0, 0.0, 1.0], [10.0, 1.0, 0.0]], device=device)
+    expected = torch.tensor([1, 1, 1, 1, 1, 0, 0], device=device)
+    assert torch.equal(bayes_decision(logits, cost), expected)
+
+
+def test_half_precision_logits_that_overflow_to_inf(device):
+    logits = torch.tensor([[0.0, 7e4, 0.0]], device=device).half()  # 7e4 is above float16's largest, 65504
+    assert torch.equal(bayes_decision(logits, 1 - torch.eye(3, device=device)), torch.tensor([1], device=device))
+
+
 def test_class_axis_is_one_for_extra_dimensions(device):
     logits = torch.randn(4, 5, 3, 2, device=device)
     cost = torch.rand(5, 5, device=device)
