@@ -45,11 +45,15 @@ def bayes_decision(logits: Tensor, cost_matrix) -> Tensor:
         raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
     if logits.dim() == 0:
         raise ValueError("logits must have shape (C,), (N, C) or (N, C, d1, ..., dk), got a scalar")
+    class_dim = 0 if logits.dim() == 1 else 1
+    num_classes = logits.shape[class_dim]
+    if num_classes == 0:
+        raise ValueError(f"logits must have at least one class (axis {class_dim} has size 0)")
+    if cost_matrix is None:  # as_float_tensor passes None through (an absent optional argument elsewhere)
+        raise TypeError("cost_matrix must be a (C, C) tensor or array-like of costs, got None")
     if isinstance(cost_matrix, Tensor) and cost_matrix.device != logits.device:
         raise ValueError(f"cost_matrix is on {cost_matrix.device} but logits are on {logits.device}")
     cost = as_float_tensor("cost_matrix", cost_matrix, 2, logits.device)
-    class_dim = 0 if logits.dim() == 1 else 1
-    num_classes = logits.shape[class_dim]
     if cost.shape != (num_classes, num_classes):
         raise ValueError(f"cost_matrix must have shape ({num_classes}, {num_classes}) for logits with "
                          f"{num_classes} classes on axis {class_dim}, got {tuple(cost.shape)}")
