@@ -107,8 +107,10 @@ def concordance_correlation_loss(input: Tensor, target: Tensor, mask: Optional[T
 def dense_target_from_indices(positive_indices: Tensor, num_labels: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """The (N, L) 0/1 matrix of (N, K) label indices padded with -1 (a label listed twice is set once)."""
     rows = positive_indices.shape[0]
-    dense = torch.zeros(rows, num_labels + 1, dtype=dtype, device=positive_indices.device)
-    dense.scatter_(1, positive_indices.where(positive_indices >= 0, num_labels), 1)  # padding -> extra column
+    # Out of place: under vmap (per-sample gradients through the differentiable backward) the indices are
+    # batched and the zeros are not, which an in-place scatter_ refuses.
+    zeros = torch.zeros(rows, num_labels + 1, dtype=dtype, device=positive_indices.device)
+    dense = zeros.scatter(1, positive_indices.where(positive_indices >= 0, num_labels), 1)  # padding -> extra column
     # Contiguous, as a user's target is: the view without the extra column has padded rows, which the fused
     # kernels read through their strided path (a benchmark once measured that path instead of the flat one).
     return dense[:, :num_labels].contiguous()

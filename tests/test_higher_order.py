@@ -192,6 +192,26 @@ def test_per_sample_gradients_of_a_classifier():
             torch.testing.assert_close(per_sample[name][i], param.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("focusing", [{}, dict(gamma_pos=1.0, gamma_neg=3.0, clip=0.05)])
+def test_per_sample_gradients_with_vmapped_positive_indices(device, focusing):
+    """vmap(grad) over (logits row, positive_indices row) pairs: each row's indices (a duplicate, -1 padding)
+    are a batched tensor inside the differentiable backward, and its gradient is the one of the same row with
+    the dense 0/1 target."""
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    indices = torch.tensor([[0, -1], [2, 3], [1, 1]], device=device)
+    dense = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.float64, device=device)
+
+    def row_loss(row, row_indices):
+        return fused_losses.weighted_bce_with_logits(row[None], positive_indices=row_indices[None], **focusing)
+
+    per_sample = torch.func.vmap(torch.func.grad(row_loss))(x, indices)
+    for row, target, gradient in zip(x, dense, per_sample):
+        row = row.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(fused_losses.weighted_bce_with_logits(row[None], target[None], **focusing),
+                                          row)
+        torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["ce_expected", "pearson", "bce_asl"])
 def test_jacrev_and_hessian_match_autograd(name):
     """jacrev of the per-sample losses and jacrev(jacrev(.)) of their sum (the Hessian) equal autograd's."""
