@@ -103,6 +103,10 @@ def cost_sensitive_cross_entropy(
                         f"{target.dtype} (class-probability targets are not supported)")
     unbatched = input.dim() == 1
     if unbatched:
+        if target.dim() != 0:  # checked here: the operator would name the (1, C) view below, not these shapes
+            raise ValueError(f"target must be a 0-d class index for input of shape {tuple(input.shape)} (one sample "
+                             f"of {input.shape[0]} classes), got shape {tuple(target.shape)}; for N samples pass "
+                             "(N, C) logits")
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     if target.dtype != torch.int64:
         target = target.long()

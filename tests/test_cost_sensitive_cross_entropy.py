@@ -102,6 +102,18 @@ def test_unbatched_and_int32_target(device):
     torch.testing.assert_close(csce(xb, yb.int()), F.cross_entropy(xb, yb))
 
 
+def test_one_dimensional_input_with_a_batch_of_targets_names_the_shapes_passed(device):
+    """(C,) logits are one sample, so its target is one class index: 1-D logits with a 1-D target (a binary
+    classifier's (N,) scores) is named as passed, not as the (1, C) view the op runs on."""
+    x, y = torch.randn(8, device=device), torch.randint(0, 2, (8,), device=device)
+    message = (r"target must be a 0-d class index for input of shape \(8,\) \(one sample of 8 classes\), got shape "
+               r"\(8,\); for N samples pass \(N, C\) logits")
+    with pytest.raises(ValueError, match=message):
+        csce(x, y)
+    with pytest.raises(ValueError, match=message):
+        fused_losses.CostSensitiveCrossEntropyLoss()(x, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
 def test_any_integer_target_dtype_equals_int64(device, dtype):
     x, y = make_problem(50, 6, device)
