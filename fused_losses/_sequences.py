@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._validation import can_check_values, check_tensor
+from ._validation import can_check_values, check_integer, check_tensor
 
 __all__ = ["SequenceBatch", "as_sequence_batch"]
 
@@ -67,10 +67,11 @@ def as_sequence_batch(input: Tensor, target: Tensor, mask: Optional[Tensor], dim
     if target.shape != input.shape:
         raise ValueError(f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     ndim = input.dim()
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+    check_integer("dim", dim)
+    if not -ndim <= dim < ndim:
         raise IndexError(f"dim (the time axis) must be an int in [{-ndim}, {ndim - 1}] for a {ndim}-D input, "
                          f"got {dim!r}")
-    time = dim % ndim
+    time = int(dim) % ndim
     others = [axis for axis in range(ndim) if axis != time]
     mask_axes = [axis for axis in range(ndim) if axis != (others[1] if ndim == 3 else None)]
     if mask is not None and lengths is not None:

@@ -90,6 +90,7 @@ class _CorrelationLoss(_FusedLossModule):
 
     def __init__(self, dim: int = 1, reduction: str = "mean", per_timestep: bool = False, eps: float = 1e-8) -> None:
         super().__init__()
+        check_integer("dim", dim)  # its range needs the input: checked at each call
         check_choice("reduction", reduction, REDUCTIONS)
         check_bool("per_timestep", per_timestep)
         check_eps(eps)

@@ -606,6 +606,18 @@ def test_errors(device):
         f(x[0], y[0])
     with pytest.raises(IndexError, match=r"dim \(the time axis\) must be an int in \[-2, 1\].*got 2"):
         f(x, y, dim=2)
+    # Any integer, NumPy's included (an axis read from a config array); a float is refused, as torch does.
+    torch.testing.assert_close(f(x, y, dim=np.int64(0)), f(x, y, dim=0), rtol=0, atol=0)
+    torch.testing.assert_close(fused_losses.PearsonCorrelationLoss(dim=np.int64(0))(x, y), f(x, y, dim=0),
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"dim must be an int, got 1.0"):
+        f(x, y, dim=1.0)
+    # The modules check dim's type at construction; its range needs the input.
+    for module in (fused_losses.PearsonCorrelationLoss, fused_losses.ConcordanceCorrelationLoss):
+        with pytest.raises(TypeError, match=r"dim must be an int, got 1.0"):
+            module(dim=1.0)
+        with pytest.raises(IndexError, match=r"dim \(the time axis\) must be an int in \[-2, 1\].*got 5"):
+            module(dim=5)(x, y)
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\).*got \(5, 2\)"):
         f(x, y, torch.ones(5, 2, dtype=torch.bool, device=device))
     with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
