@@ -59,9 +59,12 @@ def check_bool(name: str, value) -> None:
 
 
 def check_integer(name: str, value) -> None:
-    """A Python or NumPy integer (what torch's int arguments take): a float would be truncated silently."""
+    """A Python or NumPy integer (what torch's int arguments take): a float would be truncated silently. It must
+    fit the operators' int64 (a larger one garbles the schema parser's error); a symbolic int does already."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if isinstance(value, numbers.Integral) and not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63 - 1] (int64), got {value}")
 
 
 def check_focusing(gamma_pos: float, gamma_neg: float, clip: float) -> None:

@@ -317,6 +317,13 @@ def test_errors_name_the_argument(device):
     with pytest.raises(TypeError, match="ignore_index must be an int, got 1.0"):
         fused_losses.CostSensitiveCrossEntropyLoss(ignore_index=1.0)
     torch.testing.assert_close(csce(x, y, ignore_index=np.int64(1)), F.cross_entropy(x, y, ignore_index=1))
+    # The operator takes an int64: a larger integer is named, not garbled by the schema's parser.
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer in \[-2\*\*63, 2\*\*63 - 1\] \(int64\), "
+                                         r"got 1180591620717411303424"):
+        csce(x, y, ignore_index=2**70)
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer in .*got -9223372036854775809"):
+        fused_losses.CostSensitiveCrossEntropyLoss(ignore_index=-2**63 - 1)
+    torch.testing.assert_close(csce(x, y, ignore_index=-2**63), F.cross_entropy(x, y, ignore_index=-2**63))
     with pytest.raises(ValueError, match="cost_matrix must not require grad"):
         csce(x, y, torch.ones(4, 4, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="weight must not require grad"):
