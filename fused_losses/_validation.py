@@ -27,9 +27,15 @@ def check_no_grad(name: str, tensor) -> None:
                          f"(pass {name}.detach())")
 
 
-def check_tensor(name: str, value) -> None:
+def check_tensor(name: str, value, sparse_alternative: str = "") -> None:
+    """A dense tensor: the operators have kernels for the strided layout only (a sparse or nested tensor would
+    get PyTorch's "Could not run ... backend" error). `sparse_alternative` says what to pass instead."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        got = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise TypeError(f"{name} must be a dense tensor (torch.strided layout), got {got}"
+                        + (f"; {sparse_alternative}" if sparse_alternative else ""))
 
 
 def check_cost_matrix_values(cost_matrix: torch.Tensor) -> None:
@@ -112,6 +118,7 @@ def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -
         tensor = torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{name} must be a tensor or an array-like of numbers, got {type(value).__name__}") from error
+    check_tensor(name, tensor)
     if not tensor.dtype.is_floating_point:
         tensor = tensor.to(torch.get_default_dtype())
     if ndim is not None and tensor.dim() != ndim:
@@ -122,7 +129,10 @@ def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -
 def as_tensor_argument(name: str, value, ndim: Optional[int], device) -> Optional[torch.Tensor]:
     """A tensor argument as it is (the operator checks its dtype and device); an array-like (nested lists, a
     NumPy array) as a floating-point tensor on `device` (as_float_tensor)."""
-    if value is None or isinstance(value, torch.Tensor):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        check_tensor(name, value)
         return value
     return as_float_tensor(name, value, ndim, device)
 

@@ -300,7 +300,8 @@ def weighted_bce_with_logits(
     check_no_grad("weight", weight)
     check_no_grad("pos_weight", pos_weight)
     if target is not None:
-        check_tensor("target", target)
+        check_tensor("target", target, "for sparse multi-label targets pass positive_indices: (N, K) label indices "
+                                        "per row, padded with -1")
         convert = target.dtype.is_floating_point and target.dtype not in (input.dtype, torch.float32)
         copy = (target.device.type == "cuda" and not torch._C._are_functorch_transforms_active()
                 and _copy_target_for_flat_kernels(input, target))

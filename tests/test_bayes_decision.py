@@ -155,6 +155,12 @@ def test_errors_name_the_argument():
         bayes_decision(torch.zeros(2, 3), [[0, 1, 1], [1, 0, math.inf], [1, 1, 0]])
     with pytest.raises(ValueError, match="cost_matrix is on meta but logits are on cpu"):
         bayes_decision(torch.zeros(2, 3), torch.ones(3, 3, device="meta"))
+    with pytest.raises(TypeError, match=r"logits must be a dense tensor \(torch.strided layout\), got layout "
+                                        r"torch.sparse_coo"):
+        bayes_decision(torch.zeros(2, 3).to_sparse(), cost)
+    with pytest.raises(TypeError, match=r"cost_matrix must be a dense tensor \(torch.strided layout\), got layout "
+                                        r"torch.sparse_coo"):
+        bayes_decision(torch.zeros(2, 3), cost.to_sparse())
     with pytest.raises(TypeError, match=r"cost_matrix must be a \(C, C\) tensor or array-like of costs, got None"):
         bayes_decision(torch.zeros(2, 3), None)
     with pytest.raises(ValueError, match=r"logits must have at least one class \(axis 1 has size 0\)"):

@@ -622,6 +622,12 @@ def test_errors(device):
         f(x, y, torch.ones(5, 2, dtype=torch.bool, device=device))
     with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
         f(x, y, torch.ones(2, 5, device=device))
+    with pytest.raises(TypeError, match=r"mask must be a dense tensor \(torch.strided layout\), got layout "
+                                        r"torch.sparse_coo"):
+        f(x, y, torch.ones(2, 5, dtype=torch.bool, device=device).to_sparse())
+    with pytest.raises(TypeError, match=r"input must be a dense tensor \(torch.strided layout\), got layout "
+                                        r"torch.sparse_coo"):
+        f(x.to_sparse(), y.to_sparse())
     with pytest.raises(ValueError, match=r"lengths must be in \[0, 5\].*got 6"):
         f(x.cpu(), y.cpu(), lengths=torch.tensor([6, 2]))
     with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):

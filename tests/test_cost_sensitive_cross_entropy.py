@@ -330,6 +330,15 @@ def test_errors_name_the_argument(device):
         csce(x, y, weight=torch.ones(4, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="input must have shape"):
         ops.cost_sensitive_cross_entropy(x[0], y[0], None, None, -100, "mean", 0.0, "argmax", False)
+    # Sparse tensors are named, not left to PyTorch's "Could not run ... 'SparseCPU' backend".
+    for name, call in [("input", lambda: csce(x.to_sparse(), y)), ("target", lambda: csce(x, y.to_sparse())),
+                       ("cost_matrix", lambda: csce(x, y, torch.ones(4, 4, device=device).to_sparse())),
+                       ("weight", lambda: csce(x, y, weight=torch.ones(4, device=device).to_sparse())),
+                       ("cost_matrix", lambda: fused_losses.CostSensitiveCrossEntropyLoss(
+                           torch.ones(4, 4).to_sparse()))]:
+        with pytest.raises(TypeError, match=rf"{name} must be a dense tensor \(torch.strided layout\), got layout "
+                                            r"torch.sparse_coo"):
+            call()
     # The process stays usable after the errors.
     torch.testing.assert_close(csce(x, y), F.cross_entropy(x, y))
 

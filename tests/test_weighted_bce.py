@@ -543,6 +543,18 @@ def _error_cases(device):
                                 r"positive_indices contains -2 .* outside \[0, 5\)"),
         "index_float": (lambda: weighted_bce_with_logits(x, positive_indices=indices.float()), TypeError,
                         "positive_indices must be int64 label indices"),
+        "target_sparse": (lambda: weighted_bce_with_logits(x, target.to_sparse()), TypeError,
+                          r"target must be a dense tensor \(torch.strided layout\), got layout torch.sparse_coo; for "
+                          r"sparse multi-label targets pass positive_indices"),
+        "input_sparse_csr": (lambda: weighted_bce_with_logits(x.to_sparse_csr(), target), TypeError,
+                             r"input must be a dense tensor \(torch.strided layout\), got layout torch.sparse_csr$"),
+        "input_nested": (lambda: weighted_bce_with_logits(torch.nested.as_nested_tensor([x, x[:2]],
+                                                                                       layout=torch.jagged), target),
+                         TypeError, r"input must be a dense tensor \(torch.strided layout\), got a nested tensor"),
+        "weight_sparse": (lambda: weighted_bce_with_logits(x, target, weight=torch.ones(5, device=device).to_sparse()),
+                          TypeError, r"weight must be a dense tensor \(torch.strided layout\), got layout"),
+        "positive_indices_sparse": (lambda: weighted_bce_with_logits(x, positive_indices=indices.to_sparse()),
+                                    TypeError, r"positive_indices must be a dense tensor"),
         "index_rows": (lambda: weighted_bce_with_logits(x, positive_indices=indices[:2]), ValueError,
                        r"positive_indices must have shape \(N, K\) = \(3, K\)"),
         "sparse_3d_input": (lambda: weighted_bce_with_logits(x[None], positive_indices=indices), ValueError,
@@ -579,6 +591,7 @@ def _error_cases(device):
 ERROR_CASES = list(_error_cases("cpu"))
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("case", ERROR_CASES)
 def test_errors(device, case):
     if device != "cpu" and case.startswith("index_") and case != "index_float" and case != "index_rows":
