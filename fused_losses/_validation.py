@@ -109,6 +109,14 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+def _check_real_tensor(name: str, tensor: torch.Tensor) -> None:
+    """A dense tensor argument of real numbers: converting complex values to a floating dtype would drop their
+    imaginary part (with a mere warning)."""
+    check_tensor(name, tensor)
+    if tensor.dtype.is_complex:
+        raise TypeError(f"{name} must hold real numbers, got {tensor.dtype}")
+
+
 def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -> Optional[torch.Tensor]:
     """`value` (a tensor or an array-like: nested lists, a NumPy array) as a floating-point tensor of `ndim`
     dimensions (any number when None); integer values become the default float dtype."""
@@ -118,7 +126,7 @@ def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -
         tensor = torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{name} must be a tensor or an array-like of numbers, got {type(value).__name__}") from error
-    check_tensor(name, tensor)
+    _check_real_tensor(name, tensor)
     if not tensor.dtype.is_floating_point:
         tensor = tensor.to(torch.get_default_dtype())
     if ndim is not None and tensor.dim() != ndim:
@@ -127,12 +135,12 @@ def as_float_tensor(name: str, value, ndim: Optional[int] = None, device=None) -
 
 
 def as_tensor_argument(name: str, value, ndim: Optional[int], device) -> Optional[torch.Tensor]:
-    """A tensor argument as it is (the operator checks its dtype and device); an array-like (nested lists, a
-    NumPy array) as a floating-point tensor on `device` (as_float_tensor)."""
+    """A tensor argument as it is, once dense and real (the operator checks its floating dtype and device); an
+    array-like (nested lists, a NumPy array) as a floating-point tensor on `device` (as_float_tensor)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        check_tensor(name, value)
+        _check_real_tensor(name, value)
         return value
     return as_float_tensor(name, value, ndim, device)
 

@@ -161,6 +161,10 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match=r"cost_matrix must be a dense tensor \(torch.strided layout\), got layout "
                                         r"torch.sparse_coo"):
         bayes_decision(torch.zeros(2, 3), cost.to_sparse())
+    with pytest.raises(TypeError, match="cost_matrix must hold real numbers, got torch.complex64"):
+        bayes_decision(torch.zeros(2, 2), [[1, 1 + 5j], [1, 1]])
+    with pytest.raises(TypeError, match="cost_matrix must hold real numbers, got torch.complex128"):
+        bayes_decision(torch.zeros(2, 2), torch.tensor([[1, 1 + 5j], [1, 1]], dtype=torch.complex128))
     with pytest.raises(TypeError, match=r"cost_matrix must be a \(C, C\) tensor or array-like of costs, got None"):
         bayes_decision(torch.zeros(2, 3), None)
     with pytest.raises(ValueError, match=r"logits must have at least one class \(axis 1 has size 0\)"):

@@ -330,6 +330,12 @@ def test_errors_name_the_argument(device):
         csce(x, y, weight=torch.ones(4, device=device, requires_grad=True))
     with pytest.raises(ValueError, match="input must have shape"):
         ops.cost_sensitive_cross_entropy(x[0], y[0], None, None, -100, "mean", 0.0, "argmax", False)
+    # Complex costs are refused alike by every form (a conversion would drop the imaginary part silently).
+    complex_cost = torch.ones(4, 4, dtype=torch.complex64, device=device) + 5j * torch.eye(4, device=device)
+    for call in (lambda: csce(x, y, complex_cost), lambda: fused_losses.CostSensitiveCrossEntropyLoss(complex_cost),
+                 lambda: fused_losses.CostSensitiveCrossEntropyLoss([[1, 1 + 5j], [1, 1]])):
+        with pytest.raises(TypeError, match="cost_matrix must hold real numbers, got torch.complex64"):
+            call()
     # Sparse tensors are named, not left to PyTorch's "Could not run ... 'SparseCPU' backend".
     for name, call in [("input", lambda: csce(x.to_sparse(), y)), ("target", lambda: csce(x, y.to_sparse())),
                        ("cost_matrix", lambda: csce(x, y, torch.ones(4, 4, device=device).to_sparse())),
