@@ -144,6 +144,10 @@ KERNELS = {
     "ce_G32_scalar": _cross_entropy(32, False),  # fp16 C = 1001; class weights only
     "ce_block_argmax": _cross_entropy("block", False),  # bf16 C = 4104: 513 packs; argmax, class weights
     "ce_block_expected": _cross_entropy("block", True, class_weights=False),  # fp32 C = 2052; expected, smoothing
+    # bf16 C = 24576: a 48 KB row, which with the kernel's static shared memory needs the opt-in beyond 48 KB
+    "ce_block_opt_in": _cross_entropy("block", False),
+    # bf16 C = 128256: more than the shared memory holds (227 KB on an H100): the rest read again
+    "ce_block_beyond_shared": _cross_entropy("block", False),
     "ce_tile": _cross_entropy("tile", True),  # fp32 C = 10 (40 bytes); expected cost, smoothing
     "ce_tile_misaligned": _cross_entropy("tile", False),  # bf16 C = 32 (64 bytes), base 2 bytes off 16; 300 rows
     # Correlation: items (sequence, chunk) of G lanes (make_chunk_plan): 1 for strided time or <= 4 loads, 4 up
@@ -359,6 +363,8 @@ CASES = {
     "ce_block_argmax": lambda d: _cross_entropy_case(d, (40, 4104), torch.bfloat16, "argmax"),
     "ce_block_expected": lambda d: _cross_entropy_case(d, (40, 2052), torch.float32, "expected", weight=False,
                                                        smoothing=0.1),
+    "ce_block_opt_in": lambda d: _cross_entropy_case(d, (9, 24576), torch.bfloat16),
+    "ce_block_beyond_shared": lambda d: _cross_entropy_case(d, (9, 128256), torch.bfloat16),
     "ce_tile": lambda d: _cross_entropy_case(d, (70, 10), torch.float32, "expected", smoothing=0.1),
     "ce_tile_misaligned": lambda d: _cross_entropy_case(d, (300, 32), torch.bfloat16, "argmax", layout="misaligned"),
     **{f"bce_flat_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":

@@ -607,6 +607,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
 // Rows of more than kWarpRowMaxPacks 16-byte packs (C > 4096 in bf16, 2048 in fp32: vocabulary-size rows) take a
 // block each (block_row_forward_kernel); at most that many, a lane of a warp reads at most 16 packs.
 constexpr int kWarpRowMaxPacks = 16 * kWarpSize;
+// Groups of a thread's copies of a row into shared memory: the scan starts when the first has arrived.
+constexpr int kStagedCopyGroups = 2;
 // Packs a thread of a block row loads into registers before it uses them (loads in flight), where the row is
 // not staged in shared memory: 4, or 2 in the kernels with the extra terms (4 spilled there in bf16).
 template <bool kExtraTerms>
@@ -664,10 +666,11 @@ __device__ T broadcast_from_first_thread(const T& value) {
 }
 
 // The thread's packs v = threadIdx.x, + kBlockThreads, ... of a row read by the whole block, scanned as scan_lane
-// scans a lane's packs. With kStage the packs below staged_packs are first copied to shared memory (staged[v])
-// all at once, without registers (copy_16_bytes_async: the whole staged row in flight, where a block is the only
-// one its SM holds), and scanned there; the gradient sweep reads them again there. The rest are loaded
-// kBlockRowUnroll at a time. Either way the packs are added in the same order, so the loss has the same bits.
+// scans a lane's packs. With kStage the packs below staged_packs are first copied to shared memory (staged[v]),
+// all issued at once, without registers (copy_16_bytes_async: the whole staged row in flight, where a block is
+// the only one its SM holds), and scanned there group by group as they arrive; the gradient sweep reads them
+// again there. The rest are loaded kBlockRowUnroll at a time. Either way the packs are added in the same order,
+// so the loss has the same bits.
 template <typename scalar_t, bool kStage, bool kExtraTerms>
 __device__ RowScan<acc_type<scalar_t>> scan_block_row(const CrossEntropyConfig<acc_type<scalar_t>>& cfg,
                                                       const scalar_t* __restrict__ row, int64_t y, bool want_argmax,
@@ -675,9 +678,20 @@ __device__ RowScan<acc_type<scalar_t>> scan_block_row(const CrossEntropyConfig<a
   using acc_t = acc_type<scalar_t>;
   constexpr int vec = kVecSize<scalar_t>;
   const int packs = static_cast<int>(cfg.num_classes / vec);
+  // The thread's staged packs are v = threadIdx.x + i kBlockThreads, i < staged_count, copied in
+  // kStagedCopyGroups groups of consecutive i, so that the scan of the first group overlaps the rest's copies.
+  const int staged_count =
+      kStage && int(threadIdx.x) < staged_packs ? (staged_packs - int(threadIdx.x) - 1) / kBlockThreads + 1 : 0;
+  const int group_size = (staged_count + kStagedCopyGroups - 1) / kStagedCopyGroups;
+  const auto staged_pack = [&](int i) { return int(threadIdx.x) + i * kBlockThreads; };
   if constexpr (kStage) {
-    for (int v = threadIdx.x; v < staged_packs; v += kBlockThreads) copy_16_bytes_async(&staged[v], row + v * vec);
-    wait_for_async_copies();
+#pragma unroll
+    for (int group = 0; group < kStagedCopyGroups; ++group) {
+      for (int i = group * group_size; i < std::min(staged_count, (group + 1) * group_size); ++i) {
+        copy_16_bytes_async(&staged[staged_pack(i)], row + staged_pack(i) * vec);
+      }
+      commit_async_copies();
+    }
   }
   const ExtraTermInputs<acc_t> inputs = extra_term_inputs(cfg, y);
   LaneScan<acc_t, kExtraTerms> lane_scan;
@@ -689,11 +703,16 @@ __device__ RowScan<acc_type<scalar_t>> scan_block_row(const CrossEntropyConfig<a
       for (int i = 0; i < vec; ++i) values[i] = static_cast<acc_t>(pack.values[i]);
       lane_scan.add_unit(values, v * vec, v, extra);
     };
-    int v = threadIdx.x;
     if constexpr (kStage) {
-      for (; v < staged_packs; v += kBlockThreads) add_pack(staged[v], v);
+#pragma unroll
+      for (int group = 0; group < kStagedCopyGroups; ++group) {
+        wait_for_async_copies(kStagedCopyGroups - 1 - group);
+        for (int i = group * group_size; i < std::min(staged_count, (group + 1) * group_size); ++i) {
+          add_pack(staged[staged_pack(i)], staged_pack(i));
+        }
+      }
     }
-    for_each_pack_batched<kBlockRowUnroll<kExtraTerms>>(row, v, packs, add_pack);
+    for_each_pack_batched<kBlockRowUnroll<kExtraTerms>>(row, staged_pack(staged_count), packs, add_pack);
   });
   RowScan<acc_t> scan = lane_scan.row_scan();
   if (want_argmax && lane_scan.max_unit >= 0) {
@@ -714,9 +733,12 @@ __device__ void store_block_row_gradient(const CrossEntropyConfig<acc_type<scala
   using acc_t = acc_type<scalar_t>;
   constexpr int vec = kVecSize<scalar_t>;
   const int C = static_cast<int>(cfg.num_classes);
-  if (kind != TargetKind::Valid) {
-    const scalar_t fill = static_cast<scalar_t>(not_valid_row_gradient<acc_t>(kind));
-    for (int j = threadIdx.x; j < C; j += kBlockThreads) out_row[j] = fill;
+  const int packs = C / vec;
+  if (kind != TargetKind::Valid) {  // ignored (padding) rows are common: 16-byte stores
+    Pack<scalar_t, vec> fill;
+#pragma unroll
+    for (int i = 0; i < vec; ++i) fill.values[i] = static_cast<scalar_t>(not_valid_row_gradient<acc_t>(kind));
+    for (int v = threadIdx.x; v < packs; v += kBlockThreads) store_pack(out_row + v * vec, fill);
     return;
   }
   const auto k = make_gradient_coefficients(cfg, row_stats, num_stats, y, scale);
@@ -730,7 +752,6 @@ __device__ void store_block_row_gradient(const CrossEntropyConfig<acc_type<scala
       }
       store_pack(out_row + v * vec, pack);
     };
-    const int packs = C / vec;
     int v = threadIdx.x;
     for (; v < staged_packs; v += kBlockThreads) store_gradient(staged[v], v);
     for_each_pack_batched<kBlockRowUnroll<kExtraTerms>>(in_row, v, packs, store_gradient);
@@ -1111,9 +1132,9 @@ void launch_total_weight(const CrossEntropyConfig<acc_t>& cfg, const int64_t* ta
 }
 
 void check_class_count(const CrossEntropyProblem& p) {
-  // Indices inside a row are int32 in the kernels, and a lane's index may step a warp past the last class.
-  TORCH_CHECK_VALUE(p.num_classes <= std::numeric_limits<int>::max() - kWarpSize,
-                    "at most 2^31 - 33 classes on CUDA, got ", p.num_classes);
+  // Indices inside a row are int32 in the kernels, and a lane's index may step a block past the last class.
+  TORCH_CHECK_VALUE(p.num_classes <= std::numeric_limits<int>::max() - kBlockThreads,
+                    "at most 2^31 - 257 classes on CUDA, got ", p.num_classes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(

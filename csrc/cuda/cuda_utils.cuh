@@ -12,6 +12,9 @@
 #endif
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 namespace fused_losses::cuda {
@@ -113,19 +116,54 @@ __device__ __forceinline__ T group_broadcast(T value) {
   return __shfl_sync(kFullWarp, value, 0, Group);
 }
 
+#ifndef FUSED_LOSSES_HOST_EMULATION
+// What the runtime says about `kernel` on the current device, asked once per (kernel, device, what) and kept: the
+// queries are host calls of a few microseconds each, on every launch otherwise. `query(device)` computes it.
+template <typename Query>
+int64_t kernel_device_fact(const void* kernel, int what, const Query& query) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int64_t> facts;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, what);
+  auto fact = facts.find(key);
+  if (fact == facts.end()) fact = facts.emplace(key, query(device)).first;
+  return fact->second;
+}
+#endif
+
+// The most dynamic shared memory a block of `kernel` may take on the current device: the per-block opt-in limit
+// less the kernel's static shared memory (kEmulatedSharedBytes in the host emulation). The kernel's own limit is
+// raised to it the first time (once per device, always to this value, so launches of other sizes from other
+// host threads cannot undo it, and a launch between 48 KB less the static shared memory and 48 KB needs it too).
+template <typename... Params>
+size_t max_dynamic_shared_bytes(void (*kernel)(Params...)) {
+#ifdef FUSED_LOSSES_HOST_EMULATION
+  static_cast<void>(kernel);
+  return kEmulatedSharedBytes;
+#else
+  return static_cast<size_t>(kernel_device_fact(reinterpret_cast<const void*>(kernel), 0, [&](int device) {
+    int per_block = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int limit = per_block - std::min<int>(per_block, static_cast<int>(attributes.sharedSizeBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    return int64_t(limit);
+  }));
+#endif
+}
+
 // Launches `kernel(args...)` on `blocks` blocks of kBlockThreads threads, each with `shared_bytes` of dynamic
-// shared memory (dynamic_shared_memory). Every launch goes through here so that the host emulation
-// (tests/cuda_emulation) runs the same kernels on the CPU, block by block.
+// shared memory (dynamic_shared_memory; at most max_dynamic_shared_bytes). Every launch goes through here so
+// that the host emulation (tests/cuda_emulation) runs the same kernels on the CPU, block by block.
 template <typename... Params, typename... Args>
 void launch_kernel_with_shared_memory(void (*kernel)(Params...), int64_t blocks, size_t shared_bytes,
                                       cudaStream_t stream, const Args&... args) {
+  TORCH_INTERNAL_ASSERT(shared_bytes == 0 || shared_bytes <= max_dynamic_shared_bytes(kernel));
 #ifdef FUSED_LOSSES_HOST_EMULATION
   host_emulation::run_grid(blocks, kBlockThreads, [&] { kernel(args...); }, shared_bytes);
 #else
-  constexpr size_t kSharedBytesWithoutOptIn = 48 << 10;
-  if (shared_bytes > kSharedBytesWithoutOptIn) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
-  }
   kernel<<<blocks, kBlockThreads, shared_bytes, stream>>>(args...);
 #endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -136,25 +174,8 @@ void launch_kernel(void (*kernel)(Params...), int64_t blocks, cudaStream_t strea
   launch_kernel_with_shared_memory(kernel, blocks, 0, stream, args...);
 }
 
-// The most dynamic shared memory a block of `kernel` may take on the current device: the per-block opt-in
-// limit less the kernel's static shared memory (kEmulatedSharedBytes in the host emulation).
-template <typename... Params>
-size_t max_dynamic_shared_bytes(void (*kernel)(Params...)) {
-#ifdef FUSED_LOSSES_HOST_EMULATION
-  static_cast<void>(kernel);
-  return kEmulatedSharedBytes;
-#else
-  int per_block = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return static_cast<size_t>(per_block) - std::min<size_t>(per_block, attributes.sharedSizeBytes);
-#endif
-}
-
 // Starts copying 16 bytes (16-byte aligned) from global to shared memory without going through registers
-// (cp.async on sm_80 and newer); the copies a thread has started are complete, for that thread, after its
-// wait_for_async_copies (other threads need a barrier after that).
+// (cp.async on sm_80 and newer), in the thread's current group of copies (commit_async_copies closes it).
 __device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
 #ifdef FUSED_LOSSES_HOST_EMULATION
   std::memcpy(shared, global, 16);
@@ -163,10 +184,21 @@ __device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* gl
 #endif
 }
 
-__device__ __forceinline__ void wait_for_async_copies() {
+__device__ __forceinline__ void commit_async_copies() {
 #ifndef FUSED_LOSSES_HOST_EMULATION
   __pipeline_commit();
-  __pipeline_wait_prior(0);
+#endif
+}
+
+// Waits until at most `pending` of the thread's committed groups of copies are incomplete (0 to 8): the copies
+// of the older groups are then in shared memory, for this thread (other threads need a barrier after it).
+__device__ __forceinline__ void wait_for_async_copies(int pending) {
+#ifndef FUSED_LOSSES_HOST_EMULATION
+  __pipeline_wait_prior(pending);
+  // The wait's asm has no memory clobber: without this fence the compiler could move shared-memory reads above it.
+  asm volatile("" ::: "memory");
+#else
+  static_cast<void>(pending);
 #endif
 }
 
@@ -345,8 +377,8 @@ inline int64_t grid_size(int64_t work_items, int64_t items_per_block) {
 // the device: its blocks sum nothing (gradients, per-element losses), or sum exactly (counts). At most the blocks
 // the device holds at once (its SMs times the kernel's resident blocks per SM, by its registers, shared memory and
 // threads), each given the same number of iterations: the first GPU profile timed kMaxBlocks blocks that return
-// at once (the in-place backward when grad_output is 1) at 12 us on an H200. Host queries only, no
-// synchronisation.
+// at once (the in-place backward when grad_output is 1) at 12 us on an H200. Host queries, once per kernel and
+// device (kernel_device_fact); no synchronisation.
 template <typename... Params>
 int64_t map_grid_size(void (*kernel)(Params...), int64_t work_items, int64_t items_per_block) {
   const int64_t needed = std::max<int64_t>(1, ceil_div(work_items, items_per_block));
@@ -354,11 +386,12 @@ int64_t map_grid_size(void (*kernel)(Params...), int64_t work_items, int64_t ite
   static_cast<void>(kernel);
   const int64_t resident = kMaxBlocks;
 #else
-  int multiprocessors = 0, blocks_per_multiprocessor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, kBlockThreads, 0));
-  const int64_t resident =
-      std::min<int64_t>(kMaxBlocks, int64_t(multiprocessors) * std::max(blocks_per_multiprocessor, 1));
+  const int64_t resident = kernel_device_fact(reinterpret_cast<const void*>(kernel), 1, [&](int device) {
+    int multiprocessors = 0, blocks_per_multiprocessor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, kBlockThreads, 0));
+    return std::min<int64_t>(kMaxBlocks, int64_t(multiprocessors) * std::max(blocks_per_multiprocessor, 1));
+  });
 #endif
   return needed <= resident ? needed : ceil_div(needed, ceil_div(needed, resident));
 }
