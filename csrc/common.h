@@ -109,23 +109,29 @@ inline void check_optional_parameter(const std::optional<at::Tensor>& tensor, co
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Deterministic parallel sum of `Width` quantities over `count` items: the items are cut into fixed blocks of
-// `block_size` (independent of the thread count), `block_sum(begin, end)` sums one block, and the block sums
-// are added in block order. The result is therefore bitwise identical for any number of threads.
+// `block_size` (independent of the thread count), `block_sum(begin, end)` sums one block (an array of `Width`
+// float or double sums: a block whose items are many, millions of rows over a few blocks, sums in double), and the
+// block sums are added in block order, in double, then rounded to acc_t once: a float total of millions of
+// terms drifted by 1e-4 (torch's own sums are cascaded). The result is bitwise identical for any number of
+// threads.
 template <typename acc_t, size_t Width, typename BlockSum>
 std::array<acc_t, Width> deterministic_parallel_sum(int64_t count, int64_t block_size, const BlockSum& block_sum) {
-  std::array<acc_t, Width> total{};
-  if (count <= 0) return total;
+  using Partial = decltype(block_sum(int64_t(0), int64_t(0)));
+  std::array<acc_t, Width> result{};
+  if (count <= 0) return result;
   const int64_t num_blocks = ceil_div(count, block_size);
-  std::vector<std::array<acc_t, Width>> partials(num_blocks);
+  std::vector<Partial> partials(num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t first_block, int64_t last_block) {
     for (int64_t block = first_block; block < last_block; ++block) {
       const int64_t begin = block * block_size;
       partials[block] = block_sum(begin, std::min(count, begin + block_size));
     }
   });
+  std::array<double, Width> total{};
   for (const auto& partial : partials)
-    for (size_t k = 0; k < Width; ++k) total[k] += partial[k];
-  return total;
+    for (size_t k = 0; k < Width; ++k) total[k] += static_cast<double>(partial[k]);
+  for (size_t k = 0; k < Width; ++k) result[k] = static_cast<acc_t>(total[k]);
+  return result;
 }
 
 // Number of items per block for deterministic_parallel_sum, so that a block holds about `work_per_block`

@@ -158,13 +158,25 @@ def test_target_forms_agree(device, dtype, num_labels, focusing):
             torch.testing.assert_close(other_grad, grad, **exact, msg=lambda m: f"{name} grad: {m}")
 
 
+def test_mean_over_tens_of_millions_of_elements_keeps_float32_accuracy(device):
+    """2^25 + 5 elements whose loss is exactly log 2: a float32 running total of the blocks' sums errs the same
+    way at every addition; the CPU adds them in double."""
+    numel = 2**25 + 5
+    logits = torch.zeros(1, device=device).expand(numel)
+    target = torch.zeros(1, device=device).expand(numel)
+    loss = weighted_bce_with_logits(logits, target)
+    assert abs(loss.item() - math.log(2)) <= 1e-6 * math.log(2)
+
+
 def test_bool_target_reads_any_nonzero_byte_as_true(device):
     """A bool target viewed from uint8 may hold bytes other than 0 / 1: every non-zero byte is a positive, as
     PyTorch reads bools (contiguous and strided kernels)."""
-    bytes_ = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).repeat(8, 17)[:, :67].to(device)
+    padded = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).repeat(8, 17).to(device)
+    bytes_ = padded[:, :67]
     x = torch.randn(8, 67, device=device)
     for transpose in (False, True):
-        raw, clean, logits = bytes_.view(torch.bool), bytes_ != 0, x
+        # clean: the same padded-row layout as raw (another layout sums in another grouping: other bits)
+        raw, clean, logits = bytes_.view(torch.bool), (padded != 0)[:, :67], x
         if transpose:
             raw, clean, logits = raw.t(), clean.t(), logits.t()
         for reduction in REDUCTIONS:

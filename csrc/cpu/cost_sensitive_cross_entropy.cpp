@@ -398,7 +398,7 @@ template <typename acc_t>
 acc_t sum_target_weights(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg) {
   const int64_t* target = p.target.const_data_ptr<int64_t>();
   return deterministic_parallel_sum<acc_t, 1>(p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
-    std::array<acc_t, 1> weight{};
+    std::array<double, 1> weight{};  // a block holds up to 16384 rows
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = target[row];
       if (classify_target(y, p.num_classes, cfg.ignore_index) == TargetKind::Valid) weight[0] += class_weight_of(cfg, y);
@@ -426,7 +426,7 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
       p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
         Kernel kernel(p, cfg, grad, grad_layout);
-        std::array<acc_t, 2> loss_and_weight{};
+        std::array<double, 2> loss_and_weight{};  // a block holds up to 16384 rows
         for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
           const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
           RowScan<acc_t> scans[Kernel::kTileRows];

@@ -175,7 +175,7 @@ void forward_tiles(const BceProblem& p, at::Tensor& loss, at::Tensor& gradient) 
   const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, kBlockElements, [&](int64_t begin, int64_t end) {
     TileReader<scalar_t, target_t> reader(p);
     std::vector<acc_t> out_buffer;
-    acc_t block_total = 0;
+    double block_total = 0;  // the tiles' sums of a block of kBlockElements
     const auto run_tile = [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands],
                               const auto& element) {
       const Tile<acc_t> tile = reader.read(flat, count, offsets);
@@ -195,7 +195,7 @@ void forward_tiles(const BceProblem& p, at::Tensor& loss, at::Tensor& gradient) 
         run_tile(flat, count, offsets, loss_only);
       }
     });
-    return std::array<acc_t, 1>{block_total};
+    return std::array<double, 1>{block_total};
   });
   if (p.reduction != Reduction::None) loss.fill_(total[0] / static_cast<acc_t>(bce_reduction_divisor(p)));
 }
