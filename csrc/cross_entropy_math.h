@@ -32,14 +32,24 @@ C10_HOST_DEVICE inline int num_row_stats(bool has_cost, CostMode mode) {
 }
 constexpr int kMaxRowStats = 4;  // the most num_row_stats gives
 
+// The logit the label-smoothing sum is taken relative to: the target's logit when finite, else 0. The smoothing
+// term W lse - sum_j w_j z_j is formed as W ((max - shift) + log_sum) - sum_j w_j (z_j - shift), so that logits
+// sharing a large offset cancel before they are summed (with sum_j w_j z_j, an offset of 1e4 cost the float32
+// loss 1e-3 of its value). Every part of a row (lanes, packs) takes the same shift.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t smoothing_shift(acc_t target_logit) {
+  return target_logit - target_logit == acc_t(0) ? target_logit : acc_t(0);  // x - x is NaN for inf and NaN
+}
+
 // Running state of one pass over (part of) a row: an online softmax (max, sum of exp(z - max)) with the
-// expected-cost numerator rescaled alongside, the first argmax, and sum_j w_j z_j for label smoothing.
+// expected-cost numerator rescaled alongside, the first argmax, and sum_j w_j (z_j - shift) for label smoothing
+// (smoothing_shift).
 template <typename acc_t>
 struct RowScan {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum_exp = 0;
   acc_t cost_exp = 0;  // sum_j exp(z_j - max) W[y, j]
-  acc_t weighted_logit_sum = 0;
+  acc_t weighted_logit_sum = 0;  // sum_j w_j (z_j - smoothing_shift(z_y))
   acc_t best_value = -std::numeric_limits<acc_t>::infinity();
   int64_t best_index = std::numeric_limits<int64_t>::max();
 
@@ -54,8 +64,8 @@ struct RowScan {
   }
 
   // Adds element j (visited in increasing j within one RowScan). `cost` and `weight` are only read by the
-  // caller when the mode needs them; pass 0 / 1 otherwise.
-  C10_HOST_DEVICE void add(acc_t z, int64_t j, acc_t cost, acc_t weight) {
+  // caller when the mode needs them; pass 0 / 1 otherwise. `shift`: the row's smoothing_shift.
+  C10_HOST_DEVICE void add(acc_t z, int64_t j, acc_t cost, acc_t weight, acc_t shift) {
     if (z > max) {
       const acc_t r = rescale(max, z);
       sum_exp = sum_exp * r + acc_t(1);
@@ -66,7 +76,7 @@ struct RowScan {
       sum_exp += e;
       cost_exp += e * cost;
     }
-    weighted_logit_sum += weight * z;
+    weighted_logit_sum += weight * (z - shift);
     if (argmax_prefers(z, j, best_value, best_index)) {
       best_value = z;
       best_index = j;
@@ -121,7 +131,9 @@ C10_HOST_DEVICE inline acc_t smoothed_cross_entropy(const CrossEntropyConfig<acc
   const acc_t eps = cfg.label_smoothing;
   acc_t ce = (acc_t(1) - eps) * target_weight * ((scan.max - target_logit) + log_sum);
   if (eps != acc_t(0)) {
-    ce += cfg.smoothing_per_class * (class_weight_total(cfg) * (scan.max + log_sum) - scan.weighted_logit_sum);
+    const acc_t shift = smoothing_shift(target_logit);
+    ce += cfg.smoothing_per_class *
+          (class_weight_total(cfg) * ((scan.max - shift) + log_sum) - scan.weighted_logit_sum);
   }
   return ce;
 }

@@ -500,6 +500,36 @@ def test_torch_compile_fullgraph(device):
 # ------------------------------------------------------------------------------------------ determinism
 
 
+@pytest.mark.parametrize("num_classes", [4, 37, 1000])
+@pytest.mark.parametrize("offset", [1e4, 1e7])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_with_a_large_logit_offset(device, num_classes, offset, weighted):
+    """Logits sharing a large offset: the smoothing term is summed relative to the target's logit, so the loss is
+    the offset-free F.cross_entropy's (it was 1.7693 for 1.7187 at C = 4, offset 1e7; 1e-3 off at 1e4)."""
+    generator = torch.Generator().manual_seed(num_classes)
+    shifted = (torch.randn(64, num_classes, generator=generator, dtype=torch.float64) * 3 + offset).float()
+    y = torch.randint(0, num_classes, (64,), generator=generator)
+    weight = torch.rand(num_classes, generator=generator) + 0.5 if weighted else None
+    # The float32 logits, offset removed exactly in float64: the value a loss of these logits should have.
+    exact = F.cross_entropy(shifted.double() - offset, y, weight=None if weight is None else weight.double(),
+                            label_smoothing=0.1, reduction="none")
+    loss = csce(shifted.to(device), y.to(device), weight=None if weight is None else weight.to(device),
+                label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), exact, rtol=2e-5, atol=2e-5)
+
+
+def test_label_smoothing_with_a_minus_inf_target_logit_is_inf(device):
+    """A target logit of -inf (a masked class as the label) gives an infinite loss, as F.cross_entropy: the
+    smoothing sum's shift falls back to 0 there instead of making the row NaN."""
+    x = torch.randn(3, 5, device=device)
+    x[1, 2] = float("-inf")
+    y = torch.tensor([0, 2, 4], device=device)
+    loss = csce(x, y, label_smoothing=0.1, reduction="none")
+    expected = F.cross_entropy(x, y, label_smoothing=0.1, reduction="none")
+    assert torch.isinf(loss[1]) and loss[1] > 0
+    torch.testing.assert_close(loss, expected)
+
+
 def test_mean_over_millions_of_rows_keeps_float32_accuracy(device):
     """2^24 + 3 rows whose loss is exactly log 2: every rounding of a float32 running sum errs the same way
     (the CPU total drifted to 0.69328, 1.9e-4 off); the per-block sums and their total are added in double."""

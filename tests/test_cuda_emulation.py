@@ -248,6 +248,24 @@ def test_cross_entropy_argmax_ties_take_the_first_index(emulated, shape, dtype):
     check_cross_entropy(emulated, logits, target, cost, weight, CE_OPTIONS[1])
 
 
+@pytest.mark.parametrize("shape", [(520, 10), (300, 40), (61, 1000), (9, 4200)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+def test_cross_entropy_smoothing_with_a_large_logit_offset(emulated, shape, layout):
+    """Float32 logits sharing an offset of 1e6 with label smoothing and class weights: every lane split's
+    smoothing sum is taken relative to the target's logit (the tile row, a lane's packs or elements, a block's
+    staged row), so the loss is that of the logits without the offset."""
+    generator = torch.Generator().manual_seed(shape[1])
+    offset = 1e6
+    logits = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + offset).float()
+    target = torch.randint(0, shape[1], shape[:1], generator=generator)
+    weight = torch.rand(shape[1], generator=generator) + 0.5
+    exact = torch.nn.functional.cross_entropy(logits.double() - offset, target, weight=weight.double(),
+                                              label_smoothing=0.1, reduction="none")
+    args = (None, weight, IGNORE_INDEX, "none", 0.1, "argmax", False)
+    loss = emulated.cost_sensitive_cross_entropy(LAYOUTS[layout](logits), target, *args)[0]
+    torch.testing.assert_close(loss.double(), exact, rtol=2e-5, atol=2e-5)
+
+
 def test_cross_entropy_invalid_targets_give_nan_rows(emulated):
     """A label outside [0, C) (not the ignore index) makes its row's loss and gradient NaN, never a number."""
     logits, target, cost, weight = ce_case((40, 10), torch.float32, CE_OPTIONS[1], "contiguous")

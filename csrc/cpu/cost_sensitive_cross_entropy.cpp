@@ -74,14 +74,15 @@ class CrossEntropyKernel {
       const int64_t y = target_[first + k];
       if (kind(y) == TargetKind::Valid) target_logits[k] = tile_[y * kTileRows + k];
     }
-    if (scan_tile(first, count, scans)) return;
+    if (scan_tile(first, count, scans, target_logits)) return;
     // NaN or infinities: the element-wise scan, whose edge cases follow F.cross_entropy.
     for (int k = 0; k < count; ++k) {
       const int64_t y = target_[first + k];
       if (kind(y) != TargetKind::Valid) continue;
       const acc_t* cost_row = expected_cost() ? cfg_.cost + y * C_ : nullptr;
+      const acc_t shift = smoothing_shift(target_logits[k]);
       for (int64_t j = 0; j < C_; ++j) {
-        scans[k].add(tile_[j * kTileRows + k], j, cost_row ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j));
+        scans[k].add(tile_[j * kTileRows + k], j, cost_row ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j), shift);
       }
     }
   }
@@ -213,9 +214,10 @@ class CrossEntropyKernel {
     RowScan<acc_t> scan;
     const acc_t* cost_row = cfg_.cost != nullptr ? cfg_.cost + y * C_ : nullptr;
     const acc_t max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, z, C_);
+    const acc_t shift = smoothing_shift(z[y]);
     if (!std::isfinite(max)) {
       for (int64_t j = 0; j < C_; ++j) {
-        scan.add(z[j], j, expected_cost() ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j));
+        scan.add(z[j], j, expected_cost() ? cost_row[j] : acc_t(0), class_weight_of(cfg_, j), shift);
       }
       return scan;
     }
@@ -233,10 +235,12 @@ class CrossEntropyKernel {
       scan.cost_exp = at::vec::map2_reduce_all<acc_t>([](Vec x, Vec c) { return x * c; }, sum, e, cost_row, C_);
     }
     if (cfg_.label_smoothing != acc_t(0)) {
+      const Vec shift_vec(shift);
       scan.weighted_logit_sum =
           cfg_.class_weight != nullptr
-              ? at::vec::map2_reduce_all<acc_t>([](Vec x, Vec w) { return x * w; }, sum, z, cfg_.class_weight, C_)
-              : at::vec::reduce_all<acc_t>(sum, z, C_);
+              ? at::vec::map2_reduce_all<acc_t>([&](Vec x, Vec w) { return (x - shift_vec) * w; }, sum, z,
+                                                cfg_.class_weight, C_)
+              : at::vec::map_reduce_all<acc_t>([&](Vec x) { return x - shift_vec; }, sum, z, C_);
     }
     return scan;
   }
@@ -300,7 +304,7 @@ class CrossEntropyKernel {
   // Tile of few classes, one vector lane per row; keeps exp(z - max) in exp_tile_ (and the cost rows in
   // cost_tile_ in expected mode). Returns false, filling nothing, when a row's maximum is not finite (NaN,
   // +inf, or all -inf): those tiles take the element-wise scan.
-  bool scan_tile(int64_t first, int count, RowScan<acc_t>* scans) {
+  bool scan_tile(int64_t first, int count, RowScan<acc_t>* scans, const acc_t* target_logits) {
     Vec max = Vec::loadu(tile_.data()), best = Vec(acc_t(0));
     for (int64_t j = 1; j < C_; ++j) {
       const Vec z = Vec::loadu(tile_.data() + j * kTileRows);
@@ -324,8 +328,14 @@ class CrossEntropyKernel {
       }
     }
     if (cfg_.label_smoothing != acc_t(0)) {
+      acc_t shifts[kTileRows] = {};  // each valid row's smoothing_shift
+      for (int k = 0; k < count; ++k) {
+        if (kind(target_[first + k]) == TargetKind::Valid) shifts[k] = smoothing_shift(target_logits[k]);
+      }
+      const Vec shift = Vec::loadu(shifts);
       for (int64_t j = 0; j < C_; ++j) {
-        weighted_sum = weighted_sum + Vec::loadu(tile_.data() + j * kTileRows) * Vec(class_weight_of(cfg_, j));
+        weighted_sum =
+            weighted_sum + (Vec::loadu(tile_.data() + j * kTileRows) - shift) * Vec(class_weight_of(cfg_, j));
       }
     }
     sum_exp.store(lanes[1]);

@@ -189,7 +189,8 @@ struct LaneScan {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum_exp = 0;
   acc_t cost_exp = 0;            // kExtraTerms: sum_j exp(z_j - max) W[y, j]
-  acc_t weighted_logit_sum = 0;  // kExtraTerms: sum_j w_j z_j
+  acc_t weighted_logit_sum = 0;  // kExtraTerms: sum_j w_j (z_j - logit_shift)
+  acc_t logit_shift = 0;         // kExtraTerms: the row's smoothing_shift (set_logit_shift)
   int max_unit = -1;             // the unit whose max last raised `max`: the first unit holding the max
 
   __device__ void raise_max(acc_t unit_max, int unit) {
@@ -200,6 +201,12 @@ struct LaneScan {
       max = unit_max;
       max_unit = unit;
     }
+  }
+
+  // The row's smoothing_shift, from its target's logit `row_target` (read only with the extra terms).
+  template <typename scalar_t>
+  __device__ void set_logit_shift(const scalar_t* row_target) {
+    if constexpr (kExtraTerms) logit_shift = smoothing_shift(static_cast<acc_t>(*row_target));
   }
 
   // Adds exp(z - max) of the N elements values[i] (class first + i), pairwise within the unit, and with
@@ -218,8 +225,9 @@ struct LaneScan {
       for (int i = 0; i < N; ++i) {
         const ExtraTermOperands<acc_t> op = extra.operands(first + i);
         if constexpr (ExtraTerms::kCostRow) cost_exp = std::fma(e[i], op.cost, cost_exp);
-        weighted_logit_sum = ExtraTerms::kClassWeights ? std::fma(op.weight, values[i], weighted_logit_sum)
-                                                       : weighted_logit_sum + values[i];
+        const acc_t shifted = values[i] - logit_shift;
+        weighted_logit_sum = ExtraTerms::kClassWeights ? std::fma(op.weight, shifted, weighted_logit_sum)
+                                                       : weighted_logit_sum + shifted;
       }
     }
 #pragma unroll
@@ -280,9 +288,10 @@ __device__ RowScan<acc_type<scalar_t>> exact_scan(const CrossEntropyConfig<acc_t
   using acc_t = acc_type<scalar_t>;
   const ExtraTermInputs<acc_t> extra = extra_term_inputs(cfg, y);
   RowScan<acc_t> scan;
+  const acc_t shift = smoothing_shift(static_cast<acc_t>(row[y * class_stride]));
   for (int j = first; j < cfg.num_classes; j += step) {
     scan.add(static_cast<acc_t>(row[j * class_stride]), j, extra.cost_row != nullptr ? extra.cost_row[j] : acc_t(0),
-             extra.smoothing ? class_weight_of(cfg, j) : acc_t(1));
+             extra.smoothing ? class_weight_of(cfg, j) : acc_t(1), shift);
   }
   return scan;
 }
@@ -297,6 +306,7 @@ __device__ RowScan<acc_type<scalar_t>> scan_lane(const CrossEntropyConfig<acc_ty
   const int C = static_cast<int>(cfg.num_classes);
   const ExtraTermInputs<acc_t> inputs = extra_term_inputs(cfg, y);
   LaneScan<acc_t, kExtraTerms> lane_scan;
+  lane_scan.set_logit_shift(row + y * class_stride);
   with_extra_terms<kExtraTerms>(inputs.cost_row, inputs.smoothing ? inputs.class_weight : nullptr,
                                 [&](const auto& extra) {
     if (access == RowAccess::Packs) {
@@ -695,6 +705,7 @@ __device__ RowScan<acc_type<scalar_t>> scan_block_row(const CrossEntropyConfig<a
   }
   const ExtraTermInputs<acc_t> inputs = extra_term_inputs(cfg, y);
   LaneScan<acc_t, kExtraTerms> lane_scan;
+  lane_scan.set_logit_shift(row + y);
   with_extra_terms<kExtraTerms>(inputs.cost_row, inputs.smoothing ? inputs.class_weight : nullptr,
                                 [&](const auto& extra) {
     const auto add_pack = [&](Pack<scalar_t, vec> pack, int v) {  // a copy: one 16-byte load from shared memory
@@ -920,6 +931,7 @@ __device__ RowScan<acc_type<scalar_t>> scan_tile_row(const CrossEntropyConfig<ac
     row_max = larger(row_max, value);
   }
   LaneScan<acc_t, kExtraTerms> lane_scan;
+  lane_scan.set_logit_shift(z + y);
   lane_scan.raise_max(row_max, 0);
 #pragma unroll 4
   for (int j = 0; j < C; ++j) {
