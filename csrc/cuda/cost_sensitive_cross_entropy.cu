@@ -773,12 +773,12 @@ __device__ void store_block_row_gradient(const CrossEntropyConfig<acc_type<scala
 // per row, the second read of such rows (the gradient sweep after the scan) went to DRAM: the rows all the SMs'
 // warps swept at once did not fit the L2 (the H200 profile read 6.3 GB at C = 128256 in bf16, where the schedule
 // counts 4.2). Here, with the gradient, each thread copies its packs of the row into the block's dynamic shared
-// memory (`staged_packs` of them: up to the device's per-block limit, 227 KB on an H100, C = 116224 in bf16),
-// scans them there and writes their gradient from there; only the rest of a longer row is read again, while the
-// block's row is the only one its SM holds. A thread stages and reads back only its own packs, so the staging
-// needs no barrier. The block's
-// rows and its per-block sums are those of a forward_kernel with Group = kBlockThreads (target_weight_kernel
-// mirrors them); the lanes' merge is merge_finite_group within each warp, then the warps in order.
+// memory (`staged_packs` of them: up to the device's per-block limit less the static shared memory, about 226 KB
+// on an H100, C ~ 115900 in bf16), scans them there and writes their gradient from there; only the rest of a
+// longer row is read again, while the block's row is the only one its SM holds. A thread stages and reads back
+// only its own packs, so the staging needs no barrier. The block's rows and its per-block sums are those of a
+// forward_kernel with Group = kBlockThreads (target_weight_kernel mirrors them); the lanes' merge is
+// merge_finite_group within each warp, then the warps in order.
 template <typename scalar_t, bool kWriteGradient, bool kExtraTerms>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM<scalar_t>)
     block_row_forward_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target,
