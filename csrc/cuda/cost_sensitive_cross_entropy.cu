@@ -648,10 +648,7 @@ __device__ __forceinline__ void for_each_pack_batched(const scalar_t* __restrict
 template <typename T, typename Merge>
 __device__ T merge_warp_results(const T& warp_result, const Merge& merge) {
   constexpr int kWarps = kBlockThreads / kWarpSize;
-  union alignas(T) Slot {  // raw memory: a __shared__ T cannot have T's member initializers
-    unsigned char bytes[sizeof(T)];
-  };
-  __shared__ Slot slots[kWarps];
+  __shared__ SharedSlot<T> slots[kWarps];
   T* results = reinterpret_cast<T*>(slots);
   if (threadIdx.x % kWarpSize == 0) results[threadIdx.x / kWarpSize] = warp_result;
   __syncthreads();
@@ -659,20 +656,6 @@ __device__ T merge_warp_results(const T& warp_result, const Merge& merge) {
   for (int warp = 1; warp < kWarps; ++warp) merge(total, results[warp]);
   __syncthreads();  // slots are reused by the next call
   return total;
-}
-
-// Thread 0's `value` in every thread of the block. Every thread of the block must call it.
-template <typename T>
-__device__ T broadcast_from_first_thread(const T& value) {
-  union alignas(T) Slot {  // as in merge_warp_results
-    unsigned char bytes[sizeof(T)];
-  };
-  __shared__ Slot slot;
-  if (threadIdx.x == 0) *reinterpret_cast<T*>(&slot) = value;
-  __syncthreads();
-  const T result = *reinterpret_cast<const T*>(&slot);
-  __syncthreads();  // slot is reused by the next call
-  return result;
 }
 
 // The thread's packs v = threadIdx.x, + kBlockThreads, ... of a row read by the whole block, scanned as scan_lane

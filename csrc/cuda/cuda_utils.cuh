@@ -338,28 +338,35 @@ __device__ void merge_group(State& state) {
   }
 }
 
+// Shared memory for one T: raw bytes, since a __shared__ variable cannot run T's member initializers.
+template <typename T>
+union alignas(T) SharedSlot {
+  unsigned char bytes[sizeof(T)];
+};
+
+// Thread 0's `value` in every thread of the block. Every thread of the block must call it.
+template <typename T>
+__device__ T broadcast_from_first_thread(const T& value) {
+  __shared__ SharedSlot<T> slot;
+  if (threadIdx.x == 0) *reinterpret_cast<T*>(&slot) = value;
+  __syncthreads();
+  const T result = *reinterpret_cast<const T*>(&slot);
+  __syncthreads();  // slot is reused by the next call
+  return result;
+}
+
 // Copies the state of each aligned group's first lane (where merge_group leaves the result) to every lane of
 // the group. Every thread of the block must call it.
 template <int Group, typename State>
 __device__ void broadcast_group(State& state) {
   static_assert(Group <= kWarpSize || Group == kBlockThreads, "a group is at most a warp, or the whole block");
-  if constexpr (Group > 1) {
+  if constexpr (Group > kWarpSize) {
+    state = broadcast_from_first_thread(state);
+  } else if constexpr (Group > 1) {
     typename State::value_type values[State::kWidth];
     state.store(values);
-    if constexpr (Group <= kWarpSize) {
 #pragma unroll
-      for (int k = 0; k < State::kWidth; ++k) values[k] = __shfl_sync(kFullWarp, values[k], 0, Group);
-    } else {
-      __shared__ typename State::value_type first_state[State::kWidth];
-      if (threadIdx.x == 0) {
-#pragma unroll
-        for (int k = 0; k < State::kWidth; ++k) first_state[k] = values[k];
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < State::kWidth; ++k) values[k] = first_state[k];
-      __syncthreads();  // first_state is reused by the next call
-    }
+    for (int k = 0; k < State::kWidth; ++k) values[k] = __shfl_sync(kFullWarp, values[k], 0, Group);
     state = State::load(values);
   }
 }
