@@ -305,6 +305,66 @@ def test_unit_grad_output_backward_does_no_input_sized_work(device, loss_name):
     assert recorder.ops == [] and grad.shape == x.shape
 
 
+# ------------------------------------------------------------------------------ large CPU outputs on huge pages
+
+
+def _vm_flags_at(address):
+    """The VmFlags of the mapping holding `address` in /proc/self/smaps ("hg": huge pages advised)."""
+    holds_address = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header: "start-end perms ..."
+            start, end = (int(bound, 16) for bound in first.split("-"))
+            holds_address = start <= address < end
+        elif holds_address and first == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _second_backward(loss, x):
+    """The gradient from a second backward of `loss`: the 3-pass backward operator's output (the first hands out
+    the forward's gradient)."""
+    torch.autograd.grad(loss, x, retain_graph=True)
+    return torch.autograd.grad(loss, x)[0]
+
+
+_HUGE_PAGE = 2 << 20
+_LARGE_ROWS, _LARGE_COLUMNS = 8192, 1024  # 32 MB in float32: csrc/cpu/huge_pages.h's threshold
+
+# Each op's CPU outputs of 32 MB: the forward's gradient (2-pass), the 3-pass backward's, the unreduced loss.
+_LARGE_OUTPUTS = {
+    "cross_entropy_forward_gradient": lambda x: torch.autograd.grad(
+        fused_losses.cost_sensitive_cross_entropy(x, torch.randint(0, _LARGE_COLUMNS, (_LARGE_ROWS,))), x)[0],
+    "cross_entropy_backward": lambda x: _second_backward(
+        fused_losses.cost_sensitive_cross_entropy(x, torch.randint(0, _LARGE_COLUMNS, (_LARGE_ROWS,))), x),
+    "bce_forward_gradient": lambda x: torch.autograd.grad(
+        fused_losses.weighted_bce_with_logits(x, torch.rand(_LARGE_ROWS, _LARGE_COLUMNS) < 0.1), x)[0],
+    "bce_backward": lambda x: _second_backward(
+        fused_losses.weighted_bce_with_logits(x, torch.rand(_LARGE_ROWS, _LARGE_COLUMNS) < 0.1), x),
+    "bce_unreduced_loss": lambda x: fused_losses.weighted_bce_with_logits(
+        x.detach(), torch.rand(_LARGE_ROWS, _LARGE_COLUMNS) < 0.1, reduction="none"),
+    "pearson_forward_gradient": lambda x: torch.autograd.grad(
+        fused_losses.pearson_correlation_loss(x, torch.randn(_LARGE_ROWS, _LARGE_COLUMNS)), x)[0],
+    "pearson_backward": lambda x: _second_backward(
+        fused_losses.pearson_correlation_loss(x, torch.randn(_LARGE_ROWS, _LARGE_COLUMNS)), x),
+    "pearson_per_timestep_loss": lambda x: fused_losses.pearson_correlation_loss(
+        x.detach(), torch.randn(_LARGE_ROWS, _LARGE_COLUMNS), per_timestep=True, reduction="none"),
+}
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="needs Linux with transparent huge pages")
+@pytest.mark.parametrize("output_name", list(_LARGE_OUTPUTS))
+def test_large_cpu_outputs_are_advised_huge_pages(output_name):
+    """A CPU output of 32 MB or more is a fresh mapping at every call (glibc): each op advises huge pages on it
+    before writing it, sparing 4 KB page faults that cost more than the kernel (csrc/cpu/huge_pages.h)."""
+    x = torch.randn(_LARGE_ROWS, _LARGE_COLUMNS, requires_grad=True)
+    output = _LARGE_OUTPUTS[output_name](x)
+    assert output.nbytes >= 32 << 20
+    first_huge_page = (output.data_ptr() + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    assert "hg" in _vm_flags_at(first_huge_page)
+
+
 # Each op's call with `place(name, tensor)` around every tensor argument but the input.
 _CALLS_WITH_PLACED_ARGUMENTS = {
     "cost_sensitive_cross_entropy": lambda x, place: fused_losses.cost_sensitive_cross_entropy(

@@ -9,6 +9,7 @@
 // registers); full vectors of an unmasked sequence take no lane selection, only a row's last partial vector does.
 #include "correlation_loss.h"
 #include "cpu/cpu_rows.h"
+#include "cpu/huge_pages.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
@@ -493,6 +494,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_c
   at::Tensor grad_input = allocate_forward_gradient(p.input, "write_input_gradient", write_input_gradient, p.reduction);
   at::Tensor grad_target =
       allocate_forward_gradient(p.target, "write_target_gradient", write_target_gradient, p.reduction);
+  advise_huge_pages(loss);
+  advise_huge_pages(grad_input);
+  advise_huge_pages(grad_target);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "correlation_loss", [&] {
     forward_sequences<scalar_t>(p, loss, moments, total_weight, grad_input, grad_target);
   });
@@ -518,6 +522,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, con
   check_correlation_backward_arguments(p, grad_loss, stats, total_weight);
   at::Tensor grad_input = allocate_gradient(p.input, input_requires_grad);
   at::Tensor grad_target = allocate_gradient(p.target, target_requires_grad);
+  advise_huge_pages(grad_input);
+  advise_huge_pages(grad_target);
   backward_into(p, grad_loss, stats, total_weight, grad_input, grad_target);
   return {grad_input, grad_target};
 }

@@ -14,6 +14,7 @@
 // schedules give the same bits.
 #include "cost_sensitive_cross_entropy.h"
 #include "cpu/cpu_rows.h"
+#include "cpu/huge_pages.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
@@ -516,6 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   at::Tensor row_stats = allocate_row_stats(p);
   at::Tensor total_weight = at::empty({}, row_stats.options());
   at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
+  advise_huge_pages(loss);
+  advise_huge_pages(gradient);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "cost_sensitive_cross_entropy", [&] {
     const auto cfg = make_config<acc_type<scalar_t>>(p, ignore_index, label_smoothing);
     forward_rows<scalar_t>(p, cfg, loss, row_stats, total_weight, gradient);
@@ -545,6 +548,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
       make_cross_entropy_problem(input, target, cost_matrix, weight, reduction, label_smoothing, cost_mode);
   check_backward_arguments(p, grad_loss, row_stats, total_weight);
   at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
+  advise_huge_pages(grad_input);
   backward_into(p, grad_loss, row_stats, total_weight, ignore_index, label_smoothing, grad_input);
   return grad_input;
 }

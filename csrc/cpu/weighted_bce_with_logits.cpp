@@ -6,6 +6,7 @@
 // order (deterministic_parallel_sum): the result does not depend on the thread count. With write_gradient it
 // also writes the gradient for grad_loss = 1 from the same tile (the 2-pass schedule of common.h).
 #include "cpu/cpu_rows.h"
+#include "cpu/huge_pages.h"
 #include "weighted_bce_with_logits.h"
 
 #include <ATen/Dispatch.h>
@@ -236,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const st
   check_positive_index_values(p);
   at::Tensor loss = allocate_bce_loss(p);
   at::Tensor gradient = allocate_forward_gradient(p.input, "write_gradient", write_gradient, p.reduction);
+  advise_huge_pages(loss);
+  advise_huge_pages(gradient);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "weighted_bce_with_logits", [&] {
     dispatch_bce_target<scalar_t>(p, [&](auto target_tag) {
       forward_tiles<scalar_t, decltype(target_tag)>(p, loss, gradient);
@@ -262,6 +265,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, co
                                         gamma_neg, clip, grad_loss);
   check_positive_index_values(p);
   at::Tensor grad_input = at::empty(p.input.sizes(), p.input.options());
+  advise_huge_pages(grad_input);
   backward_into(p, grad_input);
   return grad_input;
 }
