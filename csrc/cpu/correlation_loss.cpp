@@ -377,7 +377,7 @@ acc_t total_weight_before_moments(const CorrelationProblem& p, const Correlation
   const bool* mask = p.mask.has_value() ? p.mask->const_data_ptr<bool>() : nullptr;
   const bool counts_steps = cfg.per_timestep && mask != nullptr;
   const auto total = deterministic_parallel_sum<acc_t, 1>(
-      p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
+      p.sequences(), items_per_block(p.time, p.sequences()), [&](int64_t begin, int64_t end) {
         Moments<acc_t> counted;  // only its count n enters sequence_weight
         counted.n = static_cast<acc_t>(p.time);
         int64_t counted_batch = -1;
@@ -414,7 +414,7 @@ void forward_sequences(const CorrelationProblem& p, at::Tensor& loss, at::Tensor
   const RowLayout step_layout = p.per_step_output() ? sequence_layout(loss, p.channels) : RowLayout{};
 
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
-      p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
+      p.sequences(), items_per_block(p.time, p.sequences()), [&](int64_t begin, int64_t end) {
         acc_t weighted_loss_and_weight[2] = {0, 0};
         SequenceRows<scalar_t> rows(p);
         OutputRow<scalar_t> out(step_losses, step_layout, p.time);
@@ -459,7 +459,7 @@ void backward_sequences(const CorrelationProblem& p, const at::Tensor& grad_loss
     weight_total = total_weight.item<acc_t>();
   }
 
-  at::parallel_for(0, p.sequences(), items_per_block(p.time), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.sequences(), items_per_block(p.time, p.sequences()), [&](int64_t begin, int64_t end) {
     SequenceRows<scalar_t> rows(p);
     GradientOutputs<scalar_t> gradients(p, grad_input, grad_target);
     std::vector<acc_t> upstream_buffer;

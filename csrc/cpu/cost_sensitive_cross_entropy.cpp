@@ -402,14 +402,16 @@ class CrossEntropyKernel {
 };
 
 // The rows of one deterministic_parallel_sum block in the forward: the same for the pre-pass and the row pass.
-inline int64_t forward_rows_per_block(const CrossEntropyProblem& p) { return items_per_block(p.num_classes); }
+inline int64_t forward_rows_per_block(const CrossEntropyProblem& p) {
+  return items_per_block(p.num_classes, p.num_rows);
+}
 
 // The sum of the class weights of the valid rows, added exactly as forward_rows adds them: its total weight.
 template <typename acc_t>
 acc_t sum_target_weights(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_t>& cfg) {
   const int64_t* target = p.target.const_data_ptr<int64_t>();
   return deterministic_parallel_sum<acc_t, 1>(p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
-    std::array<double, 1> weight{};  // a block holds up to 16384 rows
+    std::array<double, 1> weight{};
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = target[row];
       if (classify_target(y, p.num_classes, cfg.ignore_index) == TargetKind::Valid) weight[0] += class_weight_of(cfg, y);
@@ -437,7 +439,7 @@ void forward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_typ
   const auto sums = deterministic_parallel_sum<acc_t, 2>(
       p.num_rows, forward_rows_per_block(p), [&](int64_t begin, int64_t end) {
         Kernel kernel(p, cfg, grad, grad_layout);
-        std::array<double, 2> loss_and_weight{};  // a block holds up to 16384 rows
+        std::array<double, 2> loss_and_weight{};
         for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
           const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));
           RowScan<acc_t> scans[Kernel::kTileRows];
@@ -490,7 +492,7 @@ void backward_rows(const CrossEntropyProblem& p, const CrossEntropyConfig<acc_ty
                               : reduced_gradient_scale(static_cast<acc_t>(grad_loss.item<double>()),
                                                        p.reduction == Reduction::Mean, total_weight.item<acc_t>());
 
-  at::parallel_for(0, p.num_rows, items_per_block(p.num_classes), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_rows, items_per_block(p.num_classes, p.num_rows), [&](int64_t begin, int64_t end) {
     Kernel kernel(p, cfg, grad, grad_layout);
     for (int64_t first = begin; first < end; first += kernel.rows_per_step()) {
       const int count = static_cast<int>(std::min<int64_t>(kernel.rows_per_step(), end - first));

@@ -48,8 +48,10 @@ struct VecMath {
   }
 };
 
-constexpr int64_t kTile = 256;            // elements converted and evaluated together (a few KB, in L1)
-constexpr int64_t kBlockElements = 32768;  // fixed blocks of the parallel loops and of the deterministic sum
+constexpr int64_t kTile = 256;  // elements converted and evaluated together (a few KB, in L1)
+
+// The elements of one block of the parallel loops and of the deterministic sum: whole tiles (block_elements).
+inline int64_t block_elements_of(const BceProblem& p) { return items_per_block(kTile, ceil_div(p.numel, kTile)) * kTile; }
 
 // One tile's operands as accumulation-type arrays; nullptr for an absent weight, or for a uniform scale.
 template <typename acc_t>
@@ -173,10 +175,10 @@ void forward_tiles(const BceProblem& p, at::Tensor& loss, at::Tensor& gradient) 
     return bce_element_loss_and_grad<VecMath<acc_t>>(cfg, z, y, w, q);
   };
 
-  const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, kBlockElements, [&](int64_t begin, int64_t end) {
+  const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, block_elements_of(p), [&](int64_t begin, int64_t end) {
     TileReader<scalar_t, target_t> reader(p);
     std::vector<acc_t> out_buffer;
-    double block_total = 0;  // the tiles' sums of a block of kBlockElements
+    double block_total = 0;  // the tiles' sums of the block
     const auto run_tile = [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands],
                               const auto& element) {
       const Tile<acc_t> tile = reader.read(flat, count, offsets);
@@ -213,7 +215,7 @@ void backward_tiles(const BceProblem& p, at::Tensor& grad_input) {
   scalar_t* grad = grad_input.data_ptr<scalar_t>();
   const auto element = [&](Vec z, Vec y, Vec w, Vec q) { return bce_element_grad<VecMath<acc_t>>(cfg, z, y, w, q); };
 
-  at::parallel_for(0, p.numel, kBlockElements, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.numel, block_elements_of(p), [&](int64_t begin, int64_t end) {
     TileReader<scalar_t, target_t> reader(p);
     std::vector<acc_t> out_buffer;
     for_each_run(p.layout, begin, end, kTile, [&](int64_t flat, int64_t count, const int64_t (&offsets)[kNumBceOperands]) {
