@@ -154,6 +154,13 @@ def graph_replay_ms(fn: Callable, case: BenchCase, inputs: Dict, quick: bool) ->
     return time_ms(lambda i: graph.replay(), "cuda", warmup, reps)
 
 
+# On the CPU the implementations are measured in turn this many times and each keeps its best round. This
+# virtual machine hands memory it has not touched for a while back to its host (kdamond): the first calls that
+# touch it again fault it in slowly, and whichever implementation ran first paid for it (Pearson (4096, 1000)
+# fp32 with 2 MB pages: fused 16.6 ms in a first round, 3.3-3.6 ms after; compiled 18.3, then 5.3-5.5).
+CPU_ROUNDS = 3
+
+
 def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: bool = True) -> Dict:
     first = case.make_inputs()
     input_sets = [first] + [case.make_inputs() for _ in range(_rotation(first, device) - 1)]
@@ -162,15 +169,18 @@ def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: b
         implementations["compiled"] = torch.compile(case.reference, dynamic=False)
     implementations.update(case.extra)
     results: Dict[str, Dict] = {}
-    for name, fn in implementations.items():
-        if fn is None:
-            continue
-        try:
-            results[name] = measure_implementation(fn, case, input_sets, device, quick)
-        except Exception as error:  # a failing alternative is reported, not fatal
-            results[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    for _ in range(CPU_ROUNDS if device == "cpu" and not quick else 1):
+        for name, fn in implementations.items():
+            if fn is None or "error" in results.get(name, {}):
+                continue
+            try:
+                result = measure_implementation(fn, case, input_sets, device, quick)
+            except Exception as error:  # a failing alternative is reported, not fatal
+                result = {"error": f"{type(error).__name__}: {error}"[:300]}
+            if name not in results or "error" in result or result["fwd_bwd_ms"] < results[name]["fwd_bwd_ms"]:
+                results[name] = result
+            if device == "cuda":
+                torch.cuda.empty_cache()
     fused = results["fused"]
     if device == "cuda" and "fwd_bwd_ms" in fused:
         try:
