@@ -3,9 +3,10 @@ reference and, where installed, Liger, on the default device (CUDA when present)
 copy bandwidth; prints a table and writes JSON, Markdown and a PNG plot under benchmarks/results/.
 
 On the CPU every case is measured under two allocator regimes: c10's default (glibc malloc: a fresh output
-above glibc's mmap threshold is new 4 KB pages, faulted in on first write at every call) and
-THP_MEM_ALLOC_ENABLE=1 (2 MB transparent huge pages, ~500x fewer faults). c10 reads that variable once, so the
-regime other than this process's own runs in a child process."""
+above glibc's mmap threshold is new 4 KB pages, faulted in on first write at every call, but for the fused ops'
+outputs of 32 MB and more, which they ask huge pages for) and THP_MEM_ALLOC_ENABLE=1 (2 MB transparent huge
+pages for every block of 2 MB and more, ~500x fewer faults). c10 reads that variable once, so the regime other
+than this process's own runs in a child process; the implementations are measured in turn, CPU_ROUNDS times."""
 
 import argparse
 import datetime
