@@ -34,28 +34,35 @@ MAX_REPS = 2000
 
 
 def time_ms(fn: Callable[[int], None], device: str, warmup: int, reps: int) -> float:
-    """Median time of fn(i) over at least `reps` runs, more (up to MAX_REPS) until the runs span
-    MIN_SAMPLE_SECONDS, after `warmup` runs (CUDA events on the GPU)."""
+    """Median time of fn(i) over at least `reps` runs, more (up to MAX_REPS) until the runs add up to
+    MIN_SAMPLE_SECONDS, after `warmup` runs. On the GPU, CUDA events around each run while the host runs ahead,
+    as in a training loop (one synchronisation per `reps` runs): a run's time is the device's, plus its wait for
+    the host where the host is the slower. Wall time on the CPU."""
     for i in range(warmup):
         fn(i)
     _sync(device)
-    samples = []
-    began = time.perf_counter()
-    i = 0
-    while i < reps or (time.perf_counter() - began < MIN_SAMPLE_SECONDS and i < MAX_REPS):
+    samples: List[float] = []
+    while len(samples) < reps or (sum(samples) < MIN_SAMPLE_SECONDS * 1e3 and len(samples) < MAX_REPS):
         if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
+            samples += _cuda_runs_ms(fn, first=len(samples), count=reps)
         else:
             t0 = time.perf_counter()
-            fn(i)
+            fn(len(samples))
             samples.append((time.perf_counter() - t0) * 1e3)
-        i += 1
     return statistics.median(samples)
+
+
+def _cuda_runs_ms(fn: Callable[[int], None], first: int, count: int) -> List[float]:
+    """fn(first), ..., fn(first + count - 1) enqueued back to back, each between two CUDA events; their times."""
+    events = []
+    for i in range(first, first + count):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def copy_bandwidth_gbps(device: str, quick: bool) -> float:
