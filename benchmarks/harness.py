@@ -44,7 +44,7 @@ def time_ms(fn: Callable[[int], None], device: str, warmup: int, reps: int) -> f
     samples: List[float] = []
     while len(samples) < reps or (sum(samples) < MIN_SAMPLE_SECONDS * 1e3 and len(samples) < MAX_REPS):
         if device == "cuda":
-            samples += _cuda_runs_ms(fn, first=len(samples), count=reps)
+            samples += _cuda_runs_ms(fn, first=len(samples), count=max(1, reps))
         else:
             t0 = time.perf_counter()
             fn(len(samples))
@@ -184,8 +184,12 @@ def measure_case(case: BenchCase, device: str, quick: bool, compile_reference: b
                 result = measure_implementation(fn, case, input_sets, device, quick)
             except Exception as error:  # a failing alternative is reported, not fatal
                 result = {"error": f"{type(error).__name__}: {error}"[:300]}
-            if name not in results or "error" in result or result["fwd_bwd_ms"] < results[name]["fwd_bwd_ms"]:
-                results[name] = result
+            if name in results and "error" not in result:  # the best of each time, over the rounds
+                result["fwd_ms"] = min(result["fwd_ms"], results[name]["fwd_ms"])
+                if results[name]["fwd_bwd_ms"] < result["fwd_bwd_ms"]:
+                    result["fwd_bwd_ms"], result["peak_extra_bytes"] = (results[name]["fwd_bwd_ms"],
+                                                                        results[name]["peak_extra_bytes"])
+            results[name] = result
             if device == "cuda":
                 torch.cuda.empty_cache()
     fused = results["fused"]

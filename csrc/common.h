@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -109,15 +108,18 @@ inline void check_optional_parameter(const std::optional<at::Tensor>& tensor, co
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Elements in one block of the CPU's parallel loops and deterministic sums: about kBlockElements, less for a
-// problem of fewer than kMinBlocks such blocks, down to kMinBlockElements, so that its threads still share it:
-// 4096 rows of 10 classes were one block of 3276 rows and one of 820, the second thread idle most of the time
-// (forward + backward 216 -> ~190 us, 2 threads). A function of the problem's size alone: the blocks, hence the
-// sums, are the same for any thread count.
+// Blocks of the CPU's parallel loops and deterministic sums for a problem of `num_elements`: blocks of about
+// kBlockElements; a problem of fewer than kMinBlocks such blocks is cut into a power of two of blocks, at most
+// kMinBlocks of at least kMinBlockElements, so that 2, 4 or 8 threads share it evenly (4096 rows of 10 classes
+// were a block of 3276 rows and one of 820: one of two threads did 80% of the work). A function of the problem's
+// size alone: the blocks, hence the sums, are the same for any thread count.
 constexpr int64_t kBlockElements = 32768, kMinBlockElements = 8192, kMinBlocks = 8;
 
-inline int64_t block_elements(int64_t num_elements) {
-  return std::clamp(num_elements / kMinBlocks, kMinBlockElements, kBlockElements);
+inline int64_t num_blocks_for(int64_t num_elements) {
+  if (num_elements >= kMinBlocks * kBlockElements) return ceil_div(num_elements, kBlockElements);
+  int64_t blocks = 1;
+  while (blocks < kMinBlocks && 2 * blocks * kMinBlockElements <= num_elements) blocks *= 2;
+  return blocks;
 }
 
 // Deterministic parallel sum of `Width` quantities over `count` items: the items are cut into fixed blocks of
@@ -146,10 +148,11 @@ std::array<acc_t, Width> deterministic_parallel_sum(int64_t count, int64_t block
   return result;
 }
 
-// Number of items per block for `num_items` items of `item_size` elements each (block_elements).
+// Items per block for `num_items` items of `item_size` elements each: num_blocks_for's count of blocks, the items
+// spread evenly over them.
 inline int64_t items_per_block(int64_t item_size, int64_t num_items) {
   const int64_t size = std::max<int64_t>(1, item_size);
-  return std::max<int64_t>(1, block_elements(size * num_items) / size);
+  return std::max<int64_t>(1, ceil_div(num_items, num_blocks_for(size * num_items)));
 }
 
 // ----------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ struct VecMath {
 
 constexpr int64_t kTile = 256;  // elements converted and evaluated together (a few KB, in L1)
 
-// The elements of one block of the parallel loops and of the deterministic sum: whole tiles (block_elements).
+// The elements of one block of the parallel loops and of the deterministic sum: whole tiles (items_per_block).
 inline int64_t block_elements_of(const BceProblem& p) { return items_per_block(kTile, ceil_div(p.numel, kTile)) * kTile; }
 
 // One tile's operands as accumulation-type arrays; nullptr for an absent weight, or for a uniform scale.
