@@ -51,7 +51,9 @@ struct VecMath {
 constexpr int64_t kTile = 256;  // elements converted and evaluated together (a few KB, in L1)
 
 // The elements of one block of the parallel loops and of the deterministic sum: whole tiles (items_per_block).
-inline int64_t block_elements_of(const BceProblem& p) { return items_per_block(kTile, ceil_div(p.numel, kTile)) * kTile; }
+inline int64_t block_elements_of(const BceProblem& p) {
+  return items_per_block(kTile, ceil_div(p.numel, kTile)) * kTile;
+}
 
 // One tile's operands as accumulation-type arrays; nullptr for an absent weight, or for a uniform scale.
 template <typename acc_t>
@@ -175,7 +177,8 @@ void forward_tiles(const BceProblem& p, at::Tensor& loss, at::Tensor& gradient) 
     return bce_element_loss_and_grad<VecMath<acc_t>>(cfg, z, y, w, q);
   };
 
-  const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, block_elements_of(p), [&](int64_t begin, int64_t end) {
+  const int64_t block_elements = block_elements_of(p);
+  const auto total = deterministic_parallel_sum<acc_t, 1>(p.numel, block_elements, [&](int64_t begin, int64_t end) {
     TileReader<scalar_t, target_t> reader(p);
     std::vector<acc_t> out_buffer;
     double block_total = 0;  // the tiles' sums of the block
