@@ -702,12 +702,19 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
                                + (", weight / grad_loss loads" if weighted == "true" else "")
                                + "; DRAM: logits read" + (", gradient written" if written else ""))
     if op == "bce" and base == "strided_kernel":
-        bce_pass, scalar, target, _layout = arguments
+        # strided_kernel<Pass, T, target_t, Focusing, kWeighted>: a chunk of kStridedChunk elements of a row per
+        # iteration (8; 4 with weights or for ASL), the offsets of its row by one multiply-high division per
+        # dimension (up to kMaxLayoutDims, each counted once); element loads and stores, unrolled; weight bytes as
+        # flat_kernel's.
+        bce_pass, scalar, target, focusing, weighted = arguments
         size, target_size = TYPE_SIZES[scalar], TYPE_SIZES[target]
         written = 0 if bce_pass == "Forward" else size
-        return SweepModel(("scalar",), 1, size + target_size + written,
-                          what="one element; its per-dimension index loop (div/mod: a multiply-high below 2^31 elements) counted once; DRAM: logits, "
-                               "target read" + (", gradient written" if written else ""))
+        weight_bytes = (8 if scalar == "fp64" else 4) if weighted == "true" else 0
+        elements = 4 if focusing == "asl" or weighted == "true" else 8
+        return SweepModel(("scalar",), elements, size + target_size + written + weight_bytes,
+                          what=f"a chunk of {elements} elements of a row; the offsets of its row by a multiply-high "
+                               "division per dimension; DRAM: logits, target read"
+                               + (", gradient written" if written else "") + (", a weight in the accumulation type" if weight_bytes else ""))
     return None
 
 

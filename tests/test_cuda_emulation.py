@@ -130,6 +130,18 @@ def test_shim_reports_divergent_barriers(emulated, mistake, message):
         emulated.selftest_divergent(mistake)
 
 
+def test_fast_divider_is_exact_over_64_bits(emulated):
+    """FastDivider (the strided BCE kernel's divisions) against exact integer division, for divisors and
+    dividends at the edges of 31, 32 and 63 bits, powers of two and their neighbours."""
+    edges = [1, 2, 3, 5, 7, 10, 641, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**32 + 15, 3**39, 2**62 - 1,
+             2**62 + 1, 2**63 - 25, 2**63 - 1]
+    generator = torch.Generator().manual_seed(63)
+    divisors = torch.tensor(edges + torch.randint(1, 2**62, (20,), generator=generator).tolist())
+    dividends = torch.tensor([0] + edges + [2**63 - 2] + torch.randint(0, 2**62, (40,), generator=generator).tolist())
+    quotients = emulated.selftest_fast_divide(divisors, dividends)
+    assert quotients.tolist() == [[n // d for n in dividends.tolist()] for d in divisors.tolist()]
+
+
 # --------------------------------------------------------------------------------------------------- cross-entropy
 
 # Rows of C classes; the row counts pass the small build's grid (3 blocks) more than once for every row split
@@ -546,14 +558,17 @@ def test_weighted_bce_misaligned_bases_keep_both_schedules_equal(emulated, dtype
 
 @pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (2.0, 2.0, 0.0)], ids=["plain", "focal"])
 @pytest.mark.parametrize("pos_weight", [False, True], ids=["unweighted", "pos_weight"])
-def test_weighted_bce_dense_non_finite_logits(emulated, focusing, pos_weight):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_weighted_bce_dense_non_finite_logits(emulated, focusing, pos_weight, layout):
     """+-inf and NaN logits against targets 0, 1 and 0.3: the losses and gradients of the CPU kernel (the general
     formula's inf, and NaN where a term whose weight is 0 is infinite), with and without pos_weight (the kernels
-    without one sum the plain loss in another form)."""
+    without one sum the plain loss in another form), through the flat and the strided kernels."""
     logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
     target = torch.full((4, 16), 0.3)
     target[:, 0::3], target[:, 1::3] = 0.0, 1.0
     logits[:, 0:3], logits[:, 3:6], logits[0, 6] = float("inf"), float("-inf"), float("nan")
+    if layout == "transposed":
+        logits = logits.t().contiguous().t()
     for reduction in ("none", "sum"):
         args = (target, None, None, torch.ones(16) if pos_weight else None, reduction, *focusing)
         got = emulated.weighted_bce_with_logits(logits, *args, False)[0]
@@ -696,7 +711,7 @@ def test_sparse_bce_invalid_index_gives_nan_row(emulated, reduction):
 
 # Weights of 3-dimensional inputs: per (sample, position) weights that merge with the logits to one row stride
 # (flat kernel), and one broadcast along the first dimension too (no single row stride: the strided kernel,
-# three dimensions through SmallBceLayout's divisions).
+# whose chunks find their rows through the divisions of StridedBceLayout).
 BCE_WEIGHT_LAYOUTS = {
     "per_row_3d": dict(weight=(4, 5, 1), pos_weight=(12,)),
     "middle_broadcast_3d": dict(weight=(1, 5, 1), pos_weight=(5, 1)),
@@ -714,6 +729,35 @@ def test_weighted_bce_weight_layouts(emulated, dtype, reduction, case):
     weight, pos_weight = (torch.rand(shape, generator=generator) + 0.5 for shape in BCE_WEIGHT_LAYOUTS[case].values())
     options = dict(reduction=reduction, focusing=(0.0, 0.0, 0.0))
     check_bce(emulated, logits, target, None, weight, pos_weight, options)
+
+
+# Permuted (non-mergeable) layouts, (shape, storage order): the strided kernel's divisions through 2 to 5
+# dimensions, rows of 9-29 elements (whole chunks of 8 or 4 and short ones; 960 chunks, more than the small build's
+# threads, for three dimensions) and of 3 (every chunk short); 9 dimensions are more than a layout keeps
+# (kMaxLayoutDims): every operand is made contiguous first (the flat kernel). Without and with a weight broadcast
+# along the middle dimensions, for each focusing.
+PERMUTED_LAYOUTS = {"two_dims": ((9, 17), (1, 0)), "three_dims": ((8, 30, 29), (1, 2, 0)),
+                    "short_rows": ((50, 7, 3), (1, 2, 0)), "four_dims": ((3, 4, 5, 9), (3, 1, 0, 2)),
+                    "five_dims": ((3, 2, 4, 5, 7), (4, 2, 0, 3, 1)),
+                    "nine_dims": ((2,) * 9, (8, 6, 4, 2, 0, 7, 5, 3, 1))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 4.0, 0.05)], ids=["plain", "focal", "asl"])
+@pytest.mark.parametrize("case", list(PERMUTED_LAYOUTS))
+def test_weighted_bce_permuted_layouts(emulated, dtype, weighted, focusing, case):
+    shape, order = PERMUTED_LAYOUTS[case]
+    generator = torch.Generator().manual_seed(_seed(case, dtype))
+    # Storage in `order`, viewed in `shape`; the target transposed: no two neighbouring dimensions merge.
+    inverse = [order.index(d) for d in range(len(order))]
+    logits = (torch.randn([shape[d] for d in order], generator=generator) * 3).to(dtype).permute(inverse)
+    target = (torch.rand(shape, generator=generator) < 0.3).transpose(0, -1).contiguous().transpose(0, -1)
+    assert logits.shape == shape and not logits.is_contiguous()
+    weight = (torch.rand((shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],), generator=generator) + 0.5
+              if weighted else None)
+    for reduction in ("mean", "none"):
+        check_bce(emulated, logits, target, None, weight, None, dict(reduction=reduction, focusing=focusing))
 
 
 # The float32 formulas of the CUDA kernels with __expf, __logf and __fdividef each off by its documented worst

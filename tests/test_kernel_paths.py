@@ -109,10 +109,13 @@ def _bce_flat(target, focusing, weighted):
     return kernels + ["reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
 
 
-# Below 2^31 elements the strided kernel divides through SmallBceLayout (the 64-bit BceLayout one is UNREACHABLE).
-BCE_STRIDED = ["strided_kernel<(Pass)0, {T}, {Y}, SmallBceLayout>", "strided_kernel<(Pass)1, {T}, {Y}, SmallBceLayout>",
-               "strided_kernel<(Pass)2, {T}, {Y}, SmallBceLayout>",
-               "reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
+def _bce_strided(target, focusing, weighted):
+    """strided_kernel<pass, T, target, focusing, weighted>, as _bce_flat."""
+    f, w = f"(Focusing){BCE_FOCUSING.index(focusing)}", ("true" if weighted else "false")
+    kernels = [f"strided_kernel<(Pass){p}, {{T}}, {target}, {f}, {w}>" for p in range(3)]
+    if not weighted:
+        kernels.append(f"strided_kernel<(Pass)1, {{T}}, {target}, {f}, true>")
+    return kernels + ["reduce_partials_kernel<{A}, 1, FixedDivisorLossEpilogue<{T}>>"]
 
 
 def _bce_sparse(focusing, weighted):
@@ -180,9 +183,11 @@ KERNELS = {
     "bce_flat_misaligned": _bce_flat("{T}", "asl", True),
     # a padded-row target with contiguous logits: functional copies it (_copy_target_for_flat_kernels)
     "bce_flat_padded_target": _bce_flat("{T}", "asl", True),
-    "bce_strided_float": [k.replace("{Y}", "{T}") for k in BCE_STRIDED],  # transposed logits
-    "bce_strided_bool": [k.replace("{Y}", "bool") for k in BCE_STRIDED],  # broadcast (stride-0) target
-    "bce_strided_uint8": [k.replace("{Y}", "unsigned char") for k in BCE_STRIDED],  # transposed logits
+    # Strided (transposed logits; a broadcast bool target): chunks of 8 elements of a row (4 with weights or for
+    # ASL), in the six variants for each target type.
+    **{f"bce_strided_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":
+       _bce_strided(TARGETS[form], focusing, weighted)
+       for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     # Sparse rows: the six (focusing, weighted) variants across the layouts.
     "bce_sparse_vector": _bce_sparse("asl", True),  # L = 128; a weight
     "bce_sparse_scalar": _bce_sparse("plain", False),  # bf16 L = 101
@@ -197,9 +202,6 @@ UNREACHABLE = {
     "combine_chunks_kernel<SequenceWeightTask<{T}>>":
         "run_reduction<SequenceWeightTask> is compiled whole, but the mask pre-pass runs only when the moments "
         "kernel sweeps again (forward_cuda: task.sweeps_again needs plan.chunks == 1), never on a chunked plan",
-    **{f"strided_kernel<(Pass){p}, {{T}}, {target}, fused_losses::StridedLayout<5>>":
-       "the strided BCE kernel divides with 64-bit indices only from 2^31 elements (launch_pass), too large here"
-       for p in range(3) for target in ("{T}", "bool", "unsigned char")},
 }
 
 
@@ -373,9 +375,12 @@ CASES = {
        for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     "bce_flat_misaligned": lambda d: _bce_case(d, (31, 33), torch.float32, "float", layout="misaligned"),
     "bce_flat_padded_target": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="padded_target"),
-    "bce_strided_float": lambda d: _bce_case(d, (40, 30), torch.float32, "float", layout="transposed"),
-    "bce_strided_bool": lambda d: _bce_case(d, (40, 30), torch.float32, "bool", layout="broadcast"),
-    "bce_strided_uint8": lambda d: _bce_case(d, (40, 30), torch.bfloat16, "uint8", layout="transposed"),
+    # L = 13 (a chunk of 8, a short one) for float, 30 for the others; bf16 logits with the uint8 target.
+    **{f"bce_strided_{form}_{focusing}_{'weighted' if weighted else 'unweighted'}":
+       (lambda d, form=form, focusing=focusing, weighted=weighted: _bce_case(
+           d, (40, 13 if form == "float" else 30), torch.bfloat16 if form == "uint8" else torch.float32, form,
+           layout="broadcast" if form == "bool" else "transposed", focusing=focusing, weighted=weighted))
+       for form in TARGETS for focusing in BCE_FOCUSING for weighted in (True, False)},
     "bce_sparse_vector": lambda d: _bce_case(d, (40, 128), torch.float32, "sparse", weight=True),
     "bce_sparse_scalar": lambda d: _bce_case(d, (40, 101), torch.bfloat16, "sparse", focusing="plain"),
     "bce_sparse_chunked": lambda d: _bce_case(d, (8, 5000), torch.float32, "sparse", max_positives=40),

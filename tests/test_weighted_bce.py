@@ -345,6 +345,34 @@ def test_non_contiguous_operands(device):
     assert_matches(grad, expected_grad, torch.float64)
 
 
+def test_permuted_layouts_of_many_dimensions(device):
+    """Logits, target and a weight in layouts where no two neighbouring dimensions merge: three and five strided
+    dimensions (the weight broadcast along the middle ones), and nine, more than a strided layout keeps
+    (kMaxLayoutDims): every operand is then made contiguous first."""
+    # (3, 4, 2, 5, 6) views of storage in another order.
+    x = torch.randn(6, 2, 5, 3, 4, dtype=torch.float64, device=device).permute(3, 4, 1, 2, 0) * 3
+    target = torch.rand(6, 5, 4, 3, 2, dtype=torch.float64, device=device).permute(3, 2, 4, 1, 0)
+    weight = torch.rand(3, 1, 2, 1, 6, dtype=torch.float64, device=device) + 0.5
+    # (2,) * 9 viewed from storage in the order 8, 6, 4, 2, 0, 7, 5, 3, 1.
+    order = (8, 6, 4, 2, 0, 7, 5, 3, 1)
+    x9 = torch.randn((2,) * 9, dtype=torch.float64, device=device).permute([order.index(d) for d in range(9)])
+    target9 = torch.rand((2,) * 9, dtype=torch.float64, device=device).transpose(0, 8)
+    weight9 = torch.rand((2,) + (1,) * 7 + (2,), dtype=torch.float64, device=device) + 0.5
+    cases = {"five_dims": (x, target, weight),
+             "three_dims": (x[:, :, 0, 0, :], target[:, :, 0, 0, :], weight[:, :, 0, 0, :]),
+             "nine_dims": (x9, target9, weight9)}
+    pos_weight = {name: torch.rand(y.shape[-1], dtype=torch.float64, device=device) + 0.5
+                  for name, (_, y, _) in cases.items()}
+    for name, (x, y, w) in cases.items():
+        assert not x.is_contiguous(), name
+        for reduction in REDUCTIONS:
+            kwargs = dict(weight=w, pos_weight=pos_weight[name], reduction=reduction)
+            loss, grad = loss_and_grad(lambda x: weighted_bce_with_logits(x, y, **kwargs), x)
+            expected, expected_grad = loss_and_grad(lambda x: torch_bce64(x, y, **kwargs), x)
+            assert_matches(loss, expected, torch.float64)
+            assert_matches(grad, expected_grad, torch.float64)
+
+
 def test_any_grad_output_and_repeated_backward(device):
     x = torch.randn(7, 19, device=device, requires_grad=True)
     target = torch.rand(7, 19, device=device) > 0.7

@@ -101,6 +101,24 @@ struct FastFloatPrimitives {
   __device__ __forceinline__ static float fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 };
 
+// Division by a fixed divisor in [1, 2^63) as a multiply-high, an add and a shift (Granlund and Montgomery),
+// exact for dividends below 2^63: a few instructions instead of the 64-bit division subroutine.
+struct FastDivider {
+  uint64_t divisor = 1, magic = 1;
+  int shift = 0;
+
+  FastDivider() = default;
+  explicit FastDivider(uint64_t d) : divisor(d) {
+    TORCH_INTERNAL_ASSERT(d >= 1 && d < (uint64_t(1) << 63), "FastDivider needs a divisor in [1, 2^63), got ", d);
+    while ((uint64_t(1) << shift) < d) ++shift;
+    // 2^64 (2^shift - d) / d + 1 < 2^64, since 2^shift - d < d.
+    using uint128 = unsigned __int128;
+    magic = static_cast<uint64_t>((uint128(1) << 64) * ((uint128(1) << shift) - d) / d + 1);
+  }
+  // n / divisor for n < 2^63 (so high + n does not overflow: high <= n).
+  __device__ __forceinline__ uint64_t divide(uint64_t n) const { return (__umul64hi(n, magic) + n) >> shift; }
+};
+
 inline bool is_aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 inline bool is_aligned_16(const void* ptr) { return is_aligned_to(ptr, 16); }
 

@@ -25,8 +25,9 @@
 //   focusing (plain / focal / ASL) and weights (none / some). Grid-stride loop over a fixed grid (grid_size;
 //   map_grid_size for the passes that sum nothing); the head and the tail after the last whole step take one
 //   element per thread.
-// - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs), one
-//   element per step, its offsets by div / mod per dimension (multiply-high below 2^31 elements).
+// - strided: every other dense layout (weights broadcast along a middle dimension, transposed inputs): a thread
+//   takes a chunk of 8 elements of a row (4 with weights or for ASL), whose offsets come from one multiply-high
+//   division per dimension; compiled per focusing and weights as the flat kernel.
 // - sparse rows: a warp per row evaluates every element as a negative (16-byte loads when rows are aligned; no
 //   label test), then patches the row's positives from its K indices: a label listed twice counts once, an
 //   index outside [-1, L) makes the row NaN. Labels go in chunks of kChunkLabels, so any L and K fit.
@@ -283,8 +284,9 @@ __device__ __forceinline__ BceConfig<acc_t> kernel_config(const BceConfig<acc_t>
   return fixed;
 }
 
-// Resident blocks the flat kernels are compiled for: 4 (at most 64 registers at 256 threads) for the float
-// paths: a sub-pack's operands are live at a time, not a step's. The double paths are not limited.
+// Resident blocks the flat and strided kernels are compiled for: 4 (at most 64 registers at 256 threads) for
+// the float paths (the flat kernel holds a sub-pack's operands at a time, not a step's; the strided one a chunk's
+// logits and targets). The double paths are not limited.
 template <typename scalar_t>
 constexpr int kFlatMinBlocks = std::is_same_v<scalar_t, double> ? 1 : 4;
 
@@ -401,67 +403,124 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
 
 // ------------------------------------------------------------------------------------------------- strided
 
-// Division by a fixed divisor in [1, 2^31) as a multiply-high and a shift (Granlund and Montgomery), exact
-// for dividends below 2^31: a few instructions instead of the 64-bit division subroutine.
-struct FastDivider {
-  uint32_t divisor = 1, magic = 1, shift = 0;
+// Elements of a row a thread of the strided kernel takes at once: their offsets come from one division per
+// dimension, and their loads are in flight together. 8, or 4 with weight operands or for ASL (whose formulas
+// hold the most registers per element): more spilled at 64 registers.
+template <Focusing kFocusing, bool kWeighted>
+constexpr int kStridedChunk = kFocusing == Focusing::Asymmetric || kWeighted ? 4 : 8;
 
-  FastDivider() = default;
-  explicit FastDivider(uint32_t d) : divisor(d) {
-    while ((uint64_t(1) << shift) < d) ++shift;
-    magic = static_cast<uint32_t>((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d) / d + 1);
-  }
-  // n / divisor for n < 2^31 (so high + n does not overflow: high <= n).
-  __device__ __forceinline__ uint32_t divide(uint32_t n) const {
-    const uint32_t high = static_cast<uint32_t>((uint64_t(n) * magic) >> 32);
-    return (high + n) >> shift;
-  }
-};
+// BceLayout (of at least one element) as the strided kernel walks it: rows of its innermost dimension (L
+// elements, each operand its own stride along it) cut into chunks of kChunk elements; a chunk's row, and the
+// row's offset in every operand, come from FastDivider divisions, whatever the number of elements. The outer
+// dimensions a layout does not have cost a uniform branch each.
+template <int kChunk>
+struct StridedBceLayout {
+  static constexpr int kMaxOuterDims = kMaxLayoutDims - 1;
+  int outer_dims = 0;  // the dimensions before the innermost one
+  FastDivider outer_sizes[kMaxOuterDims];
+  int64_t outer_strides[kNumBceOperands][kMaxOuterDims] = {};
+  int64_t inner_strides[kNumBceOperands] = {};
+  int64_t row_length = 1;
+  FastDivider chunks_per_row;
+  int64_t num_chunks = 0;
 
-// BceLayout for fewer than 2^31 elements: the per-dimension div / mod of an element's offsets through
-// FastDivider (the 64-bit division is most of the strided kernel's instructions).
-struct SmallBceLayout {
-  int dims = 0;
-  FastDivider sizes[kMaxLayoutDims];
-  int64_t strides[kNumBceOperands][kMaxLayoutDims] = {};
-
-  SmallBceLayout() = default;
-  explicit SmallBceLayout(const BceLayout& layout) : dims(layout.dims) {
-    for (int d = 0; d < dims; ++d) {
-      sizes[d] = FastDivider(static_cast<uint32_t>(layout.sizes[d]));
-      for (int k = 0; k < kNumBceOperands; ++k) strides[k][d] = layout.strides[k][d];
+  explicit StridedBceLayout(const BceLayout& layout)
+      : outer_dims(std::max(layout.dims - 1, 0)),
+        row_length(layout.inner_size()),
+        chunks_per_row(static_cast<uint64_t>(ceil_div(layout.inner_size(), int64_t(kChunk)))) {
+    for (int k = 0; k < kNumBceOperands; ++k) inner_strides[k] = layout.dims > 0 ? layout.inner_stride(k) : 0;
+    int64_t rows = 1;
+    for (int d = 0; d < outer_dims; ++d) {
+      outer_sizes[d] = FastDivider(static_cast<uint64_t>(layout.sizes[d]));
+      for (int k = 0; k < kNumBceOperands; ++k) outer_strides[k][d] = layout.strides[k][d];
+      rows *= layout.sizes[d];
     }
+    num_chunks = rows * static_cast<int64_t>(chunks_per_row.divisor);
   }
-  __device__ __forceinline__ void offsets(int64_t flat, int64_t (&out)[kNumBceOperands]) const {
-    for (int k = 0; k < kNumBceOperands; ++k) out[k] = 0;
-    uint32_t rest = static_cast<uint32_t>(flat);
-    for (int d = dims - 1; d >= 0; --d) {
-      const uint32_t outer = sizes[d].divide(rest);
-      const int64_t index = rest - outer * sizes[d].divisor;
+
+  // The start of chunk `chunk`: its row-major element index `flat` and its offset in every operand; returns its
+  // number of elements (kChunk but at a row's end).
+  __device__ __forceinline__ int chunk_start(int64_t chunk, int64_t& flat, int64_t (&offsets)[kNumBceOperands]) const {
+    const uint64_t row = chunks_per_row.divide(chunk);
+    const int64_t first = (chunk - static_cast<int64_t>(row * chunks_per_row.divisor)) * kChunk;
+    flat = static_cast<int64_t>(row) * row_length + first;
+    for (int k = 0; k < kNumBceOperands; ++k) offsets[k] = first * inner_strides[k];
+    uint64_t rest = row;
+#pragma unroll
+    for (int d = kMaxOuterDims - 1; d >= 0; --d) {
+      if (d >= outer_dims) continue;
+      const uint64_t outer = outer_sizes[d].divide(rest);
+      const int64_t position = static_cast<int64_t>(rest - outer * outer_sizes[d].divisor);
       rest = outer;
-      for (int k = 0; k < kNumBceOperands; ++k) out[k] += index * strides[k][d];
+      for (int k = 0; k < kNumBceOperands; ++k) offsets[k] += position * outer_strides[k][d];
     }
+    return static_cast<int>(row_length - first < kChunk ? row_length - first : kChunk);
   }
 };
 
-// One element per step; `Layout` is BceLayout, or SmallBceLayout below 2^31 elements.
-template <Pass pass, typename scalar_t, typename target_t, typename Layout>
-__global__ void __launch_bounds__(kBlockThreads)
-    strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target, Layout layout) {
+// kFocusing and kWeighted as the flat kernel's: without weight, pos_weight and per-element grad_loss the kernel
+// reads logits and target only, and takes the plain formula without pos_weight. A thread's chunks are chunk,
+// chunk + num_threads, ...; a chunk's operands are loaded, then its elements evaluated in order (the sums' order
+// is fixed). The last chunk of a row may be short: its loads beyond the row are predicated off and the loop over
+// its elements stops at its count (uniform over a warp whose rows are all shorter than a chunk), so short rows
+// cost no wasted math.
+template <Pass pass, typename scalar_t, typename target_t, Focusing kFocusing, bool kWeighted>
+__global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
+    strided_kernel(PassArgs<scalar_t> args, const target_t* __restrict__ target,
+                   StridedBceLayout<kStridedChunk<kFocusing, kWeighted>> layout) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int kChunk = kStridedChunk<kFocusing, kWeighted>;
   if (keeps_forward_gradient<pass>(args)) return;
+  const BceConfig<acc_t> cfg = kernel_config<kFocusing>(args.cfg);
   const int64_t num_threads = int64_t(gridDim.x) * kBlockThreads;
   const acc_t scale_all = uniform_scale<pass>(args);
   acc_t sum = 0;
-  for (int64_t flat = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x; flat < args.numel; flat += num_threads) {
-    int64_t offsets[kNumBceOperands];
-    layout.offsets(flat, offsets);
-    const ElementResult<acc_t> result = evaluate_element<pass>(
-        args.cfg, static_cast<acc_t>(args.logits[offsets[kLogits]]), element_as<acc_t>(target[offsets[kTarget]]),
-        read_or(args.weight, offsets[kWeight], acc_t(1)), read_or(args.pos_weight, offsets[kPosWeight], acc_t(1)),
-        read_or(args.grad_loss, offsets[kGradLoss], scale_all));
-    sum += result.summed;
-    if (args.out != nullptr) args.out[flat] = static_cast<scalar_t>(result.stored);
+  // With or without the stores, as the flat kernel's stepped loop.
+  const auto sweep = [&](auto stores_tag) {
+    constexpr bool kStores = decltype(stores_tag)::value;
+    for (int64_t chunk = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x; chunk < layout.num_chunks;
+         chunk += num_threads) {
+      int64_t flat, offsets[kNumBceOperands];
+      const int count = layout.chunk_start(chunk, flat, offsets);
+      const auto at = [&](BceOperand operand, int e) { return offsets[operand] + e * layout.inner_strides[operand]; };
+      // Logits and target through pointers stepped along the row: an add per element, not a multiply.
+      const scalar_t* logits = args.logits + offsets[kLogits];
+      const target_t* targets = target + offsets[kTarget];
+      scalar_t z[kChunk] = {};
+      target_t y[kChunk] = {};
+      acc_t w[kChunk], q[kChunk], scale[kChunk];
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        w[e] = q[e] = acc_t(1);
+        scale[e] = scale_all;
+        if (e < count) {
+          z[e] = *logits;
+          y[e] = *targets;
+          logits += layout.inner_strides[kLogits];
+          targets += layout.inner_strides[kTarget];
+          if constexpr (kWeighted) {
+            w[e] = read_or(args.weight, at(kWeight, e), acc_t(1));
+            q[e] = read_or(args.pos_weight, at(kPosWeight, e), acc_t(1));
+            scale[e] = read_or(args.grad_loss, at(kGradLoss, e), scale_all);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        if (e == count) break;
+        const acc_t logit = static_cast<acc_t>(z[e]), label = element_as<acc_t>(y[e]);
+        const ElementResult<acc_t> result =
+            kWeighted ? evaluate_element<pass>(cfg, logit, label, w[e], q[e], scale[e])
+                      : evaluate_element<pass>(cfg, logit, label, acc_t(1), UnitPosWeight{}, scale_all);
+        sum += result.summed;
+        if constexpr (kStores) args.out[flat + e] = static_cast<scalar_t>(result.stored);
+      }
+    }
+  };
+  if (writes_output<pass>(args)) {
+    sweep(std::true_type{});
+  } else if constexpr (pass == Pass::Forward) {
+    sweep(std::false_type{});
   }
   store_partial_sum(args, sum);
 }
@@ -909,16 +968,18 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         return blocks;
       }
     }
-    const auto launch_strided = [&](auto kernel, const auto& layout) {
-      const int64_t blocks = grid_for(kernel, p.numel, kBlockThreads);
+    const bool weighted = args.weight != nullptr || args.pos_weight != nullptr || args.grad_loss != nullptr;
+    int64_t blocks = 0;
+    with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
+      constexpr Focusing kFocusing = decltype(focusing)::value;
+      constexpr bool kWeighted = decltype(weighted_tag)::value;
+      const auto kernel = strided_kernel<pass, scalar_t, target_t, kFocusing, kWeighted>;
+      const StridedBceLayout<kStridedChunk<kFocusing, kWeighted>> layout(p.layout);
+      blocks = grid_for(kernel, layout.num_chunks, kBlockThreads);
       allocate_partials(blocks);
       launch_kernel(kernel, blocks, stream, args, target, layout);
-      return blocks;
-    };
-    if (p.numel <= std::numeric_limits<int32_t>::max()) {
-      return launch_strided(strided_kernel<pass, scalar_t, target_t, SmallBceLayout>, SmallBceLayout(p.layout));
-    }
-    return launch_strided(strided_kernel<pass, scalar_t, target_t, BceLayout>, p.layout);
+    });
+    return blocks;
   }
 }
 

@@ -141,6 +141,11 @@ inline float flush_subnormal(float x) { return std::fpclassify(x) == FP_SUBNORMA
 inline float log_flush_subnormal(float x) { return std::log(flush_subnormal(x)); }
 }  // namespace fused_losses::host_emulation
 
+// The high 64 bits of the 128-bit product (the strided BCE kernel's FastDivider).
+inline unsigned long long __umul64hi(unsigned long long x, unsigned long long y) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(x) * y) >> 64);
+}
+
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
   const unsigned int old = *address;

@@ -1,5 +1,6 @@
 // Kernels that check the host shim itself (tests/test_cuda_emulation.py): the warp collectives against their
-// CUDA definitions, and that a barrier not every thread reaches is reported instead of hanging.
+// CUDA definitions, and that a barrier not every thread reaches is reported instead of hanging; and FastDivider
+// (cuda_utils.cuh) through the shim's __umul64hi over the whole 64-bit range, which no test shape reaches.
 #include "host_shim.h"
 
 #include "cuda/cuda_utils.cuh"
@@ -58,6 +59,18 @@ at::Tensor shared_memory(int64_t blocks) {
 
 void divergent(int64_t mistake) { launch_kernel(divergent_kernel, 1, nullptr, mistake); }
 
+// out[i, j] = dividends[j] / divisors[i] through FastDivider (divisors in [1, 2^63), dividends in [0, 2^63)).
+at::Tensor fast_divide(const at::Tensor& divisors, const at::Tensor& dividends) {
+  at::Tensor out = at::empty({divisors.numel(), dividends.numel()}, at::kLong);
+  for (int64_t i = 0; i < divisors.numel(); ++i) {
+    const fused_losses::cuda::FastDivider divider(static_cast<uint64_t>(divisors[i].item<int64_t>()));
+    for (int64_t j = 0; j < dividends.numel(); ++j) {
+      out[i][j] = static_cast<int64_t>(divider.divide(static_cast<uint64_t>(dividends[j].item<int64_t>())));
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 // An indirection so that the namespace macro expands before TORCH_LIBRARY_FRAGMENT pastes it.
@@ -66,4 +79,5 @@ SELFTEST_FRAGMENT(FUSED_LOSSES_EMULATED_NAMESPACE, m) {
   m.def("selftest_collectives(int blocks, int lane_mask, int source_lane, int width) -> Tensor", &collectives);
   m.def("selftest_shared_memory(int blocks) -> Tensor", &shared_memory);
   m.def("selftest_divergent(int mistake) -> ()", &divergent);
+  m.def("selftest_fast_divide(Tensor divisors, Tensor dividends) -> Tensor", &fast_divide);
 }
