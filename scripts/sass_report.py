@@ -714,7 +714,8 @@ def sweep_model(kernel: Kernel) -> SweepModel | None:
         return SweepModel(("scalar",), elements, size + target_size + written + weight_bytes,
                           what=f"a chunk of {elements} elements of a row; the offsets of its row by a multiply-high "
                                "division per dimension; DRAM: logits, target read"
-                               + (", gradient written" if written else "") + (", a weight in the accumulation type" if weight_bytes else ""))
+                               + (", gradient written" if written else "")
+                               + (", a weight in the accumulation type" if weight_bytes else ""))
     return None
 
 

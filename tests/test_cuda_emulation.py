@@ -744,7 +744,8 @@ PERMUTED_LAYOUTS = {"two_dims": ((9, 17), (1, 0)), "three_dims": ((8, 30, 29), (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 4.0, 0.05)], ids=["plain", "focal", "asl"])
+@pytest.mark.parametrize("focusing", [(0.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 4.0, 0.05)],
+                         ids=["plain", "focal", "asl"])
 @pytest.mark.parametrize("case", list(PERMUTED_LAYOUTS))
 def test_weighted_bce_permuted_layouts(emulated, dtype, weighted, focusing, case):
     shape, order = PERMUTED_LAYOUTS[case]
