@@ -486,13 +486,12 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
       // Logits and target through pointers stepped along the row: an add per element, not a multiply.
       const scalar_t* logits = args.logits + offsets[kLogits];
       const target_t* targets = target + offsets[kTarget];
-      scalar_t z[kChunk] = {};
-      target_t y[kChunk] = {};
-      acc_t w[kChunk], q[kChunk], scale[kChunk];
+      // Only the chunk's `count` elements are loaded and read.
+      scalar_t z[kChunk];
+      target_t y[kChunk];
+      [[maybe_unused]] acc_t w[kChunk], q[kChunk], scale[kChunk];  // read by the weighted kernels only
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        w[e] = q[e] = acc_t(1);
-        scale[e] = scale_all;
         if (e < count) {
           z[e] = *logits;
           y[e] = *targets;
