@@ -428,7 +428,7 @@ struct StridedBceLayout {
       : outer_dims(std::max(layout.dims - 1, 0)),
         row_length(layout.inner_size()),
         chunks_per_row(static_cast<uint64_t>(ceil_div(layout.inner_size(), int64_t(kChunk)))) {
-    for (int k = 0; k < kNumBceOperands; ++k) inner_strides[k] = layout.dims > 0 ? layout.inner_stride(k) : 0;
+    for (int k = 0; k < kNumBceOperands; ++k) inner_strides[k] = layout.inner_stride(k);
     int64_t rows = 1;
     for (int d = 0; d < outer_dims; ++d) {
       outer_sizes[d] = FastDivider(static_cast<uint64_t>(layout.sizes[d]));
@@ -934,6 +934,8 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     return blocks;
   } else {
     const target_t* target = p.data<target_t>(kTarget);
+    // Which kernel variant reads weight operands (a per-element grad_loss counts as one), flat or strided.
+    const bool weighted = args.weight != nullptr || args.pos_weight != nullptr || args.grad_loss != nullptr;
     const std::optional<int64_t> head =
         operand_is_contiguous(p.layout, kLogits) && operand_is_contiguous(p.layout, kTarget)
             ? flat_head(args, target)
@@ -945,7 +947,6 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
       const auto grad_loss = as_flat_operand<S>(p.layout, kGradLoss, args.grad_loss, *head);
       if (weight && pos_weight && grad_loss) {
         const int64_t num_labels = p.layout.inner_size();
-        const bool weighted = weight->data != nullptr || pos_weight->data != nullptr || grad_loss->data != nullptr;
         // The outputs are fresh tensors, 16-byte aligned at element 0: whether their packs are aligned from the
         // head depends on the layout alone, so every pass (a reduced forward without an output too) splits the
         // elements between the stepped and the one-per-thread loop alike, and both schedules add the losses in
@@ -967,7 +968,6 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
         return blocks;
       }
     }
-    const bool weighted = args.weight != nullptr || args.pos_weight != nullptr || args.grad_loss != nullptr;
     int64_t blocks = 0;
     with_kernel_variant(focusing_of(args.cfg), weighted, [&](auto focusing, auto weighted_tag) {
       constexpr Focusing kFocusing = decltype(focusing)::value;
