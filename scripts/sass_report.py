@@ -19,6 +19,12 @@ bracket the instructions a warp issues per iteration:
   body diverges or is taken (optional operands present, NaN paths); calls to slow-path subroutines (IEEE
   division, expf) count as one instruction. Where the compiler made several versions of one loop (with and
   without a cost row, say), the largest.
+- "warp path": what one warp issues per iteration in the costliest configuration of the call. A branch whose
+  predicate is computed from uniform registers and constants alone (a gamma that is 0, an optional operand that
+  is absent: the same in every lane) takes one side for the whole warp, so the loop's versions for the two sides
+  are alternatives, not a sum; every other branch counts both sides, as in the static count. The largest over the
+  outcomes of the uniform conditions (each condition read once however many branches test it); the static
+  count when the body has none, or more than MAX_UNIFORM_CONDITIONS. The instruction budget is judged on it.
 - "min path": the shortest path from the loop's header back to it. It is a lower bound and can be a degenerate
   path (a pack whose steps are all masked, a row whose labels are invalid) that real data rarely takes.
 
@@ -33,6 +39,7 @@ and c++filt (binutils).
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import importlib.util
 import json
@@ -394,6 +401,7 @@ class Loop:
     header: int  # address of the loop's first instruction
     static: int  # instructions in the body
     min_path: int  # instructions on the shortest path from the header back to it
+    warp_path: int  # instructions a warp issues per iteration in the costliest uniform configuration
     accesses: dict[str, int]  # global loads / stores by kind and width, e.g. {'LDG16': 1, 'STG2': 4}
     contains_memory_loop: bool = False
     shared_loads: dict[int, int] = field(default_factory=dict)  # LDS by width in bytes
@@ -530,13 +538,223 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
                     shared[instruction.access_bytes()] = shared.get(instruction.access_bytes(), 0) + 1
         accesses[header] = counts
         shared_loads[header] = shared
+    cfg = _ControlFlow(instructions, starts, ends, successors, predecessors)
     return [Loop(header=instructions[starts[header]].address,
                  static=sum(sizes[b] for b in body),
                  min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
+                 warp_path=_costliest_warp_iteration(cfg, header, body, sizes) if accesses[header] else
+                 sum(sizes[b] for b in body),
                  accesses=accesses[header],
                  contains_memory_loop=any(other != header and other in body and accesses[other] for other in bodies),
                  shared_loads=shared_loads[header])
             for header, body in bodies.items()]
+
+
+# Uniform conditions a loop body may test for its warp path to be computed by enumerating their outcomes (2^n
+# walks of the body); beyond it the warp path is the static count.
+MAX_UNIFORM_CONDITIONS = 10
+PREDICATE = re.compile(r"!?(U?P[T\d]+)")
+# A register or predicate operand: its modifiers (-, |, ~, !, .reuse) and its name (R12, UR4, P0, UP1).
+NAMED_OPERAND = re.compile(r"^([-!~]?\|?)(U?R\d+|U?P\d+)(\.reuse)?\|?$")
+# Source operands every lane holds alike that name no register: zero registers, true predicates, constant-bank
+# operands, immediates (optionally negated or absolute).
+CONSTANT_OPERAND = re.compile(r"^[-!~]?\|?(URZ|RZ|UPT|PT|c\[0x[0-9a-f]+\]\[0x[0-9a-f]+\]|"
+                              r"[-+]?(0x[0-9a-f]+|\d[\d.e+-]*|INF|QNAN))\|?$", re.IGNORECASE)
+# Instructions whose result may differ between lanes whatever their operands: loads other than of constants,
+# the thread's own registers, exchanges between lanes, atomics.
+PER_LANE_OPERATIONS = ("S2R", "CS2R", "SHFL", "ATOM", "ATOMS", "ATOMG", "MATCH", "VOTE", "B2R", "BMOV")
+# Instructions that write predicates, and how many of their leading predicate operands (after a register
+# destination, if any) they write: ISETP P0, PT, ...; IADD3 R4, P0, P1, ...; VOTE.ANY P0, P0 (the second is its
+# source); R2P writes them all; the uniform-datapath forms (UISETP UP0, UPT, ...) alike. The analysis assumes no
+# other instruction writes a predicate.
+PREDICATE_WRITERS = {"ISETP": 2, "FSETP": 2, "DSETP": 2, "HSETP2": 2, "PLOP3": 2, "IADD3": 2, "LEA": 2, "IMAD": 2,
+                     "LOP3": 1, "SHFL": 1, "VOTE": 1, "VOTEU": 1, "FCHK": 1}
+# Instructions whose first operand is not a destination.
+NO_DESTINATION = ("BRA", "BRX", "JMX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "BAR", "MEMBAR", "NOP",
+                  "DEPBAR", "ERRBAR", "CCTL", "YIELD", "RED", "FENCE", "LDGDEPBAR", "ARRIVES")
+
+
+def _operands(instruction: Instruction) -> list[str]:
+    parts = GUARD.sub("", instruction.text).split(None, 1)
+    return [operand.strip() for operand in parts[1].split(",")] if len(parts) > 1 else []
+
+
+def _result_width(instruction: Instruction) -> int:
+    """Registers a register result spans: a pair for 64-bit results (any 64 in the suffixes: F2I.S64 writes a
+    pair, SHF.R.U64 one register, so the second of such a 'pair' is not trusted by uniform_value), four for a
+    16-byte load."""
+    suffixes = instruction.opcode.split(".")[1:]
+    if "128" in suffixes:
+        return 4
+    if any("64" in suffix for suffix in suffixes) or "WIDE" in suffixes or (
+            instruction.operation.startswith("D") and instruction.operation != "DSETP"):
+        return 2
+    return 1
+
+
+def _destinations(instruction: Instruction) -> tuple[list[str], list[str]]:
+    """The registers (R12, UR4) and predicates (P0, UP1; '*': all of them, R2P) an instruction writes, in
+    operand order."""
+    if instruction.operation in NO_DESTINATION or instruction.operation.startswith("ST"):
+        return [], []
+    if instruction.operation == "R2P":
+        return [], ["*"]
+    operands = _operands(instruction)
+    registers = []
+    if operands and (first := re.fullmatch(r"(U?R)(\d+)", operands[0])):
+        registers = [f"{first.group(1)}{int(first.group(2)) + k}" for k in range(_result_width(instruction))]
+    rest = operands[1:] if registers or operands[:1] in (["RZ"], ["URZ"]) else operands
+    predicates = []
+    operation = instruction.operation
+    count = PREDICATE_WRITERS.get(operation, PREDICATE_WRITERS.get(operation.removeprefix("U"), 0))
+    for operand in rest[:count]:
+        named = PREDICATE.fullmatch(operand)
+        if not named or operand.startswith("!"):
+            break
+        predicates.append(named.group(1))
+    return registers, predicates
+
+
+class _ControlFlow:
+    """A function's blocks, with the definitions of its registers and predicates looked up on demand (and
+    remembered: a hot loop's branches test the same values many times)."""
+
+    def __init__(self, instructions: list[Instruction], starts: list[int], ends: list[int],
+                 successors: list[list[int]], predecessors: dict[int, list[int]]):
+        self.instructions, self.starts, self.ends = instructions, starts, ends
+        self.successors, self.predecessors = successors, predecessors
+        self._written: dict[int, frozenset[str]] = {}
+        self._definitions: dict[tuple[int, str], int | None] = {}
+        self._values: dict[tuple[int, str, int], tuple | None] = {}
+
+    def block_of(self, index: int) -> int:
+        return bisect.bisect_right(self.starts, index) - 1
+
+    def writes(self, index: int, name: str) -> bool:
+        if index not in self._written:
+            registers, predicates = _destinations(self.instructions[index])
+            self._written[index] = frozenset(registers + predicates)
+        written = self._written[index]
+        return name in written or ("*" in written and name.startswith("P"))
+
+    def reaching_definition(self, index: int, name: str) -> int | None:
+        """The instruction that sets register or predicate `name` for instruction `index`: the last one before
+        it on every path that leads there (None when paths bring different ones, or one brings none)."""
+        if (index, name) not in self._definitions:
+            self._definitions[(index, name)] = self._find_definition(index, name)
+        return self._definitions[(index, name)]
+
+    def _find_definition(self, index: int, name: str) -> int | None:
+        definitions: set[int] = set()
+        visited: set[int] = set()
+        # (block, the last instruction to look at): the rest of index's own block first.
+        work = [(self.block_of(index), index - 1)]
+        while work:
+            block, position = work.pop()
+            while position >= self.starts[block]:
+                if self.writes(position, name):
+                    definitions.add(position)
+                    break
+                position -= 1
+            else:
+                parents = self.predecessors.get(block, [])
+                if not parents or len(visited) > 256:
+                    return None
+                for parent in parents:
+                    if parent not in visited:
+                        visited.add(parent)
+                        work.append((parent, self.ends[parent] - 1))
+        return definitions.pop() if len(definitions) == 1 else None
+
+    def uniform_value(self, index: int, name: str, depth: int = 0) -> tuple | None:
+        """A key naming the value register or predicate `name` holds at instruction `index` when every lane of
+        a warp holds the same; None otherwise (or when unsure). A value set by an unguarded instruction from
+        uniform operands alone is named by its opcode and their keys (equal tests of one value are one
+        condition); a uniform register or predicate (UR4, UP0) that cannot be named so, by its definition."""
+        if (index, name, depth) not in self._values:
+            self._values[(index, name, depth)] = self._find_value(index, name, depth)
+        return self._values[(index, name, depth)]
+
+    def _find_value(self, index: int, name: str, depth: int) -> tuple | None:
+        definition = self.reaching_definition(index, name) if depth <= 8 else None
+        unnamed = ("uniform", index if definition is None else definition, name) if name.startswith("U") else None
+        if definition is None:
+            return unnamed
+        instruction = self.instructions[definition]
+        registers, predicates = _destinations(instruction)
+        if instruction.opcode in ("VOTE.ANY", "VOTE.ALL") and predicates:
+            return ("vote", definition)  # the same in every lane, whatever its source
+        if instruction.guarded or "*" in predicates or instruction.operation in PER_LANE_OPERATIONS or (
+                instruction.operation.startswith("LD") and instruction.operation not in ("LDC", "ULDC")):
+            return unnamed
+        if name in registers and name != registers[0] and not (
+                {"64", "WIDE"} & set(instruction.opcode.split(".")[1:]) or instruction.operation.startswith("D")):
+            return unnamed  # a pair only by its type suffix: not sure that it writes this register
+        key: list = [instruction.opcode]
+        skipped = (1 if registers or _operands(instruction)[:1] in (["RZ"], ["URZ"]) else 0) + len(predicates)
+        for operand in _operands(instruction)[skipped:]:
+            named = NAMED_OPERAND.fullmatch(operand)
+            if named:
+                inner = self.uniform_value(definition, named.group(2), depth + 1)
+                if inner is None:
+                    return unnamed
+                key.append((named.group(1), inner))
+            elif CONSTANT_OPERAND.fullmatch(operand):
+                key.append(operand)
+            else:
+                return unnamed
+        # Which of the definition's results this is (ISETP writes two predicates, IMAD.WIDE a register pair).
+        return tuple(key) + ((registers + predicates).index(name),)
+
+
+def _branch_condition(cfg: _ControlFlow, index: int) -> tuple[tuple, bool] | None:
+    """(condition key, negated) of the conditional branch at `index` when its guard is the same in every lane;
+    None for a branch that may split the warp (and for BRA.DIV, on the warp's own divergence, and a BRA with a
+    predicate operand: left to the static count)."""
+    instruction = cfg.instructions[index]
+    guard = GUARD.match(instruction.text)
+    if guard is None or instruction.opcode != "BRA" or len(_operands(instruction)) != 1:
+        return None
+    literal = guard.group(0).strip()[1:]
+    key = cfg.uniform_value(index, PREDICATE.fullmatch(literal).group(1))
+    return None if key is None else (key, literal.startswith("!"))
+
+
+def _costliest_warp_iteration(cfg: _ControlFlow, header: int, body: set[int], sizes: list[int]) -> int:
+    """The warp path of a loop (module docstring): the most instructions issued from the header to the branches
+    back to it, over the outcomes of the uniform conditions its branches test."""
+    static = sum(sizes[b] for b in body)
+    decided: dict[int, tuple[int, tuple, bool]] = {}  # block -> (its branch target, the condition, negated)
+    for block in body:
+        last = cfg.ends[block] - 1
+        instruction = cfg.instructions[last]
+        if instruction.operation != "BRA" or not instruction.falls_through() or len(set(cfg.successors[block])) != 2:
+            continue
+        condition = _branch_condition(cfg, last)
+        if condition is not None:
+            target = next(b for b in cfg.successors[block]
+                          if cfg.instructions[cfg.starts[b]].address == instruction.branch_target())
+            decided[block] = (target, *condition)
+    conditions = sorted({key for _, key, _ in decided.values()}, key=repr)
+    if not conditions or len(conditions) > MAX_UNIFORM_CONDITIONS:
+        return static
+    costliest = 0
+    for outcome in range(1 << len(conditions)):
+        holds = {key: bool(outcome >> bit & 1) for bit, key in enumerate(conditions)}
+        seen, work = {header}, [header]
+        while work:
+            block = work.pop()
+            children = cfg.successors[block]
+            if block in decided:
+                target, key, negated = decided[block]
+                taken = holds[key] != negated
+                children = [child for child in children if (child == target) == taken]
+            for child in children:
+                if child in body and child not in seen:
+                    seen.add(child)
+                    work.append(child)
+        costliest = max(costliest, sum(sizes[b] for b in seen))
+    return costliest
 
 
 def _shortest_iteration(header: int, body: set[int], sources: set[int], successors: list[list[int]],
@@ -742,16 +960,20 @@ def _loop_matches(loop: Loop, kind: str) -> bool:
 @dataclass
 class HotLoops:
     """The loops that make up one element's work (one per loop kind of the model), their cost per element and
-    per DRAM byte, and the issue-bound fraction of the copy bandwidth, from the static count and the min path."""
+    per DRAM byte, and the issue-bound fraction of the copy bandwidth, from the warp path (the budget's measure)
+    and the min path; the static count per element and byte beside them."""
     headers: list[str]
     static: list[int]
+    warp_path: list[int]
     min_path: list[int]
     elements: list[int]
     instructions_per_element: float
     min_path_instructions_per_element: float
+    static_instructions_per_element: float
     dram_bytes_per_element: int
     instructions_per_byte: float
     min_path_instructions_per_byte: float
+    static_instructions_per_byte: float
     bandwidth_fraction: float
     min_path_bandwidth_fraction: float
     what: str
@@ -761,7 +983,8 @@ class HotLoops:
 def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
     """For each loop kind of the model, the hot loop: among the innermost global-memory loops of that kind
     (several when the compiler made versions of one source loop, e.g. with and without a cost row), the one
-    with the most static instructions per element. None when a kind has no loop (the model does not fit)."""
+    with the most instructions per element on its warp path. None when a kind has no loop (the model does not
+    fit)."""
     innermost = [loop for loop in loops if loop.accesses and not loop.contains_memory_loop]
 
     def elements_of(loop: Loop, kind: str) -> int:
@@ -783,18 +1006,21 @@ def hot_loops(loops: list[Loop], model: SweepModel) -> HotLoops | None:
         if kind == "shared":  # every row loop of the tile, one after the other
             chosen += sorted(candidates, key=lambda candidate: candidate[0].header)
         else:
-            chosen.append(max(candidates, key=lambda candidate: (candidate[0].static / candidate[1],
+            chosen.append(max(candidates, key=lambda candidate: (candidate[0].warp_path / candidate[1],
+                                                                 candidate[0].static / candidate[1],
                                                                  -candidate[0].header)))
-    per_element = sum(loop.static / elements for loop, elements in chosen)
+    per_element = sum(loop.warp_path / elements for loop, elements in chosen)
     min_per_element = sum(loop.min_path / elements for loop, elements in chosen)
+    static_per_element = sum(loop.static / elements for loop, elements in chosen)
     per_byte, min_per_byte = per_element / model.dram_bytes, min_per_element / model.dram_bytes
     checks = [f"loop {hex(loop.header)} has {loop.vector_accesses()} 16-byte accesses, the model expects at least "
               f"{model.vector_accesses}" for loop, _ in chosen
               if not _loop_matches(loop, "shared") and not _loop_matches(loop, "shared_vector")
               and loop.vector_accesses() < model.vector_accesses]
     return HotLoops([hex(loop.header) for loop, _ in chosen], [loop.static for loop, _ in chosen],
-                    [loop.min_path for loop, _ in chosen], [elements for _, elements in chosen], per_element,
-                    min_per_element, model.dram_bytes, per_byte, min_per_byte,
+                    [loop.warp_path for loop, _ in chosen], [loop.min_path for loop, _ in chosen],
+                    [elements for _, elements in chosen], per_element, min_per_element, static_per_element,
+                    model.dram_bytes, per_byte, min_per_byte, static_per_element / model.dram_bytes,
                     min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / per_byte),
                     min(1.0, INSTRUCTIONS_PER_BYTE_BUDGET / min_per_byte), model.what, checks)
 
@@ -869,7 +1095,8 @@ def markdown(reports: list[KernelReport], extension: Path, arch: str) -> str:
         f"/clock x {ISSUE_MODEL['clock_hz'] / 1e9:g} GHz = {ISSUE_RATE / 1e12:.1f}e12 thread-instructions/s against "
         f"{ISSUE_MODEL['copy_bandwidth_bytes_per_s'] / 1e12:g} TB/s copy bandwidth: memory-bound only under "
         f"{INSTRUCTIONS_PER_BYTE_BUDGET:.1f} instructions per byte; est. BW = min(1, "
-        f"{INSTRUCTIONS_PER_BYTE_BUDGET:.1f} / instr per byte), static count (min path in parentheses).",
+        f"{INSTRUCTIONS_PER_BYTE_BUDGET:.1f} / instr per byte), on the warp path (min path in parentheses); "
+        "'hot loop instr': static count, warp path (min path).",
         f"Blocks/SM at the launch size (256 threads) under {H100['registers_per_sm']} registers, "
         f"{H100['max_threads_per_sm']} threads, {H100['shared_memory_per_sm'] // 1024} KB shared memory and "
         f"{H100['max_blocks_per_sm']} blocks per SM; in parentheses the limit that decides it.",
@@ -888,7 +1115,8 @@ def markdown(reports: list[KernelReport], extension: Path, arch: str) -> str:
             loop_columns = ["-"] * 6
         else:
             loop_columns = [
-                "+".join(map(str, loops.static)) + " (" + "+".join(map(str, loops.min_path)) + ")",
+                "+".join(map(str, loops.static)) + ", " + "+".join(map(str, loops.warp_path)) + " ("
+                + "+".join(map(str, loops.min_path)) + ")",
                 "/".join(sorted(set(map(str, loops.elements)))),
                 f"{loops.instructions_per_element:.0f} ({loops.min_path_instructions_per_element:.0f})",
                 str(loops.dram_bytes_per_element),
