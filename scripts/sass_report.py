@@ -24,7 +24,8 @@ bracket the instructions a warp issues per iteration:
   is absent: the same in every lane) takes one side for the whole warp, so the loop's versions for the two sides
   are alternatives, not a sum; every other branch counts both sides, as in the static count. The largest over the
   outcomes of the uniform conditions (each condition read once however many branches test it); the static
-  count when the body has none, or more than MAX_UNIFORM_CONDITIONS. The instruction budget is judged on it.
+  count when the body has none, or more than MAX_UNIFORM_CONDITIONS. Where unsure whether a value is the same
+  in every lane, it is taken as per-lane (both sides counted). The instruction budget is judged on it.
 - "min path": the shortest path from the loop's header back to it. It is a lower bound and can be a degenerate
   path (a pack whose steps are all masked, a row whose labels are invalid) that real data rarely takes.
 
@@ -538,7 +539,7 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
                     shared[instruction.access_bytes()] = shared.get(instruction.access_bytes(), 0) + 1
         accesses[header] = counts
         shared_loads[header] = shared
-    cfg = _ControlFlow(instructions, starts, ends, successors, predecessors)
+    cfg = _ControlFlow(instructions, starts, ends, successors, predecessors, list(bodies.values()))
     return [Loop(header=instructions[starts[header]].address,
                  static=sum(sizes[b] for b in body),
                  min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
@@ -552,26 +553,32 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
 
 # Uniform conditions a loop body may test for its warp path to be computed by enumerating their outcomes (2^n
 # walks of the body); beyond it the warp path is the static count.
-MAX_UNIFORM_CONDITIONS = 10
+MAX_UNIFORM_CONDITIONS = 12
 PREDICATE = re.compile(r"!?(U?P[T\d]+)")
 # A register or predicate operand: its modifiers (-, |, ~, !, .reuse) and its name (R12, UR4, P0, UP1).
-NAMED_OPERAND = re.compile(r"^([-!~]?\|?)(U?R\d+|U?P\d+)(\.reuse)?\|?$")
+NAMED_OPERAND = re.compile(r"^([-!~]?\|?)(U?R\d+|U?P\d+)\|?(\.reuse)?\|?$")
 # Source operands every lane holds alike that name no register: zero registers, true predicates, constant-bank
 # operands, immediates (optionally negated or absolute).
 CONSTANT_OPERAND = re.compile(r"^[-!~]?\|?(URZ|RZ|UPT|PT|c\[0x[0-9a-f]+\]\[0x[0-9a-f]+\]|"
                               r"[-+]?(0x[0-9a-f]+|\d[\d.e+-]*|INF|QNAN))\|?$", re.IGNORECASE)
-# Instructions whose result may differ between lanes whatever their operands: loads other than of constants,
-# the thread's own registers, exchanges between lanes, atomics.
+# Instructions whose result may differ between lanes whatever their operands: loads other than of constants
+# (any LD* but LDC / ULDC, checked apart), the thread's own registers, exchanges between lanes, atomics, votes
+# into a register (a vote into a predicate is the same in every lane: uniform_value).
 PER_LANE_OPERATIONS = ("S2R", "CS2R", "SHFL", "ATOM", "ATOMS", "ATOMG", "MATCH", "VOTE", "B2R", "BMOV")
 # Instructions that write predicates, and how many of their leading predicate operands (after a register
 # destination, if any) they write: ISETP P0, PT, ...; IADD3 R4, P0, P1, ...; VOTE.ANY P0, P0 (the second is its
-# source); R2P writes them all; the uniform-datapath forms (UISETP UP0, UPT, ...) alike. The analysis assumes no
-# other instruction writes a predicate.
+# source); R2P writes them all; the uniform-datapath forms (UISETP UP0, UPT, ...) alike. SHFL and the predicate
+# form of LOP3 write a register after their predicate (SHFL.BFLY PT, R0, ...; LOP3.LUT P0, R4, ...). The
+# analysis assumes no other instruction writes a predicate.
 PREDICATE_WRITERS = {"ISETP": 2, "FSETP": 2, "DSETP": 2, "HSETP2": 2, "PLOP3": 2, "IADD3": 2, "LEA": 2, "IMAD": 2,
                      "LOP3": 1, "SHFL": 1, "VOTE": 1, "VOTEU": 1, "FCHK": 1}
-# Instructions whose first operand is not a destination.
-NO_DESTINATION = ("BRA", "BRX", "JMX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "BAR", "MEMBAR", "NOP",
+# Instructions whose first operand is not a destination (CALL: _destinations counts it as writing everything).
+NO_DESTINATION = ("BRA", "BRX", "JMX", "EXIT", "RET", "BSSY", "BSYNC", "WARPSYNC", "BAR", "MEMBAR", "NOP",
                   "DEPBAR", "ERRBAR", "CCTL", "YIELD", "RED", "FENCE", "LDGDEPBAR", "ARRIVES")
+# Double-precision arithmetic: register pairs in and out (D2F, D2I and DSETP write one register or predicates).
+DOUBLE_OPERATIONS = ("DADD", "DMUL", "DFMA", "DMNMX", "DSETP", "D2F", "D2I")
+# Copies of one operand (MOV R0, UR4; IMAD.MOV.U32 R0, RZ, RZ, c[0x0][0x210]): named by what they copy.
+COPIES = ("MOV", "UMOV", "IMAD.MOV", "IMAD.MOV.U32", "UIMAD.MOV", "UIMAD.MOV.U32")
 
 
 def _operands(instruction: Instruction) -> list[str]:
@@ -581,32 +588,47 @@ def _operands(instruction: Instruction) -> list[str]:
 
 def _result_width(instruction: Instruction) -> int:
     """Registers a register result spans: a pair for 64-bit results (any 64 in the suffixes: F2I.S64 writes a
-    pair, SHF.R.U64 one register, so the second of such a 'pair' is not trusted by uniform_value), four for a
+    pair, SHF.R.U64 one register, so uniform_value does not trust the second of such a 'pair'), four for a
     16-byte load."""
     suffixes = instruction.opcode.split(".")[1:]
     if "128" in suffixes:
         return 4
-    if any("64" in suffix for suffix in suffixes) or "WIDE" in suffixes or (
-            instruction.operation.startswith("D") and instruction.operation != "DSETP"):
+    if any("64" in suffix for suffix in suffixes) or "WIDE" in suffixes or instruction.operation == "CS2R" or (
+            instruction.operation in DOUBLE_OPERATIONS and instruction.operation not in ("D2F", "D2I")):
         return 2
     return 1
 
 
+def _reads_pairs(instruction: Instruction) -> bool:
+    """Whether register sources may be 64-bit pairs (double arithmetic, 64-bit conversions and IMAD.WIDE's
+    addend): uniform_value then traces both registers of each."""
+    suffixes = instruction.opcode.split(".")[1:]
+    return instruction.operation in DOUBLE_OPERATIONS or any("64" in suffix for suffix in suffixes) or \
+        "WIDE" in suffixes
+
+
 def _destinations(instruction: Instruction) -> tuple[list[str], list[str]]:
-    """The registers (R12, UR4) and predicates (P0, UP1; '*': all of them, R2P) an instruction writes, in
-    operand order."""
+    """The registers (R12, UR4) and predicates (P0, UP1; '*': all of them) an instruction writes, in operand
+    order. A CALL writes everything (its subroutine's results and clobbers): ['*'], ['*']."""
     if instruction.operation in NO_DESTINATION or instruction.operation.startswith("ST"):
         return [], []
+    if instruction.operation == "CALL":
+        return ["*"], ["*"]
     if instruction.operation == "R2P":
         return [], ["*"]
     operands = _operands(instruction)
-    registers = []
-    if operands and (first := re.fullmatch(r"(U?R)(\d+)", operands[0])):
-        registers = [f"{first.group(1)}{int(first.group(2)) + k}" for k in range(_result_width(instruction))]
-    rest = operands[1:] if registers or operands[:1] in (["RZ"], ["URZ"]) else operands
-    predicates = []
     operation = instruction.operation
     count = PREDICATE_WRITERS.get(operation, PREDICATE_WRITERS.get(operation.removeprefix("U"), 0))
+    register_at = 0
+    if operation in ("SHFL", "LOP3", "ULOP3") and operands and PREDICATE.fullmatch(operands[0]):
+        register_at = 1  # SHFL.BFLY PT, R0, ...; LOP3.LUT P0, R4, ...
+    registers = []
+    if len(operands) > register_at and (named := re.fullmatch(r"(U?R)(\d+)", operands[register_at])):
+        registers = [f"{named.group(1)}{int(named.group(2)) + k}" for k in range(_result_width(instruction))]
+    if register_at:
+        return registers, [PREDICATE.fullmatch(operands[0]).group(1)]
+    rest = operands[1:] if registers or operands[:1] in (["RZ"], ["URZ"]) else operands
+    predicates = []
     for operand in rest[:count]:
         named = PREDICATE.fullmatch(operand)
         if not named or operand.startswith("!"):
@@ -615,14 +637,25 @@ def _destinations(instruction: Instruction) -> tuple[list[str], list[str]]:
     return registers, predicates
 
 
+def _source_operands(instruction: Instruction) -> list[str]:
+    """The operands after an instruction's destinations."""
+    operands = _operands(instruction)
+    registers, predicates = _destinations(instruction)
+    if instruction.operation in ("SHFL", "LOP3", "ULOP3") and operands and PREDICATE.fullmatch(operands[0]):
+        return operands[2:]
+    first_is_register = bool(registers) or operands[:1] in (["RZ"], ["URZ"])
+    return operands[int(first_is_register) + len(predicates):]
+
+
 class _ControlFlow:
     """A function's blocks, with the definitions of its registers and predicates looked up on demand (and
     remembered: a hot loop's branches test the same values many times)."""
 
     def __init__(self, instructions: list[Instruction], starts: list[int], ends: list[int],
-                 successors: list[list[int]], predecessors: dict[int, list[int]]):
+                 successors: list[list[int]], predecessors: dict[int, list[int]], loop_bodies: list[set[int]]):
         self.instructions, self.starts, self.ends = instructions, starts, ends
         self.successors, self.predecessors = successors, predecessors
+        self.loop_bodies = loop_bodies
         self._written: dict[int, frozenset[str]] = {}
         self._definitions: dict[tuple[int, str], int | None] = {}
         self._values: dict[tuple[int, str, int], tuple | None] = {}
@@ -635,7 +668,7 @@ class _ControlFlow:
             registers, predicates = _destinations(self.instructions[index])
             self._written[index] = frozenset(registers + predicates)
         written = self._written[index]
-        return name in written or ("*" in written and name.startswith("P"))
+        return name in written or "*" in written
 
     def reaching_definition(self, index: int, name: str) -> int | None:
         """The instruction that sets register or predicate `name` for instruction `index`: the last one before
@@ -670,7 +703,10 @@ class _ControlFlow:
         """A key naming the value register or predicate `name` holds at instruction `index` when every lane of
         a warp holds the same; None otherwise (or when unsure). A value set by an unguarded instruction from
         uniform operands alone is named by its opcode and their keys (equal tests of one value are one
-        condition); a uniform register or predicate (UR4, UP0) that cannot be named so, by its definition."""
+        condition; copies and constant loads are named by what they hold); a uniform register or predicate
+        (UR4, UP0) that cannot be named so, by its definition (or by this use when it has none). Lanes run in
+        lockstep but for loops: a value a loop sets and its code after the loop reads is per-lane (lanes may
+        leave the loop at different iterations)."""
         if (index, name, depth) not in self._values:
             self._values[(index, name, depth)] = self._find_value(index, name, depth)
         return self._values[(index, name, depth)]
@@ -682,27 +718,49 @@ class _ControlFlow:
             return unnamed
         instruction = self.instructions[definition]
         registers, predicates = _destinations(instruction)
+        if instruction.guarded or "*" in registers or "*" in predicates:
+            return unnamed
+        if not name.startswith("U") and any(self.block_of(definition) in body and self.block_of(index) not in body
+                                            for body in self.loop_bodies):
+            return None  # set in a loop, read after it
         if instruction.opcode in ("VOTE.ANY", "VOTE.ALL") and predicates:
             return ("vote", definition)  # the same in every lane, whatever its source
-        if instruction.guarded or "*" in predicates or instruction.operation in PER_LANE_OPERATIONS or (
-                instruction.operation.startswith("LD") and instruction.operation not in ("LDC", "ULDC")):
+        if instruction.operation in PER_LANE_OPERATIONS or (instruction.operation.startswith("LD")
+                                                           and instruction.operation not in ("LDC", "ULDC")):
             return unnamed
         if name in registers and name != registers[0] and not (
-                {"64", "WIDE"} & set(instruction.opcode.split(".")[1:]) or instruction.operation.startswith("D")):
+                {"64", "WIDE"} & set(instruction.opcode.split(".")[1:]) or instruction.operation in ("DADD", "DMUL",
+                                                                                                     "DFMA", "CS2R")):
             return unnamed  # a pair only by its type suffix: not sure that it writes this register
-        key: list = [instruction.opcode]
-        skipped = (1 if registers or _operands(instruction)[:1] in (["RZ"], ["URZ"]) else 0) + len(predicates)
-        for operand in _operands(instruction)[skipped:]:
+        sources = _source_operands(instruction)
+        if instruction.operation in ("LDC", "ULDC") and len(sources) == 1:
+            return ("constant", sources[0], (registers + predicates).index(name))
+        opcode = instruction.opcode.removeprefix("U") if instruction.operation.startswith("U") else instruction.opcode
+        key: list = [opcode]
+        for operand in sources:
             named = NAMED_OPERAND.fullmatch(operand)
             if named:
-                inner = self.uniform_value(definition, named.group(2), depth + 1)
-                if inner is None:
+                number = int(re.sub(r"\D", "", named.group(2)))
+                kind = re.sub(r"\d", "", named.group(2))
+                halves = [number, number + 1] if _reads_pairs(instruction) and kind in ("R", "UR") else [number]
+                inner = tuple(self.uniform_value(definition, f"{kind}{half}", depth + 1) for half in halves)
+                if None in inner:
                     return unnamed
-                key.append((named.group(1), inner))
+                key.append((named.group(1), inner if len(inner) > 1 else inner[0]))
             elif CONSTANT_OPERAND.fullmatch(operand):
-                key.append(operand)
+                key.append({"URZ": "RZ", "UPT": "PT"}.get(operand, operand))
             else:
                 return unnamed
+        if instruction.opcode in COPIES and len(key) > 1 and key[1:-1] in ([], ["RZ", "RZ"]):
+            copied = key[-1]  # the copied value itself: a constant as LDC loads it, or a traced value
+            if isinstance(copied, str) and copied.startswith("c["):
+                return ("constant", copied, 0)
+            if isinstance(copied, tuple) and copied[0] == "":
+                return copied[1]
+        if opcode == "PLOP3.LUT" and key[1:4].count("PT") == 2 and key[4:] == ["0x80", "0x0"]:
+            copied = [operand for operand in key[1:4] if operand != "PT"][0]
+            if isinstance(copied, tuple) and copied[0] == "":
+                return copied[1]  # P = Q & PT & PT: a copy of Q
         # Which of the definition's results this is (ISETP writes two predicates, IMAD.WIDE a register pair).
         return tuple(key) + ((registers + predicates).index(name),)
 
