@@ -160,25 +160,33 @@ def test_hot_loop_instructions_per_byte_and_bandwidth_bound():
     assert hot.bandwidth_fraction == pytest.approx(sass_report.INSTRUCTIONS_PER_BYTE_BUDGET / 16)
 
 
-# A loop (0x10) whose body tests `condition` (at 0x20): a 3-instruction side when P0 holds (the branch to 0x80
-# not taken), else a 2-instruction one; the latch compares a per-lane value (R0, the thread index).
-def _versioned_loop(condition: str) -> list[str]:
-    return [
-        "S2R R0, SR_TID.X",
-        "LDG.E.128 R8, desc[UR4][R6.64]",
-        condition,
-        "@!P0 BRA 0x80",
-        "FADD R1, R1, R8",
-        "FADD R1, R1, R9",
-        "FADD R1, R1, R10",
-        "BRA 0xa0",
-        "FMUL R1, R1, R8",
-        "FMUL R1, R1, R9",
-        "ISETP.GE.AND P1, PT, R0, UR5, PT",
-        "@!P1 BRA 0x10",
-        "EXIT",
-        "BRA 0xd0",
-    ]
+def _labelled_listing(lines: list[str]) -> list[str]:
+    """Instructions with labels ('name:' lines) resolved into the addresses of _listing ({name} in a branch)."""
+    labels, instructions = {}, []
+    for line in lines:
+        if line.endswith(":"):
+            labels[line[:-1]] = 16 * len(instructions)
+        else:
+            instructions.append(line)
+    return [re.sub(r"\{(\w+)\}", lambda m: hex(labels[m.group(1)]), line) for line in instructions]
+
+
+def _loop_testing(prelude: list[str], test: list[str], subroutine: list[str] = ()) -> list[str]:
+    """A loop (0x10 without a prelude) that runs `test`, which sets P0, then takes a 3-instruction side when P0
+    holds, else a 2-instruction one; its latch compares a per-lane value (R0, the thread index)."""
+    return _labelled_listing(["S2R R0, SR_TID.X", *prelude,
+                              "top:", "LDG.E.128 R8, desc[UR4][R6.64]", *test,
+                              "@!P0 BRA {other}", "FADD R1, R1, R8", "FADD R1, R1, R9", "FADD R1, R1, R10",
+                              "BRA {latch}",
+                              "other:", "FMUL R1, R1, R8", "FMUL R1, R1, R9",
+                              "latch:", "ISETP.GE.AND P1, PT, R0, UR5, PT", "@!P1 BRA {top}", "EXIT",
+                              *subroutine, "end:", "BRA {end}"])
+
+
+def _memory_loop(instructions: list[str]):
+    """The loop with global accesses of a listing (the outer one where loops nest)."""
+    (_, parsed), = sass_report.parse_sass(_listing(instructions)).items()
+    return max((loop for loop in sass_report.find_loops(parsed) if loop.accesses), key=lambda loop: loop.static)
 
 
 def _only_loop(instructions: list[str]):
@@ -187,20 +195,23 @@ def _only_loop(instructions: list[str]):
     return loop
 
 
-@pytest.mark.parametrize("condition, uniform", [
-    ("FSETP.NEU.AND P0, PT, RZ, UR13, PT", True),  # a kernel argument against 0: the same in every lane
-    ("ISETP.GE.AND P0, PT, RZ, c[0x0][0x210], PT", True),
-    ("FSETP.NEU.AND P0, PT, R8, UR13, PT", False),  # a loaded value: per lane
-    ("@P2 FSETP.NEU.AND P0, PT, RZ, UR13, PT", False),  # guarded: lanes without P2 keep their own P0
-    ("ISETP.GE.AND P0, PT, R0, 0x3, PT", False),  # the thread index
+UNIFORM_R4 = "IMAD.MOV.U32 R4, RZ, RZ, c[0x0][0x210]"
+
+
+@pytest.mark.parametrize("prelude, test, uniform", [
+    ([], ["FSETP.NEU.AND P0, PT, RZ, UR13, PT"], True),  # a kernel argument against 0: the same in every lane
+    ([], ["ISETP.GE.AND P0, PT, RZ, c[0x0][0x210], PT"], True),
+    ([UNIFORM_R4], ["ISETP.GE.AND P0, PT, R4, 0x3, PT"], True),  # a constant through a register
+    ([], ["FSETP.NEU.AND P0, PT, R8, UR13, PT"], False),  # a loaded value: per lane
+    ([], ["@P2 FSETP.NEU.AND P0, PT, RZ, UR13, PT"], False),  # guarded: lanes without P2 keep their own P0
+    ([], ["ISETP.GE.AND P0, PT, R0, 0x3, PT"], False),  # the thread index
 ])
-def test_warp_path_takes_one_side_of_a_uniform_branch(condition, uniform):
-    """Blocks: header 3 (the LDG at 0x10, the test, the branch), then-side 4, else-side 2, latch 2: static 11,
-    min path 7. A warp issues one side of a branch every lane takes alike (warp path 3 + 4 + 2 = 9), both sides
-    of any other (11)."""
-    loop = _only_loop(_versioned_loop(condition))
-    assert (loop.static, loop.min_path) == (11, 7)
-    assert loop.warp_path == (9 if uniform else 11)
+def test_warp_path_takes_one_side_of_a_uniform_branch(prelude, test, uniform):
+    """Blocks: header (the LDG, the test, the branch), then-side 4, else-side 2, latch 2. A warp issues one side
+    of a branch every lane takes alike (the static count less the else-side's 2), both sides of any other."""
+    loop = _memory_loop(_loop_testing(prelude, test))
+    assert loop.static == len(test) + 10 and loop.min_path == loop.static - 4
+    assert loop.warp_path == (loop.static - 2 if uniform else loop.static)
 
 
 def test_warp_path_follows_uniform_values_through_registers_and_merges():
@@ -250,31 +261,6 @@ def test_warp_path_reads_one_condition_once():
     assert (loop.static, loop.warp_path) == (14, 11)
 
 
-def _labelled_listing(lines: list[str]) -> list[str]:
-    """Instructions with labels ('name:' lines) resolved into the addresses of _listing ({name} in a branch)."""
-    labels, instructions = {}, []
-    for line in lines:
-        if line.endswith(":"):
-            labels[line[:-1]] = 16 * len(instructions)
-        else:
-            instructions.append(line)
-    return [re.sub(r"\{(\w+)\}", lambda m: hex(labels[m.group(1)]), line) for line in instructions]
-
-
-def _loop_testing(prelude: list[str], test: list[str], subroutine: list[str] = ()) -> list[str]:
-    """A loop that runs `test` (which sets P0) and branches on P0 to a 3- or a 2-instruction side."""
-    return _labelled_listing(["S2R R0, SR_TID.X", *prelude,
-                              "top:", "LDG.E.128 R8, desc[UR4][R6.64]", *test,
-                              "@!P0 BRA {other}", "FADD R1, R1, R8", "FADD R1, R1, R9", "FADD R1, R1, R10",
-                              "BRA {latch}",
-                              "other:", "FMUL R1, R1, R8", "FMUL R1, R1, R9",
-                              "latch:", "ISETP.GE.AND P1, PT, R0, UR5, PT", "@!P1 BRA {top}", "EXIT",
-                              *subroutine, "end:", "BRA {end}"])
-
-
-UNIFORM_R4 = "IMAD.MOV.U32 R4, RZ, RZ, c[0x0][0x210]"
-
-
 @pytest.mark.parametrize("prelude, test, subroutine", [
     # R4 overwritten by a lane exchange (SHFL writes the register after its predicate) ...
     ([UNIFORM_R4], ["SHFL.BFLY PT, R4, R8, 0x10, 0x1f", "ISETP.GE.AND P0, PT, R4, 0x3, PT"], []),
@@ -297,14 +283,10 @@ UNIFORM_R4 = "IMAD.MOV.U32 R4, RZ, RZ, c[0x0][0x210]"
           "@P2 BRA {inner}", "ISETP.GE.AND P0, PT, R2, 0x3, PT"], []),
 ])
 def test_warp_path_counts_both_sides_of_values_that_may_differ_between_lanes(prelude, test, subroutine):
-    (_, instructions), = sass_report.parse_sass(_listing(_loop_testing(prelude, test, subroutine))).items()
-    loop = max((loop for loop in sass_report.find_loops(instructions) if loop.accesses), key=lambda l: l.static)
+    """Each case would be one side (as the uniform R4 tested directly above) if the analysis missed the write or
+    the source that makes the value per-lane."""
+    loop = _memory_loop(_loop_testing(prelude, test, subroutine))
     assert loop.warp_path == loop.static
-    # The same loop with the uniform R4 tested directly: one side.
-    (_, instructions), = sass_report.parse_sass(_listing(_loop_testing(
-        [UNIFORM_R4], ["ISETP.GE.AND P0, PT, R4, 0x3, PT"]))).items()
-    uniform, = [loop for loop in sass_report.find_loops(instructions) if loop.accesses]
-    assert uniform.warp_path == uniform.static - 2
 
 
 def test_warp_path_of_a_loop_versioned_on_the_gammas(extension, kernels):
