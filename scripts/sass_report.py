@@ -540,15 +540,19 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
         accesses[header] = counts
         shared_loads[header] = shared
     cfg = _ControlFlow(instructions, starts, ends, successors, predecessors, list(bodies.values()))
-    return [Loop(header=instructions[starts[header]].address,
-                 static=sum(sizes[b] for b in body),
-                 min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
-                 warp_path=_costliest_warp_iteration(cfg, header, body, sizes) if accesses[header] else
-                 sum(sizes[b] for b in body),
-                 accesses=accesses[header],
-                 contains_memory_loop=any(other != header and other in body and accesses[other] for other in bodies),
-                 shared_loads=shared_loads[header])
-            for header, body in bodies.items()]
+    loops = []
+    for header, body in bodies.items():
+        static = sum(sizes[b] for b in body)
+        # The warp path of the loops that touch global memory, where the hot loops are; the others: static.
+        warp_path = _costliest_warp_iteration(cfg, header, body, sizes) if accesses[header] else None
+        loops.append(Loop(header=instructions[starts[header]].address, static=static,
+                          min_path=_shortest_iteration(header, body, sources_of[header], successors, sizes),
+                          warp_path=static if warp_path is None else warp_path,
+                          accesses=accesses[header],
+                          contains_memory_loop=any(other != header and other in body and accesses[other]
+                                                   for other in bodies),
+                          shared_loads=shared_loads[header]))
+    return loops
 
 
 # Uniform conditions a loop body may test for its warp path to be computed by enumerating their outcomes (2^n
@@ -778,10 +782,10 @@ def _branch_condition(cfg: _ControlFlow, index: int) -> tuple[tuple, bool] | Non
     return None if key is None else (key, literal.startswith("!"))
 
 
-def _costliest_warp_iteration(cfg: _ControlFlow, header: int, body: set[int], sizes: list[int]) -> int:
+def _costliest_warp_iteration(cfg: _ControlFlow, header: int, body: set[int], sizes: list[int]) -> int | None:
     """The warp path of a loop (module docstring): the most instructions issued from the header to the branches
-    back to it, over the outcomes of the uniform conditions its branches test."""
-    static = sum(sizes[b] for b in body)
+    back to it, over the outcomes of the uniform conditions its branches test; None (the static count) when
+    they test none, or more than MAX_UNIFORM_CONDITIONS."""
     decided: dict[int, tuple[int, tuple, bool]] = {}  # block -> (its branch target, the condition, negated)
     for block in body:
         last = cfg.ends[block] - 1
@@ -795,7 +799,7 @@ def _costliest_warp_iteration(cfg: _ControlFlow, header: int, body: set[int], si
             decided[block] = (target, *condition)
     conditions = sorted({key for _, key, _ in decided.values()}, key=repr)
     if not conditions or len(conditions) > MAX_UNIFORM_CONDITIONS:
-        return static
+        return None
     costliest = 0
     for outcome in range(1 << len(conditions)):
         holds = {key: bool(outcome >> bit & 1) for bit, key in enumerate(conditions)}
