@@ -305,11 +305,12 @@ def test_warp_path_of_a_loop_versioned_on_the_gammas(extension, kernels):
 
 
 # The kernels whose hot loops are under the budget (README, "SASS report"): every cross-entropy and correlation
-# sweep, and the BCE flat and sparse-index kernels of plain BCE without weight operands.
+# sweep, the BCE flat and sparse-index kernels of plain BCE without weight operands, and the flat ones with them.
 WITHIN_BUDGET = {
     "cross-entropy": r"^cross_entropy/",
     "correlation": r"^correlation/",
     "plain BCE without weights": r"^bce/(flat_kernel|sparse_rows_kernel)<.*, plain, false>$",
+    "plain BCE with weights, flat": r"^bce/flat_kernel<.*, plain, true>$",
 }
 
 

@@ -102,6 +102,11 @@ struct PassArgs {
   acc_t* partials;                   // forward with a reduction: one partial sum per block; else nullptr
 };
 
+// Only the backward has a per-element grad_loss (the forward scales by 1, the forward that writes the gradient
+// by 1 / divisor): the weighted loops of the other passes hold no code for one.
+template <Pass pass>
+constexpr bool kReadsGradLoss = pass == Pass::Backward;
+
 // The scale of elements without a grad_loss of their own.
 template <Pass pass, typename scalar_t>
 __device__ acc_type<scalar_t> uniform_scale(const PassArgs<scalar_t>& args) {
@@ -333,7 +338,8 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
     const ElementResult<acc_t> result =
         kWeighted ? evaluate_element<pass>(cfg, z, y, operands.weight.read(position, acc_t(1)),
                                            operands.pos_weight.read(position, acc_t(1)),
-                                           operands.grad_loss.read(position, scale_all))
+                                           kReadsGradLoss<pass> ? operands.grad_loss.read(position, scale_all)
+                                                                : scale_all)
                   : evaluate_element<pass>(cfg, z, y, acc_t(1), UnitPosWeight{}, scale_all);
     sum += result.summed;
     if (writes_output<pass>(args)) args.out[flat] = static_cast<scalar_t>(result.stored);
@@ -371,7 +377,11 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
         if constexpr (kWeighted) {
           operands.weight.load(position, num_labels, acc_t(1), w);
           operands.pos_weight.load(position, num_labels, acc_t(1), q);
-          operands.grad_loss.load(position, num_labels, scale_all, scale);
+          if constexpr (kReadsGradLoss<pass>) {
+            operands.grad_loss.load(position, num_labels, scale_all, scale);
+          } else {
+            for (int k = 0; k < S; ++k) scale[k] = scale_all;
+          }
           advance(position, operands.sub_pack, num_labels);
         }
 #pragma unroll
@@ -500,7 +510,7 @@ __global__ void __launch_bounds__(kBlockThreads, kFlatMinBlocks<scalar_t>)
           if constexpr (kWeighted) {
             w[e] = read_or(args.weight, at(kWeight, e), acc_t(1));
             q[e] = read_or(args.pos_weight, at(kPosWeight, e), acc_t(1));
-            scale[e] = read_or(args.grad_loss, at(kGradLoss, e), scale_all);
+            scale[e] = kReadsGradLoss<pass> ? read_or(args.grad_loss, at(kGradLoss, e), scale_all) : scale_all;
           }
         }
       }
@@ -915,6 +925,8 @@ int64_t launch_pass(const BceProblem& p, PassArgs<scalar_t> args, at::Tensor* pa
     *partials = at::empty({blocks}, p.input.options().dtype(acc_scalar_type(p.input.scalar_type())));
     args.partials = partials->data_ptr<acc_t>();
   };
+  TORCH_INTERNAL_ASSERT(kReadsGradLoss<pass> || args.grad_loss == nullptr,
+                        "weighted_bce_with_logits: a per-element grad_loss outside the backward");
   if constexpr (std::is_same_v<target_t, SparseTargets>) {
     constexpr int vec = kVecSize<scalar_t>;
     const bool vectorized = p.layout.strides[kLogits][1] == 1 && p.layout.strides[kLogits][0] % vec == 0 &&
