@@ -576,7 +576,7 @@ PER_LANE_OPERATIONS = ("S2R", "CS2R", "SHFL", "ATOM", "ATOMS", "ATOMG", "MATCH",
 # analysis assumes no other instruction writes a predicate.
 PREDICATE_WRITERS = {"ISETP": 2, "FSETP": 2, "DSETP": 2, "HSETP2": 2, "PLOP3": 2, "IADD3": 2, "LEA": 2, "IMAD": 2,
                      "LOP3": 1, "SHFL": 1, "VOTE": 1, "VOTEU": 1, "FCHK": 1}
-# Instructions whose first operand is not a destination (CALL: _destinations counts it as writing everything).
+# Instructions whose first operand is not a destination (CALL: _operand_roles counts it as writing everything).
 NO_DESTINATION = ("BRA", "BRX", "JMX", "EXIT", "RET", "BSSY", "BSYNC", "WARPSYNC", "BAR", "MEMBAR", "NOP",
                   "DEPBAR", "ERRBAR", "CCTL", "YIELD", "RED", "FENCE", "LDGDEPBAR", "ARRIVES")
 # Double-precision arithmetic: register pairs in and out (D2F, D2I and DSETP write one register or predicates).
@@ -611,44 +611,36 @@ def _reads_pairs(instruction: Instruction) -> bool:
         "WIDE" in suffixes
 
 
-def _destinations(instruction: Instruction) -> tuple[list[str], list[str]]:
+def _operand_roles(instruction: Instruction) -> tuple[list[str], list[str], list[str]]:
     """The registers (R12, UR4) and predicates (P0, UP1; '*': all of them) an instruction writes, in operand
-    order. A CALL writes everything (its subroutine's results and clobbers): ['*'], ['*']."""
-    if instruction.operation in NO_DESTINATION or instruction.operation.startswith("ST"):
-        return [], []
-    if instruction.operation == "CALL":
-        return ["*"], ["*"]
-    if instruction.operation == "R2P":
-        return [], ["*"]
+    order, and its source operands (those after its destinations). A CALL writes everything (its subroutine's
+    results and clobbers)."""
     operands = _operands(instruction)
     operation = instruction.operation
-    count = PREDICATE_WRITERS.get(operation, PREDICATE_WRITERS.get(operation.removeprefix("U"), 0))
-    register_at = 0
+    if operation in NO_DESTINATION or operation.startswith("ST"):
+        return [], [], operands
+    if operation == "CALL":
+        return ["*"], ["*"], []
+    if operation == "R2P":
+        return [], ["*"], operands[1:]
     if operation in ("SHFL", "LOP3", "ULOP3") and operands and PREDICATE.fullmatch(operands[0]):
-        register_at = 1  # SHFL.BFLY PT, R0, ...; LOP3.LUT P0, R4, ...
+        register_at = 1  # SHFL.BFLY PT, R0, ...; LOP3.LUT P0, R4, ...: the predicate first
+    else:
+        register_at = 0
     registers = []
     if len(operands) > register_at and (named := re.fullmatch(r"(U?R)(\d+)", operands[register_at])):
         registers = [f"{named.group(1)}{int(named.group(2)) + k}" for k in range(_result_width(instruction))]
     if register_at:
-        return registers, [PREDICATE.fullmatch(operands[0]).group(1)]
+        return registers, [PREDICATE.fullmatch(operands[0]).group(1)], operands[2:]
     rest = operands[1:] if registers or operands[:1] in (["RZ"], ["URZ"]) else operands
+    count = PREDICATE_WRITERS.get(operation, PREDICATE_WRITERS.get(operation.removeprefix("U"), 0))
     predicates = []
     for operand in rest[:count]:
         named = PREDICATE.fullmatch(operand)
         if not named or operand.startswith("!"):
             break
         predicates.append(named.group(1))
-    return registers, predicates
-
-
-def _source_operands(instruction: Instruction) -> list[str]:
-    """The operands after an instruction's destinations."""
-    operands = _operands(instruction)
-    registers, predicates = _destinations(instruction)
-    if instruction.operation in ("SHFL", "LOP3", "ULOP3") and operands and PREDICATE.fullmatch(operands[0]):
-        return operands[2:]
-    first_is_register = bool(registers) or operands[:1] in (["RZ"], ["URZ"])
-    return operands[int(first_is_register) + len(predicates):]
+    return registers, predicates, rest[len(predicates):]
 
 
 class _ControlFlow:
@@ -669,7 +661,7 @@ class _ControlFlow:
 
     def writes(self, index: int, name: str) -> bool:
         if index not in self._written:
-            registers, predicates = _destinations(self.instructions[index])
+            registers, predicates, _ = _operand_roles(self.instructions[index])
             self._written[index] = frozenset(registers + predicates)
         written = self._written[index]
         return name in written or "*" in written
@@ -721,7 +713,7 @@ class _ControlFlow:
         if definition is None:
             return unnamed
         instruction = self.instructions[definition]
-        registers, predicates = _destinations(instruction)
+        registers, predicates, sources = _operand_roles(instruction)
         if instruction.guarded or "*" in registers or "*" in predicates:
             return unnamed
         if not name.startswith("U") and any(self.block_of(definition) in body and self.block_of(index) not in body
@@ -736,7 +728,6 @@ class _ControlFlow:
                 {"64", "WIDE"} & set(instruction.opcode.split(".")[1:]) or instruction.operation in ("DADD", "DMUL",
                                                                                                      "DFMA", "CS2R")):
             return unnamed  # a pair only by its type suffix: not sure that it writes this register
-        sources = _source_operands(instruction)
         if instruction.operation in ("LDC", "ULDC") and len(sources) == 1:
             return ("constant", sources[0], (registers + predicates).index(name))
         opcode = instruction.opcode.removeprefix("U") if instruction.operation.startswith("U") else instruction.opcode
